@@ -1,0 +1,47 @@
+"""deploy-core: the pieces every deploy package shares.
+
+Process ids, resource requirements, the error hierarchy, the shared-secret handshake and
+the spawn protocol messages.
+"""
+
+from . import _env as env
+from ._auth import Handshake, authenticate
+from ._errors import (
+    AuthenticationError,
+    ChannelClosed,
+    ChannelExists,
+    DeployError,
+    FrameError,
+    NoCapacity,
+    PeerExited,
+    PeerLost,
+    SerializationError,
+)
+from ._pid import Pid
+from ._protocol import SpawnReply, SpawnRequest, dumps_user, loads_user
+from ._resources import Cpu, Mem, Resources
+from ._version import __version__
+
+__all__ = [
+    "AuthenticationError",
+    "ChannelClosed",
+    "ChannelExists",
+    "Cpu",
+    "DeployError",
+    "FrameError",
+    "Handshake",
+    "Mem",
+    "NoCapacity",
+    "PeerExited",
+    "PeerLost",
+    "Pid",
+    "Resources",
+    "SerializationError",
+    "SpawnReply",
+    "SpawnRequest",
+    "__version__",
+    "authenticate",
+    "dumps_user",
+    "env",
+    "loads_user",
+]
