@@ -1,0 +1,21 @@
+"""deploy-monitor: the parent of one user process.
+
+`run_monitored` forks a child with its stdout/stderr captured through pipes, forwards its
+output as `Output` events while it runs, enforces its `deploy_core.Resources` (a cgroup when
+the host allows one, else memory polling), reaps it and reports an `Exit`.
+`detect_enforcement` says which enforcement this host gets.
+"""
+
+from ._cgroups import Enforcement, detect_enforcement
+from ._events import Exit, Output
+from ._monitor import run_monitored
+from ._version import __version__
+
+__all__ = [
+    "Enforcement",
+    "Exit",
+    "Output",
+    "__version__",
+    "detect_enforcement",
+    "run_monitored",
+]

@@ -1,0 +1,406 @@
+"""Finding out what resource enforcement the host allows, and one cgroup per monitored process.
+
+Facts this module relies on (cgroups(7), the kernel's cgroup-v1/memory.rst and cgroup-v2.rst):
+- ``/proc/self/cgroup`` has one line ``ID:CONTROLLERS:PATH`` per hierarchy: v1 lines list their
+  controllers (``4:memory:/a/b``, ``1:cpu,cpuacct:/``), the v2 unified hierarchy is ``0::/path``.
+  Paths are relative to the root of our cgroup namespace.
+- ``/proc/self/mountinfo``: field 4 is the root of the mount inside its hierarchy, field 5 the
+  mount point (octal escapes like ``\\040``); after the ``-`` separator come the filesystem
+  type (``cgroup`` or ``cgroup2``), the source and the super options, which for v1 name the
+  mounted controllers (``rw,memory``).
+- ``mkdir`` in a hierarchy makes a child cgroup and the kernel fills it with control files;
+  ``rmdir`` removes it once no process is left in it (``EBUSY`` before), whatever it was
+  charged goes to the parent. Writing a pid to ``cgroup.procs`` moves the whole process;
+  processes it forks afterwards start in the same cgroup.
+- Memory is charged to the cgroup of the process that first touches a page, and charges do
+  not follow a process that moves (v1 ``memory.move_charge_at_immigrate`` defaults to 0, v2
+  never moves them). A freshly forked child shares its parent's pages without being charged
+  for them; the copies it makes on write are charged to it. So a child's charge is the memory
+  it owns, which is what DESIGN §2 asks a limit to count.
+- When a cgroup reaches its memory limit and reclaim cannot free enough, the kernel's OOM
+  killer SIGKILLs a process inside that cgroup and counts it: v2 ``memory.events`` line
+  ``oom_kill N``, v1 ``memory.oom_control`` line ``oom_kill N`` (Linux >= 4.13; older kernels
+  only have ``memory.failcnt``).
+- v2: a controller's files exist in a child cgroup only if the parent lists it in
+  ``cgroup.subtree_control``; enabling it there fails with ``EBUSY`` when the parent holds
+  processes and is not the root ("no internal processes"). Limits: ``memory.max`` (bytes),
+  ``cpu.max`` (``QUOTA PERIOD`` in microseconds).
+- v1: ``memory.limit_in_bytes``; ``memory.memsw.limit_in_bytes`` (memory + swap, must stay
+  >= the memory limit) exists when swap accounting is on. CPU: ``cpu.cfs_period_us`` and
+  ``cpu.cfs_quota_us`` in microseconds, the quota at least 1000.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import signal
+import time
+from dataclasses import dataclass
+
+from deploy_core import Resources
+
+__all__ = [
+    "Cgroup",
+    "Enforcement",
+    "Mount",
+    "cgroup_dirs",
+    "detect_enforcement",
+    "parse_mountinfo",
+    "parse_proc_cgroup",
+]
+
+log = logging.getLogger("deploy.monitor")
+
+KINDS = ("cgroup2", "cgroup1", "poll")
+_MIN_QUOTA_US = 1000
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+_RMDIR_PATIENCE = 2.0  # seconds to wait for a cgroup's last process to leave before giving up
+
+
+@dataclass(frozen=True)
+class Enforcement:
+    """What this host lets a monitor use to enforce `Resources`.
+
+    ``kind`` is ``"cgroup2"``, ``"cgroup1"`` or ``"poll"`` (memory checked with psutil, no
+    CPU limit). ``memory_dir`` is the cgroup directory under which a cgroup per monitored
+    process is made (``None`` when polling); ``cpu_dir`` likewise for the CPU quota, ``None``
+    when CPU cannot be limited.
+    """
+
+    kind: str
+    memory_dir: str | None = None
+    cpu_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown enforcement kind {self.kind!r}: expected one of {', '.join(KINDS)}")
+        if (self.kind == "poll") != (self.memory_dir is None):
+            raise ValueError(f"enforcement {self.kind!r} with memory_dir={self.memory_dir!r} is inconsistent")
+
+    @property
+    def limits_cpu(self) -> bool:
+        """Whether a CPU quota is enforced."""
+        return self.cpu_dir is not None
+
+    def __str__(self) -> str:
+        if self.kind == "poll":
+            return "memory by polling with psutil (USS), no CPU limit"
+        cpu = f"cpu quota under {self.cpu_dir}" if self.cpu_dir else "no CPU limit"
+        return f"{self.kind}: memory under {self.memory_dir}, {cpu}"
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One cgroup mount from ``/proc/self/mountinfo``."""
+
+    root: str
+    mountpoint: str
+    fstype: str
+    controllers: frozenset[str]
+
+
+def parse_proc_cgroup(text: str) -> dict[str, str]:
+    """``/proc/self/cgroup`` as ``{controller: path}``; the v2 hierarchy's key is ``""``."""
+    paths: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if not controllers:
+            paths[""] = path
+        for name in controllers.split(","):
+            if name and not name.startswith("name="):
+                paths[name] = path
+    return paths
+
+
+def _unescape(field: str) -> str:
+    return _OCTAL_ESCAPE.sub(lambda match: chr(int(match[1], 8)), field)
+
+
+def parse_mountinfo(text: str) -> list[Mount]:
+    """The cgroup and cgroup2 mounts listed in ``/proc/self/mountinfo`` text."""
+    mounts = []
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if "-" not in fields[6:] or len(fields) < 10:
+            continue
+        sep = fields.index("-", 6)
+        fstype, superopts = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
+        if fstype not in ("cgroup", "cgroup2"):
+            continue
+        controllers = frozenset(o for o in superopts.split(",") if fstype == "cgroup" and o and "=" not in o)
+        mounts.append(Mount(_unescape(fields[3]), _unescape(fields[4]), fstype, controllers))
+    return mounts
+
+
+def cgroup_dirs(proc_cgroup: dict[str, str], mounts: list[Mount]) -> dict[str, str]:
+    """Where our own cgroups are in the file system: ``{controller: dir}``, ``""`` for v2.
+
+    A path from ``/proc/self/cgroup`` is inside a mount whose root is a prefix of it; the
+    directory is the mount point plus the rest of the path.
+    """
+    dirs: dict[str, str] = {}
+    for key, path in proc_cgroup.items():
+        for mount in mounts:
+            if (mount.fstype == "cgroup2") != (key == "") or (key and key not in mount.controllers):
+                continue
+            root = mount.root.rstrip("/")
+            if path != root and not path.startswith(root + "/"):
+                continue
+            rest = path[len(root) :].strip("/")
+            dirs[key] = os.path.join(mount.mountpoint, rest) if rest else mount.mountpoint
+            break
+    return dirs
+
+
+def _read(path: str) -> str:
+    with open(path) as file:
+        return file.read()
+
+
+def _write(path: str, value: str) -> None:
+    with open(path, "w") as file:
+        file.write(value)
+
+
+def _unique_name(prefix: str = "deploy") -> str:
+    return f"{prefix}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _probe(parent: str, control_files: tuple[str, ...]) -> dict[str, bool]:
+    """Make and remove a child cgroup of ``parent``; which of ``control_files`` it had."""
+    probe = os.path.join(parent, _unique_name("deploy-probe"))
+    os.mkdir(probe)
+    try:
+        return {name: os.path.exists(os.path.join(probe, name)) for name in control_files}
+    finally:
+        os.rmdir(probe)
+
+
+def _detect_v2(dirs: dict[str, str]) -> Enforcement | None:
+    own = dirs.get("")
+    if own is None:
+        log.debug("enforcement: no cgroup v2 hierarchy mounted for this process")
+        return None
+    try:
+        available = _read(os.path.join(own, "cgroup.controllers")).split()
+        if "memory" not in available:
+            log.debug(
+                "enforcement: cgroup v2 at %s has no memory controller (controllers: %s)", own, available or "none"
+            )
+            return None
+        enabled = _read(os.path.join(own, "cgroup.subtree_control")).split()
+        for controller in ("memory", "cpu"):
+            if controller in available and controller not in enabled:
+                try:
+                    _write(os.path.join(own, "cgroup.subtree_control"), f"+{controller}")
+                except OSError as exc:
+                    log.debug("enforcement: cannot delegate the %s controller under %s: %s", controller, own, exc)
+        found = _probe(own, ("memory.max", "cpu.max"))
+    except OSError as exc:
+        log.debug("enforcement: cgroup v2 at %s is not usable: %s", own, exc)
+        return None
+    if not found["memory.max"]:
+        log.debug("enforcement: cgroup v2 at %s does not give child cgroups a memory controller", own)
+        return None
+    return Enforcement("cgroup2", memory_dir=own, cpu_dir=own if found["cpu.max"] else None)
+
+
+def _detect_v1(dirs: dict[str, str]) -> Enforcement | None:
+    memory, cpu = dirs.get("memory"), dirs.get("cpu")
+    if memory is None:
+        log.debug("enforcement: no cgroup v1 memory hierarchy mounted for this process")
+        return None
+    try:
+        if not _probe(memory, ("memory.limit_in_bytes",))["memory.limit_in_bytes"]:
+            log.debug("enforcement: cgroup v1 memory cgroups under %s have no memory.limit_in_bytes", memory)
+            return None
+    except OSError as exc:
+        log.debug("enforcement: cannot make cgroup v1 memory cgroups under %s: %s", memory, exc)
+        return None
+    if cpu is not None:
+        try:
+            if not _probe(cpu, ("cpu.cfs_quota_us",))["cpu.cfs_quota_us"]:
+                log.debug("enforcement: cgroup v1 cpu cgroups under %s have no CFS quota", cpu)
+                cpu = None
+        except OSError as exc:
+            log.debug("enforcement: cannot make cgroup v1 cpu cgroups under %s: %s", cpu, exc)
+            cpu = None
+    return Enforcement("cgroup1", memory_dir=memory, cpu_dir=cpu)
+
+
+_detected: Enforcement | None = None
+
+
+def detect_enforcement(force: str | None = None) -> Enforcement:
+    """What this host allows, detected once and cached (forked processes inherit the answer).
+
+    Tries a writable cgroup v2 subtree with the memory controller, then cgroup v1, then falls
+    back to polling; never raises because cgroups are missing or read-only. ``force`` limits
+    the choice to one kind (``"cgroup2"``, ``"cgroup1"`` or ``"poll"``) and bypasses the cache;
+    a forced cgroup kind the host lacks still falls back to ``"poll"``.
+    """
+    global _detected
+    if force is not None and force not in KINDS:
+        raise ValueError(f"unknown enforcement kind {force!r}: expected one of {', '.join(KINDS)}")
+    if force is None and _detected is not None:
+        return _detected
+    found: Enforcement | None = None
+    if force != "poll":
+        try:
+            dirs = cgroup_dirs(
+                parse_proc_cgroup(_read("/proc/self/cgroup")), parse_mountinfo(_read("/proc/self/mountinfo"))
+            )
+        except OSError as exc:
+            log.debug("enforcement: cannot read this process's cgroups: %s", exc)
+            dirs = {}
+        if force in (None, "cgroup2"):
+            found = _detect_v2(dirs)
+        if found is None and force in (None, "cgroup1"):
+            found = _detect_v1(dirs)
+    result = found or Enforcement("poll")
+    log.debug("enforcement: %s", result)
+    if not result.limits_cpu:
+        log.debug("enforcement: CPU shares are not enforced on this host (no cgroup CPU quota)")
+    if force is None:
+        _detected = result
+    return result
+
+
+class Cgroup:
+    """The cgroup(s) of one monitored process: made with its limits, removed after it is reaped.
+
+    With cgroup v1 memory and CPU live in separate hierarchies, so there may be two directories.
+    """
+
+    def __init__(self, kind: str, memory_dir: str, cpu_dir: str | None, limit: int):
+        self.kind = kind
+        self.memory_dir = memory_dir
+        self.cpu_dir = cpu_dir
+        self.limit = limit
+
+    @property
+    def dirs(self) -> list[str]:
+        return [d for d in dict.fromkeys((self.memory_dir, self.cpu_dir)) if d is not None]
+
+    @classmethod
+    def create(cls, enforcement: Enforcement, resources: Resources) -> Cgroup:
+        """Make the cgroup(s) with ``resources``' limits; ``OSError`` if memory cannot be limited."""
+        assert enforcement.memory_dir is not None
+        name = _unique_name()
+        memory_dir = os.path.join(enforcement.memory_dir, name)
+        os.mkdir(memory_dir)
+        group = cls(enforcement.kind, memory_dir, None, int(resources.mem))
+        try:
+            group._limit_memory()
+            if enforcement.cpu_dir is not None:
+                group._limit_cpu(os.path.join(enforcement.cpu_dir, name), float(resources.cpu))
+        except BaseException:
+            group.remove()
+            raise
+        log.debug(
+            "cgroup %s: memory %s, cpu %s", memory_dir, resources.mem, resources.cpu if group.cpu_dir else "unlimited"
+        )
+        return group
+
+    def _limit_memory(self) -> None:
+        limit = str(self.limit)
+        if self.kind == "cgroup2":
+            _write(os.path.join(self.memory_dir, "memory.max"), limit)
+            # Best effort: no swap beyond the limit, and an OOM kill takes the whole group.
+            for name, value in (("memory.swap.max", "0"), ("memory.oom.group", "1")):
+                try:
+                    _write(os.path.join(self.memory_dir, name), value)
+                except OSError:
+                    pass
+        else:
+            _write(os.path.join(self.memory_dir, "memory.limit_in_bytes"), limit)
+            try:
+                _write(os.path.join(self.memory_dir, "memory.memsw.limit_in_bytes"), limit)
+            except OSError:
+                pass  # no swap accounting: the memory limit alone applies
+
+    def _limit_cpu(self, cpu_dir: str, cores: float) -> None:
+        if cores <= 0:
+            log.debug("cgroup: a CPU share of %s cannot be a quota; CPU left unlimited", cores)
+            return
+        try:
+            if self.kind == "cgroup2":
+                period = int(_read(os.path.join(cpu_dir, "cpu.max")).split()[1])
+                _write(os.path.join(cpu_dir, "cpu.max"), f"{max(_MIN_QUOTA_US, round(cores * period))} {period}")
+            else:
+                os.mkdir(cpu_dir)
+                self.cpu_dir = cpu_dir
+                period = int(_read(os.path.join(cpu_dir, "cpu.cfs_period_us")))
+                _write(os.path.join(cpu_dir, "cpu.cfs_quota_us"), str(max(_MIN_QUOTA_US, round(cores * period))))
+            self.cpu_dir = cpu_dir
+        except (OSError, ValueError, IndexError) as exc:
+            log.debug("cgroup: cannot set a CPU quota in %s, CPU left unlimited: %s", cpu_dir, exc)
+
+    def add(self, pid: int) -> None:
+        """Move process ``pid`` (``0``: the caller) into every directory of this group."""
+        for directory in self.dirs:
+            _write(os.path.join(directory, "cgroup.procs"), str(pid or os.getpid()))
+
+    def pids(self) -> set[int]:
+        found: set[int] = set()
+        for directory in self.dirs:
+            try:
+                found.update(int(word) for word in _read(os.path.join(directory, "cgroup.procs")).split())
+            except OSError:
+                pass
+        return found
+
+    def oom_kills(self) -> int:
+        """How many processes the kernel OOM killer killed in this group (-1: unknown)."""
+        name = "memory.events" if self.kind == "cgroup2" else "memory.oom_control"
+        try:
+            for line in _read(os.path.join(self.memory_dir, name)).splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+            if self.kind == "cgroup1":  # kernels before 4.13: only know that the limit was hit
+                return -1 if int(_read(os.path.join(self.memory_dir, "memory.failcnt"))) else 0
+        except (OSError, ValueError):
+            pass
+        return 0
+
+    def kill_all(self) -> None:
+        """SIGKILL every process left in the group."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def remove(self) -> bool:
+        """Kill what is left inside and rmdir the group, retrying briefly; False if it stayed."""
+        deadline = time.monotonic() + _RMDIR_PATIENCE
+        remaining = self.dirs
+        while remaining:
+            still = []
+            for directory in remaining:
+                try:
+                    os.rmdir(directory)
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        log.debug("cgroup %s: cannot remove it: %s", directory, exc)
+                        continue
+                    still.append(directory)
+            remaining = still
+            if remaining:
+                if time.monotonic() > deadline:
+                    log.debug("cgroup: %s still busy, left in place", ", ".join(remaining))
+                    return False
+                self.kill_all()
+                time.sleep(0.01)
+        log.debug("cgroup %s removed", self.memory_dir)
+        return True
