@@ -18,6 +18,7 @@ from ._errors import (
     SerializationError,
 )
 from ._pid import Pid
+from ._pid import _from_wire as _from_wire  # pickled pids refer to it here
 from ._protocol import SpawnReply, SpawnRequest, dumps_user, loads_user
 from ._resources import Cpu, Mem, Resources
 from ._version import __version__

@@ -142,7 +142,7 @@ def authenticate(sock: socket.socket, secret: bytes, *, initiator: bool, timeout
                 break
             _set_deadline(sock, deadline)
             handshake.receive_data(sock.recv(handshake.bytes_needed()))
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise AuthenticationError(f"the peer did not complete the handshake within {timeout:g}s") from None
     except OSError as error:
         raise AuthenticationError(f"the connection failed during the handshake: {error}") from None
@@ -152,5 +152,5 @@ def authenticate(sock: socket.socket, secret: bytes, *, initiator: bool, timeout
 def _set_deadline(sock: socket.socket, deadline: float) -> None:
     remaining = deadline - time.monotonic()
     if remaining <= 0:
-        raise socket.timeout()
+        raise TimeoutError()
     sock.settimeout(remaining)

@@ -8,11 +8,13 @@ the process that runs them.
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 
@@ -33,7 +35,10 @@ def dumps_user(value: Any, what: str) -> bytes:
     try:
         return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as error:
-        shown = repr(value)
+        try:
+            shown = repr(value)
+        except Exception:  # a broken __repr__ must not hide the real error
+            shown = f"<{type(value).__name__} object>"
         if len(shown) > 80:
             shown = shown[:77] + "..."
         raise SerializationError(f"cannot send the {what} {shown} to another process: {error}") from error
@@ -41,6 +46,19 @@ def dumps_user(value: Any, what: str) -> bytes:
 
 def loads_user(data: bytes) -> Any:
     return pickle.loads(data)
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    # Messages hold plain values only, which unpickle without looking up any global;
+    # refusing globals keeps a crafted message from calling anything while decoding.
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message")
+
+
+def _bytes(value: object) -> bytes:
+    if not isinstance(value, (bytes, bytearray)):
+        raise TypeError(f"expected bytes, not {type(value).__name__}")
+    return bytes(value)
 
 
 def _encode(magic: bytes, fields: tuple) -> bytes:
@@ -53,7 +71,7 @@ def _decode(magic: bytes, data: bytes, name: str) -> tuple:
     if data[3] != VERSION:
         raise DeployError(f"{name} message version {data[3]} is not supported (this side speaks {VERSION})")
     try:
-        fields = pickle.loads(memoryview(data)[4:])
+        fields = _PlainUnpickler(io.BytesIO(memoryview(data)[4:])).load()
     except Exception as error:
         raise DeployError(f"malformed {name} message: {error}") from None
     if not isinstance(fields, tuple):
@@ -109,8 +127,8 @@ class SpawnRequest:
         try:
             function, argument, (mem, cpu), parent, argv, env, block = fields
             return cls(
-                function=bytes(function),
-                argument=bytes(argument),
+                function=_bytes(function),
+                argument=_bytes(argument),
                 resources=Resources(mem, cpu),
                 parent=Pid.parse(parent) if parent is not None else None,
                 argv=tuple(str(arg) for arg in argv),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 
 __all__ = ["Cpu", "Mem", "Resources"]
 
@@ -20,9 +21,20 @@ _UNITS = {
     "GIB": 2**30,
     "TIB": 2**40,
 }
-_FORMAT_UNITS = [("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10), ("TB", 10**12), ("GB", 10**9), ("MB", 10**6), ("KB", 10**3)]
+_FORMAT_UNITS = [
+    ("TiB", 2**40),
+    ("GiB", 2**30),
+    ("MiB", 2**20),
+    ("KiB", 2**10),
+    ("TB", 10**12),
+    ("GB", 10**9),
+    ("MB", 10**6),
+    ("KB", 10**3),
+]
 _SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
-_MEM_FORMS = "an int of bytes or a string like '512MB', '1.5GiB' or '100 MiB' (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+_MEM_FORMS = (
+    "an int of bytes or a string like '512MB', '1.5GiB' or '100 MiB' (units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)"
+)
 _CPU_FORMS = "a non-negative number of cores such as 0.25, 2 or '1.5'"
 _MICRO = 1_000_000  # cpu is accounted in millionths of a core so sums never drift
 
@@ -72,7 +84,8 @@ def _parse_mem(value: object) -> int:
         match = _SIZE.fullmatch(value)
         unit = match and _UNITS.get(match[2].upper())
         if match and unit:
-            return round(float(match[1]) * unit)
+            # Fraction, not float: "9007199254740993" is exact and huge sizes cannot overflow.
+            return round(Fraction(match[1]) * unit)
     raise ValueError(f"invalid memory size {value!r}: expected {_MEM_FORMS}")
 
 
@@ -100,7 +113,10 @@ class Cpu(float):
 def _parse_cpu(value: object) -> float:
     number: float | None = None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int too large for a float
+            number = None
     elif isinstance(value, str):
         try:
             number = float(value.strip()) if value.strip() else None

@@ -1,0 +1,294 @@
+"""Spawn messages: building, encoding, decoding and the user-value serialization errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import sys
+import threading
+
+import pytest
+from deploy_core import (
+    DeployError,
+    Pid,
+    Resources,
+    SerializationError,
+    SpawnReply,
+    SpawnRequest,
+    dumps_user,
+    loads_user,
+)
+
+PARENT = Pid("0123456789abcdef0123456789abcdef", "::1", 7000)
+CHILD = Pid("fedcba9876543210fedcba9876543210", "127.0.0.1", 7001)
+
+
+def round_trip(request: SpawnRequest) -> SpawnRequest:
+    data = request.encode()
+    assert isinstance(data, bytes)
+    decoded = SpawnRequest.decode(data)
+    assert decoded == request
+    return decoded
+
+
+def test_lambda_round_trips_and_still_works() -> None:
+    request = round_trip(SpawnRequest.build(lambda parent, arg: (str(parent), arg * 2), 21, Resources(), PARENT))
+    function = loads_user(request.function)
+    argument = loads_user(request.argument)
+    assert argument == 21
+    assert function(PARENT, argument) == (str(PARENT), 42)
+
+
+def test_closure_round_trips_and_still_works() -> None:
+    seen: list[int] = []
+    factor = 3
+
+    def worker(parent: Pid, arg: int) -> int:
+        seen.append(arg)  # the copy has its own list
+        return arg * factor + len(seen)
+
+    request = round_trip(SpawnRequest.build(worker, 5, Resources(), PARENT))
+    function = loads_user(request.function)
+    assert function is not worker
+    assert function(PARENT, loads_user(request.argument)) == 16
+    assert seen == []
+
+
+def test_argument_objects_round_trip() -> None:
+    argument = {"pids": [PARENT, CHILD], "resources": Resources("1GiB", 2), "data": b"\0" * 1000}
+    request = round_trip(SpawnRequest.build(print, argument, Resources(), None))
+    assert loads_user(request.argument) == argument
+
+
+def test_argv_and_environment_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["job.py", "--size", "3"])
+    monkeypatch.setenv("MY_SETTING", "kept")
+    monkeypatch.setenv("DEPLOYMENT_NAME", "kept too")  # not the DEPLOY_ prefix
+    monkeypatch.setenv("DEPLOY_SECRET", "never forwarded")
+    monkeypatch.setenv("DEPLOY_FABRIC", "127.0.0.1:1")
+    request = SpawnRequest.build(print, None, Resources(), PARENT)
+    monkeypatch.setattr(sys, "argv", ["changed"])
+    monkeypatch.setenv("MY_SETTING", "changed later")
+    assert request.argv == ("job.py", "--size", "3")
+    assert request.env["MY_SETTING"] == "kept"
+    assert request.env["DEPLOYMENT_NAME"] == "kept too"
+    assert not [key for key in request.env if key.startswith("DEPLOY_")]
+    assert {key: value for key, value in os.environ.items() if not key.startswith("DEPLOY_")} != request.env
+    decoded = round_trip(request)
+    assert decoded.argv == ("job.py", "--size", "3")
+    assert decoded.env == request.env
+
+
+@pytest.mark.parametrize("resources", [Resources(), Resources("1.5GiB", 0.25), Resources(0, 0), Resources(1, 64)])
+@pytest.mark.parametrize("parent", [PARENT, CHILD, None])
+def test_resources_and_parent_round_trip(resources: Resources, parent: Pid | None) -> None:
+    decoded = round_trip(SpawnRequest.build(print, None, resources, parent))
+    assert decoded.resources == resources
+    assert decoded.parent == parent
+    assert decoded.parent is None or decoded.parent.addr == parent.addr  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("block", [True, False])
+def test_block_flag_round_trips(block: bool) -> None:
+    request = SpawnRequest.build(print, None, Resources(), None, block=block)
+    assert request.block is block
+    assert round_trip(request).block is block
+    assert SpawnRequest.build(print, None, Resources(), None).block is True
+
+
+def test_decode_accepts_bytearray_and_memoryview() -> None:
+    request = SpawnRequest.build(print, 1, Resources(), PARENT)
+    assert SpawnRequest.decode(bytearray(request.encode())) == request
+    assert SpawnRequest.decode(memoryview(request.encode())) == request
+
+
+def valid_request() -> bytes:
+    return SpawnRequest.build(print, 1, Resources(), PARENT).encode()
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"D", b"DSQ", b"garbage that is not a message", b"XXX\x01" + valid_request()[4:], SpawnReply(CHILD).encode()],
+    ids=["empty", "one-byte", "magic-only", "garbage", "wrong-magic", "a-reply"],
+)
+def test_decode_rejects_non_requests(data: bytes) -> None:
+    with pytest.raises(DeployError, match="not a spawn request message"):
+        SpawnRequest.decode(data)
+
+
+def test_decode_rejects_other_versions() -> None:
+    data = bytearray(valid_request())
+    data[3] = 99
+    with pytest.raises(DeployError, match="version 99 is not supported"):
+        SpawnRequest.decode(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x80\x05not a pickle",
+        valid_request()[4:-10],  # truncated
+        pickle.dumps(["a", "list"]),
+        pickle.dumps(("too", "few")),
+        pickle.dumps((b"f", b"a", (-1, 0.05), None, (), {}, True)),
+        pickle.dumps((b"f", b"a", (1, 1), "not a pid", (), {}, True)),
+        pickle.dumps((b"f", b"a", 5, None, (), {}, True)),
+        pickle.dumps((5, b"a", (1, 1), None, (), {}, True)),  # function must be bytes, not a length
+        pickle.dumps((b"f", "text", (1, 1), None, (), {}, True)),
+        pickle.dumps((b"f", b"a", (1, 1), None, 5, {}, True)),
+    ],
+    ids=[
+        "not-a-pickle",
+        "truncated",
+        "list",
+        "too-few",
+        "negative-mem",
+        "bad-parent",
+        "resources-not-pair",
+        "function-int",
+        "argument-str",
+        "argv-int",
+    ],
+)
+def test_decode_rejects_malformed_payloads(payload: bytes) -> None:
+    with pytest.raises(DeployError, match="malformed spawn request"):
+        SpawnRequest.decode(b"DSQ\x01" + payload)
+
+
+CALLS: list[str] = []
+
+
+def _record(text: str) -> str:
+    CALLS.append(text)
+    return text
+
+
+class _Sneaky:
+    def __reduce__(self):
+        return (_record, ("decoding ran a function",))
+
+
+def test_decode_never_calls_anything() -> None:
+    CALLS.clear()
+    payload = pickle.dumps((_Sneaky(), b"a", (1, 1), None, (), {}, True))
+    with pytest.raises(DeployError, match="malformed spawn request"):
+        SpawnRequest.decode(b"DSQ\x01" + payload)
+    with pytest.raises(DeployError, match="malformed spawn reply"):
+        SpawnReply.decode(b"DSR\x01" + pickle.dumps((None, _Sneaky(), False)))
+    assert CALLS == []
+
+
+def test_unpicklable_lock_argument_names_it_and_why() -> None:
+    lock = threading.Lock()
+    with pytest.raises(SerializationError) as info:
+        SpawnRequest.build(print, lock, Resources(), PARENT)
+    message = str(info.value)
+    assert repr(lock) in message
+    assert "argument" in message
+    assert "_thread.lock" in message and "pickle" in message
+    assert isinstance(info.value, TypeError)
+
+
+class Holder:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def __repr__(self) -> str:
+        return "Holder(with a socket)"
+
+
+def test_object_holding_a_socket_names_it_and_why() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        with pytest.raises(SerializationError) as info:
+            SpawnRequest.build(print, Holder(sock), Resources(), PARENT)
+    message = str(info.value)
+    assert "Holder(with a socket)" in message
+    assert "socket" in message.split("Holder(with a socket)", 1)[1]  # the reason, after the name
+
+
+def test_unpicklable_function_names_it() -> None:
+    lock = threading.Lock()
+
+    def uses_lock(parent: Pid, arg: object) -> None:
+        with lock:
+            pass
+
+    with pytest.raises(SerializationError, match="function .*uses_lock") as info:
+        SpawnRequest.build(uses_lock, None, Resources(), PARENT)
+    assert "lock" in str(info.value)
+
+
+class _BadRepr:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        raise RuntimeError("repr is broken too")
+
+
+def test_unpicklable_value_with_broken_repr_still_reports_cleanly() -> None:
+    with pytest.raises(SerializationError, match="_BadRepr") as info:
+        dumps_user(_BadRepr(), "argument")
+    assert "_thread.lock" in str(info.value)
+
+
+def test_long_repr_is_shortened() -> None:
+    value = [threading.Lock()] + list(range(1000))
+    with pytest.raises(SerializationError) as info:
+        dumps_user(value, "argument")
+    assert "..." in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("function", [None, 42, "print", b"bytes"])
+def test_non_callable_function_is_a_type_error(function: object) -> None:
+    with pytest.raises(TypeError, match="callable") as info:
+        SpawnRequest.build(function, None, Resources(), PARENT)  # type: ignore[arg-type]
+    assert not isinstance(info.value, SerializationError)
+
+
+def test_resources_must_be_resources() -> None:
+    with pytest.raises(TypeError, match="Resources"):
+        SpawnRequest.build(print, None, "100MiB", PARENT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        SpawnReply(CHILD),
+        SpawnReply(PARENT),
+        SpawnReply(error="spawn failed: node lost"),
+        SpawnReply(no_capacity=True, error="no node has 8GiB free"),
+        SpawnReply(),
+    ],
+)
+def test_spawn_reply_round_trips(reply: SpawnReply) -> None:
+    decoded = SpawnReply.decode(reply.encode())
+    assert decoded == reply
+    assert decoded.pid == reply.pid
+    assert decoded.error == reply.error
+    assert decoded.no_capacity is reply.no_capacity
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "not a spawn reply"),
+        (b"\x00\x01\x02\x03garbage", "not a spawn reply"),
+        (valid_request(), "not a spawn reply"),
+        (b"DSR\x07" + SpawnReply(CHILD).encode()[4:], "version 7"),
+        (b"DSR\x01" + pickle.dumps(("not a pid", None, False)), "malformed spawn reply"),
+        (b"DSR\x01" + pickle.dumps((None, None)), "malformed spawn reply"),
+        (b"DSR\x01" + b"\x80\x05junk", "malformed spawn reply"),
+    ],
+)
+def test_spawn_reply_decode_rejects_bad_input(data: bytes, message: str) -> None:
+    with pytest.raises(DeployError, match=message):
+        SpawnReply.decode(data)
+
+
+def test_dumps_and_loads_user_round_trip() -> None:
+    data = dumps_user(lambda x: x + 1, "function")
+    assert isinstance(data, bytes)
+    assert loads_user(data)(1) == 2
