@@ -1,0 +1,37 @@
+"""A pool of workers fed with tasks; the parent waits on all of them with select()."""
+
+import deploy
+
+TASKS = list(range(40))
+WORKERS = 4
+
+
+def worker(parent: deploy.Pid, _: None) -> None:
+    with deploy.Receiver[int](parent) as tasks, deploy.Sender[tuple](parent) as results:
+        while True:
+            task = tasks.recv()
+            if task < 0:
+                return
+            results.send((task, task * task))
+
+
+def main() -> None:
+    deploy.init()
+    pids = [deploy.spawn(worker, None) for _ in range(WORKERS)]
+    senders = {pid: deploy.Sender[int](pid) for pid in pids}
+    receivers = {deploy.Receiver[tuple](pid): pid for pid in pids}
+    queue = list(TASKS)
+    for sender in senders.values():  # one task in flight per worker
+        sender.send(queue.pop())
+    squares = {}
+    while len(squares) < len(TASKS):
+        ready = deploy.select(*receivers)
+        task, square = ready.recv()
+        squares[task] = square
+        sender = senders[receivers[ready]]
+        sender.send(queue.pop() if queue else -1)
+    print(f"sum of squares of 0..{len(TASKS) - 1}: {sum(squares.values())}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,453 @@
+"""The bridge: collects every process's events, shows them, schedules spawns, ends the run.
+
+One thread and one selector. Connections arrive on the fabric port and must pass the
+handshake before anything they send is unpickled; then they say who they are: a user
+process (it sends spawn requests and waits for replies) or a monitor (it streams one
+process's output and exit). The zygote is reached over a socketpair made before it was
+forked. The run ends when every process has exited; its code is 0 if all exited 0, else
+the first failure's code (128+N for a signal N).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import selectors
+import signal
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from deploy_core import AuthenticationError, DeployError, Handshake, Pid, Resources, SpawnReply, SpawnRequest
+
+from . import _wire as wire
+from ._output import Formatter
+from ._scheduler import Node, Scheduler
+
+__all__ = ["Bridge"]
+
+log = logging.getLogger("deploy.fabric")
+
+# How long a monitor that the zygote saw exit may take to show up before its process is
+# reported lost, and how long processes get to report their exit after Ctrl-C.
+_MONITOR_GRACE = 2.0
+_INTERRUPT_GRACE = 2.0
+_HANDSHAKE_TIMEOUT = 10.0
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    handshake: Handshake | None
+    reader: wire.MessageReader = field(default_factory=wire.MessageReader)
+    role: str | None = None
+    pid: str | None = None  # the process it speaks for
+    outbox: bytearray = field(default_factory=bytearray)
+    opened: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Process:
+    pid: Pid
+    parent: Pid | None
+    resources: Resources
+    node: Node
+    monitor: _Conn | None = None
+    exited: bool = False
+    reaped_at: float | None = None  # when the zygote saw its monitor exit
+
+
+@dataclass
+class _Pending:
+    """A spawn that is waiting for capacity or for the zygote."""
+
+    requester: _Conn | None  # None: the top process
+    request: SpawnRequest | None
+    resources: Resources
+    parent: Pid | None
+    node: Node | None = None
+
+
+class Bridge:
+    def __init__(
+        self,
+        listener: socket.socket,
+        zygote: socket.socket,
+        secret: bytes,
+        formatter: Formatter,
+        scheduler: Scheduler,
+    ):
+        self._listener = listener
+        self._zygote = zygote
+        self._secret = secret
+        self._out = formatter
+        self._scheduler = scheduler
+        self._selector = selectors.DefaultSelector()
+        self._conns: dict[int, _Conn] = {}
+        self._processes: dict[str, _Process] = {}
+        self._early: dict[str, list[tuple]] = {}  # events of processes not announced yet
+        self._tickets: dict[int, _Pending] = {}
+        self._next_ticket = 0
+        self._queue: deque[_Pending] = deque()
+        self._zygote_reader = wire.MessageReader()
+        self._code: int | None = None
+        self._interrupted: float | None = None
+        self._wakeup_r, self._wakeup_w = socket.socketpair()
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self, top: Resources) -> int:
+        """Start the top process, serve until every process has exited; return the run's code."""
+        for sock in (self._listener, self._zygote, self._wakeup_r, self._wakeup_w):
+            sock.setblocking(False)
+        self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+        self._selector.register(self._zygote, selectors.EVENT_READ, "zygote")
+        self._selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
+        signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, self._on_signal)
+
+        node = self._scheduler.place(top)
+        if node is None:
+            raise DeployError(f"cannot start: {self._scheduler.impossible(top) or 'no capacity'}")
+        self._fork(_Pending(None, None, top, None, node))
+        while not self._finished():
+            timeout = self._housekeeping()
+            for key, mask in self._selector.select(timeout):
+                self._dispatch(key, mask)
+        for process in self._processes.values():
+            if not process.exited:  # still silent after Ctrl-C: its monitor has the lifeline
+                self._exited(process, None, "SIGKILL", "run interrupted")
+        self._out.close()
+        return self._code or 0
+
+    def _finished(self) -> bool:
+        if self._interrupted is not None and time.monotonic() - self._interrupted > _INTERRUPT_GRACE:
+            return True
+        live = any(not process.exited for process in self._processes.values())
+        return not live and not self._tickets and not self._queue
+
+    def _housekeeping(self) -> float:
+        """Flush held partial lines and expire stale state; return the select timeout."""
+        now = time.monotonic()
+        timeout = 1.0
+        due = self._out.tick()
+        if due is not None:
+            timeout = min(timeout, due)
+        for process in self._processes.values():
+            if process.exited or process.monitor is not None or process.reaped_at is None:
+                continue
+            if now - process.reaped_at > _MONITOR_GRACE:
+                self._exited(process, None, "SIGKILL", "its monitor died")
+            else:
+                timeout = min(timeout, _MONITOR_GRACE)
+        for conn in list(self._conns.values()):
+            if conn.handshake is not None and now - conn.opened > _HANDSHAKE_TIMEOUT:
+                log.warning("dropped a connection that did not authenticate in time")
+                self._drop(conn)
+        if self._interrupted is not None:
+            timeout = min(timeout, 0.1)
+        return timeout
+
+    def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
+        what = key.data
+        if what == "accept":
+            self._accept()
+        elif what == "zygote":
+            self._read_zygote()
+        elif what == "signal":
+            self._read_signals()
+        else:
+            conn: _Conn = what
+            if mask & selectors.EVENT_WRITE:
+                self._flush(conn)
+            if mask & selectors.EVENT_READ and conn.sock.fileno() >= 0:
+                self._read(conn)
+
+    # -- connections ------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept a connection: %s", error)
+                    return
+                raise
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock, Handshake(self._secret, initiator=False))
+            self._conns[sock.fileno()] = conn
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            if conn.handshake is not None:
+                data = conn.sock.recv(conn.handshake.bytes_needed())
+                conn.handshake.receive_data(data)
+                self._send(conn, conn.handshake.data_to_send())
+                if conn.handshake.done:
+                    conn.handshake = None
+                return
+            data = conn.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return
+        except AuthenticationError as error:
+            log.warning("dropped a connection that failed authentication: %s", error)
+            self._drop(conn)
+            return
+        except OSError:
+            data = b""
+        try:
+            messages = conn.reader.feed(data)
+        except DeployError as error:
+            log.warning("dropped a connection that sent a bad frame: %s", error)
+            messages = []
+            data = b""
+        for message in messages:
+            self._handle(conn, message)
+        if not data or conn.reader.closed:
+            self._lost(conn)
+
+    def _send(self, conn: _Conn, data: bytes) -> None:
+        if not data:
+            return
+        if conn.outbox:
+            conn.outbox += data
+            return
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return  # the reader will see the connection end
+        if sent < len(data):
+            conn.outbox += data[sent:]
+            self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
+
+    def _flush(self, conn: _Conn) -> None:
+        try:
+            sent = conn.sock.send(conn.outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            conn.outbox.clear()
+            sent = 0
+        del conn.outbox[:sent]
+        if not conn.outbox:
+            self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        if self._conns.pop(conn.sock.fileno(), None) is not None:
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
+
+    def _lost(self, conn: _Conn) -> None:
+        """A connection ended: a monitor that ends before its exit event means a lost process."""
+        self._drop(conn)
+        if conn.role == wire.HELLO_MONITOR and conn.pid in self._processes:
+            process = self._processes[conn.pid]
+            if not process.exited:
+                self._exited(process, None, "SIGKILL", "its monitor died")
+        elif conn.role == wire.HELLO_PROCESS:
+            self._queue = deque(pending for pending in self._queue if pending.requester is not conn)
+
+    # -- messages ---------------------------------------------------------------------
+
+    def _handle(self, conn: _Conn, message: tuple) -> None:
+        kind = message[0]
+        if conn.role is None:
+            if kind in (wire.HELLO_PROCESS, wire.HELLO_MONITOR) and len(message) == 2:
+                conn.role, conn.pid = kind, Pid.parse(message[1]).hex
+                if kind == wire.HELLO_MONITOR:
+                    self._monitor_joined(conn)
+            else:
+                log.warning("dropped a connection that did not introduce itself")
+                self._drop(conn)
+        elif conn.role == wire.HELLO_PROCESS and kind == wire.SPAWN:
+            self._spawn_requested(conn, message[1])
+        elif conn.role == wire.HELLO_MONITOR and kind in (wire.OUTPUT, wire.EXIT):
+            self._event(conn.pid, message)
+        else:
+            log.warning("ignored an unexpected %r message", kind)
+
+    def _monitor_joined(self, conn: _Conn) -> None:
+        process = self._processes.get(conn.pid)
+        if process is not None:
+            process.monitor = conn
+        # else: the zygote's reply is still on its way; _forked attaches it.
+        if self._interrupted is not None:
+            try:
+                conn.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def _event(self, pid: str, message: tuple) -> None:
+        process = self._processes.get(pid)
+        if process is None:
+            self._early.setdefault(pid, []).append(message)
+            return
+        if process.exited:
+            return
+        if message[0] == wire.OUTPUT:
+            _, fd, data = message
+            self._out.output(process.pid, fd, data)
+        else:
+            _, code, signal_name, reason = message
+            if self._interrupted is not None and reason == "bridge lost":
+                reason = "run interrupted"
+            self._exited(process, code, signal_name, reason)
+
+    def _exited(self, process: _Process, code: int | None, signal_name: str | None, reason: str | None) -> None:
+        process.exited = True
+        self._out.exit(process.pid, code, signal_name, reason)
+        if self._code is None and (code != 0 or signal_name is not None):
+            self._code = code if signal_name is None else 128 + signal.Signals[signal_name].value
+        self._scheduler.release(process.node, process.resources)
+        self._place_queued()
+
+    # -- spawning ---------------------------------------------------------------------
+
+    def _spawn_requested(self, conn: _Conn, data: bytes) -> None:
+        try:
+            request = SpawnRequest.decode(data)
+        except DeployError as error:
+            self._reply(conn, SpawnReply(error=str(error)))
+            return
+        if self._interrupted is not None:
+            self._reply(conn, SpawnReply(error="the run is being stopped"))
+            return
+        problem = self._scheduler.impossible(request.resources)
+        if problem is not None:
+            self._reply(conn, SpawnReply(error=problem, no_capacity=True))
+            return
+        pending = _Pending(conn, request, request.resources, request.parent)
+        if self._queue or not self._try_place(pending):
+            if request.block:
+                self._queue.append(pending)
+            else:
+                free = self._scheduler.describe_free()
+                self._reply(
+                    conn, SpawnReply(error=f"no capacity for {request.resources} now: {free}", no_capacity=True)
+                )
+
+    def _try_place(self, pending: _Pending) -> bool:
+        node = self._scheduler.place(pending.resources)
+        if node is None:
+            return False
+        pending.node = node
+        self._fork(pending)
+        return True
+
+    def _place_queued(self) -> None:
+        while self._queue and self._try_place(self._queue[0]):
+            self._queue.popleft()
+
+    def _fork(self, pending: _Pending) -> None:
+        ticket = self._next_ticket
+        self._next_ticket += 1
+        self._tickets[ticket] = pending
+        request = pending.request.encode() if pending.request is not None else None
+        self._zygote.setblocking(True)
+        try:
+            wire.send_message(self._zygote, (wire.FORK, ticket, request, pending.resources.to_dict()))
+        finally:
+            self._zygote.setblocking(False)
+
+    def _read_zygote(self) -> None:
+        try:
+            data = self._zygote.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        for message in self._zygote_reader.feed(data):
+            if message[0] == wire.FORKED:
+                self._forked(*message[1:])
+            elif message[0] == wire.REAPED:
+                process = self._processes.get(Pid.parse(message[1]).hex)
+                if process is not None and process.reaped_at is None:
+                    process.reaped_at = time.monotonic()
+        if not data:
+            self._zygote_lost()
+
+    def _zygote_lost(self) -> None:
+        self._selector.unregister(self._zygote)
+        self._zygote.close()
+        if self._interrupted is None:
+            log.error("the fork server exited")
+        for pending in list(self._tickets.values()):
+            self._fail(pending, "the fork server exited")
+        self._tickets.clear()
+        for pending in self._queue:
+            self._fail(pending, "the fork server exited")
+        self._queue.clear()
+        for process in self._processes.values():
+            if process.monitor is None and not process.exited:
+                process.reaped_at = process.reaped_at or time.monotonic()
+
+    def _fail(self, pending: _Pending, why: str) -> None:
+        if pending.node is not None:
+            self._scheduler.release(pending.node, pending.resources)
+        if pending.requester is not None:
+            self._reply(pending.requester, SpawnReply(error=why))
+        elif self._code is None:
+            self._code = 1
+
+    def _forked(self, ticket: int, pid_text: str | None, error: str | None) -> None:
+        pending = self._tickets.pop(ticket)
+        if error is not None or pid_text is None:
+            self._fail(pending, error or "the fork server could not start the process")
+            return
+        pid = Pid.parse(pid_text)
+        process = _Process(pid, pending.parent, pending.resources, pending.node)
+        self._processes[pid.hex] = process
+        self._out.spawn(pid, pending.parent, pending.resources)
+        for message in self._early.pop(pid.hex, []):
+            self._event(pid.hex, message)
+        for conn in self._conns.values():
+            if conn.role == wire.HELLO_MONITOR and conn.pid == pid.hex:
+                process.monitor = conn
+        if pending.requester is not None:
+            self._reply(pending.requester, SpawnReply(pid=pid))
+
+    def _reply(self, conn: _Conn, reply: SpawnReply) -> None:
+        if conn.sock.fileno() >= 0:
+            self._send(conn, wire.encode((wire.SPAWNED, reply.encode())))
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        pass  # the wakeup fd carries the signal number to the loop
+
+    def _read_signals(self) -> None:
+        try:
+            data = self._wakeup_r.recv(512)
+        except (BlockingIOError, InterruptedError):
+            return
+        if data and self._interrupted is None:
+            self.interrupt(signal.Signals(data[0]))
+
+    def interrupt(self, signum: signal.Signals) -> None:
+        """Stop the run: every monitor kills its process and reports; no new spawns."""
+        log.info("%s: stopping every process of the run", signum.name)
+        self._interrupted = time.monotonic()
+        if self._code is None:
+            self._code = 128 + signum.value
+        for pending in self._queue:
+            self._fail(pending, "the run is being stopped")
+        self._queue.clear()
+        for conn in list(self._conns.values()):
+            if conn.role == wire.HELLO_MONITOR:
+                try:
+                    conn.sock.shutdown(socket.SHUT_WR)  # the monitor's lifeline: it kills its process
+                except OSError:
+                    pass
+        try:
+            self._zygote.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass

@@ -1,0 +1,178 @@
+"""How the bridge shows a run: the human format and the JSON event stream (DESIGN §5).
+
+Both write with os.write straight to fds 1 and 2, so nothing sits in a Python buffer: a
+line a process prints reaches the terminal as soon as the bridge has it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from typing import Protocol
+
+from deploy_core import Pid, Resources
+
+__all__ = ["Formatter", "HumanFormatter", "JsonFormatter", "exit_text"]
+
+# A partial line (a prompt, a progress dot) is shown once it has waited this long.
+PARTIAL_LINE_DELAY = 0.1
+_COLOURS = (31, 32, 33, 34, 35, 36, 91, 92, 93, 94, 95, 96)
+
+
+def exit_text(code: int | None, signal: str | None, reason: str | None) -> str:
+    """``exited: 0``, ``killed: SIGKILL`` and so on, with the reason in brackets."""
+    if signal is not None:
+        text = f"killed: {signal}"
+    else:
+        text = f"exited: {code if code is not None else '?'}"
+    return f"{text} ({reason})" if reason else text
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BrokenPipeError:
+            return  # the reader went away (`| head`); keep running the job regardless
+        view = view[written:]
+
+
+class Formatter(Protocol):
+    def spawn(self, pid: Pid, parent: Pid | None, resources: Resources) -> None: ...
+    def output(self, pid: Pid, fd: int, data: bytes) -> None: ...
+    def exit(self, pid: Pid, code: int | None, signal: str | None, reason: str | None) -> None: ...
+    def tick(self) -> float | None:
+        """Flush what has waited long enough; return seconds until the next flush is due."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class JsonFormatter:
+    """One JSON object per line on stdout; nothing else."""
+
+    def __init__(self, fd: int = 1):
+        self._fd = fd
+
+    def _emit(self, event: dict) -> None:
+        _write(self._fd, (json.dumps(event, separators=(", ", ": ")) + "\n").encode())
+
+    def spawn(self, pid: Pid, parent: Pid | None, resources: Resources) -> None:
+        self._emit(
+            {
+                "event": "spawn",
+                "pid": pid.hex,
+                "parent": parent.hex if parent is not None else None,
+                "addr": f"{pid.host}:{pid.port}",
+                "resources": resources.to_dict(),
+            }
+        )
+
+    def output(self, pid: Pid, fd: int, data: bytes) -> None:
+        self._emit(
+            {
+                "event": "output",
+                "pid": pid.hex,
+                "fd": fd,
+                "b64": base64.b64encode(data).decode("ascii"),
+                "text": data.decode("utf-8", "replace"),
+            }
+        )
+
+    def exit(self, pid: Pid, code: int | None, signal: str | None, reason: str | None) -> None:
+        self._emit({"event": "exit", "pid": pid.hex, "code": code, "signal": signal, "reason": reason})
+
+    def tick(self) -> float | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+class HumanFormatter:
+    """Output grouped under ``<pid>:`` headers, whole lines only, never interleaved in a line.
+
+    Headers and the runtime's own lines go to stderr; a process's output goes to the fd
+    it was written to, indented by three spaces.
+    """
+
+    def __init__(self, *, colour: bool | None = None, out_fd: int = 1, err_fd: int = 2):
+        self._fds = {1: out_fd, 2: err_fd}
+        self._colour = os.isatty(err_fd) if colour is None else colour
+        self._current: Pid | None = None  # whose header was written last
+        self._open: tuple[Pid, int] | None = None  # a line shown in part, still without its newline
+        self._partial: dict[tuple[Pid, int], tuple[bytes, float]] = {}
+
+    def _header(self, pid: Pid) -> None:
+        self._end_open_line()
+        if self._current == pid:
+            return
+        self._current = pid
+        label = f"{pid}:"
+        if self._colour:
+            label = f"\x1b[{_COLOURS[int(pid.hex, 16) % len(_COLOURS)]}m{label}\x1b[0m"
+        _write(self._fds[2], (label + "\n").encode())
+
+    def _end_open_line(self) -> None:
+        if self._open is not None:
+            _write(self._fds[self._open[1]], b"\n")
+            self._open = None
+
+    def _content(self, pid: Pid, fd: int, chunk: bytes, *, complete: bool) -> None:
+        end = b"\n" if complete else b""
+        if self._open == (pid, fd):
+            _write(self._fds[fd], chunk + end)
+        else:
+            self._header(pid)
+            _write(self._fds[fd], b"   " + chunk + end)
+        self._open = None if complete else (pid, fd)
+
+    def _runtime_line(self, pid: Pid, text: str) -> None:
+        self._header(pid)
+        _write(self._fds[2], f"   {text}\n".encode())
+
+    def spawn(self, pid: Pid, parent: Pid | None, resources: Resources) -> None:
+        if parent is not None:
+            self._runtime_line(parent, f"spawned: {pid}")
+
+    def output(self, pid: Pid, fd: int, data: bytes) -> None:
+        key = (pid, fd)
+        held, since = self._partial.pop(key, (b"", 0.0))
+        *lines, rest = (held + data).split(b"\n")
+        for line in lines:
+            self._content(pid, fd, line, complete=True)
+        if rest:
+            self._partial[key] = (rest, since if held and not lines else time.monotonic())
+
+    def _flush_partials(self, pid: Pid | None = None, *, older_than: float | None = None) -> None:
+        now = time.monotonic()
+        for key, (rest, since) in list(self._partial.items()):
+            if pid is not None and key[0] != pid:
+                continue
+            if older_than is not None and now - since < older_than:
+                continue
+            del self._partial[key]
+            self._content(key[0], key[1], rest, complete=pid is not None)
+
+    def exit(self, pid: Pid, code: int | None, signal: str | None, reason: str | None) -> None:
+        self._flush_partials(pid)
+        if self._open is not None and self._open[0] == pid:
+            self._end_open_line()
+        self._runtime_line(pid, exit_text(code, signal, reason))
+
+    def tick(self) -> float | None:
+        self._flush_partials(older_than=PARTIAL_LINE_DELAY)
+        if not self._partial:
+            return None
+        oldest = min(since for _, since in self._partial.values())
+        return max(0.0, oldest + PARTIAL_LINE_DELAY - time.monotonic())
+
+    def close(self) -> None:
+        for pid in {key[0] for key in self._partial}:
+            self._flush_partials(pid)
+        self._end_open_line()

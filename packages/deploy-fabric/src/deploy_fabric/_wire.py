@@ -1,0 +1,104 @@
+"""The fabric's control messages: pickled tuples of plain values in deploy_channels frames.
+
+Every control connection (process -> bridge, monitor -> bridge) is a TCP connection that
+first passes deploy_core's handshake, so by the time a message is unpickled its sender
+has proven it knows the run's secret. Blocking helpers serve the simple clients (a
+process asking for a spawn, a monitor streaming events); the bridge reads the same
+frames without blocking through `MessageReader`.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+from typing import Any
+
+from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame
+from deploy_core import DeployError, authenticate
+
+__all__ = ["MessageReader", "connect", "encode", "introduce", "recv_message", "send_message"]
+
+# Control messages are small; a spawn request carries the user's pickled function and
+# argument, so leave room for big arguments.
+MAX_MESSAGE = 1 << 30
+
+# Message kinds.
+HELLO_PROCESS = "process"  # (kind, pid_text): a user process's control connection
+HELLO_MONITOR = "monitor"  # (kind, pid_text): a monitor's event stream
+SPAWN = "spawn"  # (kind, SpawnRequest bytes) -> reply (SPAWNED, SpawnReply bytes)
+SPAWNED = "spawned"
+OUTPUT = "output"  # (kind, fd, data)
+EXIT = "exit"  # (kind, code, signal, reason)
+FORK = "fork"  # bridge -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, keep_stdin)
+FORKED = "forked"  # zygote -> bridge: (kind, ticket, pid_text | None, error | None)
+REAPED = "reaped"  # zygote -> bridge: (kind, pid_text): that process's monitor has exited
+
+
+def encode(message: tuple) -> bytes:
+    return encode_frame(pickle.dumps(message, protocol=5))
+
+
+def send_message(sock: socket.socket, message: tuple) -> None:
+    sock.sendall(encode(message))
+
+
+def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
+    """The next message from a blocking socket, or None at a clean end of stream."""
+    while True:
+        frame = decoder.next_frame()
+        if frame is CLOSED:
+            return None
+        if frame is not NEED_DATA:
+            return _load(frame)
+        decoder.feed(sock.recv(1 << 16))
+
+
+def connect(addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: float = 10.0) -> socket.socket:
+    """A blocking, authenticated control connection to the fabric that has introduced itself."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        introduce(sock, addr, secret, hello, timeout=timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def introduce(
+    sock: socket.socket, addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: float = 10.0
+) -> None:
+    """Connect ``sock`` to the fabric, authenticate and send ``hello``."""
+    sock.settimeout(timeout)
+    sock.connect(addr)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    authenticate(sock, secret, initiator=True, timeout=timeout)
+    sock.settimeout(None)
+    send_message(sock, hello)
+
+
+def _load(frame: Any) -> tuple:
+    message = pickle.loads(frame)
+    if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
+        raise DeployError("malformed control message")
+    return message
+
+
+class MessageReader:
+    """Decodes control messages from bytes fed by a non-blocking reader."""
+
+    def __init__(self) -> None:
+        self._decoder = FrameDecoder(max_frame_size=MAX_MESSAGE)
+        self.closed = False
+
+    def feed(self, data: bytes) -> list[tuple]:
+        """Messages completed by ``data`` (``b""`` marks the end of the stream)."""
+        self._decoder.feed(data)
+        messages = []
+        while True:
+            frame = self._decoder.next_frame()
+            if frame is NEED_DATA:
+                return messages
+            if frame is CLOSED:
+                self.closed = True
+                return messages
+            messages.append(_load(frame))

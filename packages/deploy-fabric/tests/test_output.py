@@ -1,0 +1,128 @@
+import base64
+import json
+import os
+
+import pytest
+from deploy_core import Pid, Resources
+from deploy_fabric import HumanFormatter, JsonFormatter
+from deploy_fabric._output import exit_text
+
+A = Pid("3fecd01" + "0" * 25, "127.0.0.1", 4000)
+B = Pid("9a1b2c3" + "0" * 25, "127.0.0.1", 4001)
+
+
+@pytest.fixture
+def pipes():
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    yield out_w, err_w, lambda: (_drain(out_r, out_w), _drain(err_r, err_w))
+    for fd in (out_r, err_r):
+        os.close(fd)
+
+
+def _drain(read_fd, write_fd):
+    os.set_blocking(read_fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(read_fd, 1 << 16)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_human_format_matches_the_design(pipes):
+    out_w, err_w, read = pipes
+    human = HumanFormatter(colour=False, out_fd=out_w, err_fd=err_w)
+    human.spawn(A, None, Resources())
+    human.output(A, 1, b"hello worker 0!\n")
+    human.spawn(B, A, Resources())
+    human.exit(B, 0, None, None)
+    human.close()
+    out, err = read()
+    assert out == b"   hello worker 0!\n"
+    assert err == b"3fecd01:\n   spawned: 9a1b2c3\n9a1b2c3:\n   exited: 0\n"
+
+
+def test_partial_lines_are_kept_per_process_and_never_interleave(pipes):
+    out_w, err_w, read = pipes
+    human = HumanFormatter(colour=False, out_fd=out_w, err_fd=err_w)
+    human.output(A, 1, b"hel")
+    human.output(B, 1, b"wor")
+    human.output(A, 1, b"lo\n")
+    human.output(B, 1, b"ld\n")
+    out, err = read()
+    assert out == b"   hello\n   world\n"
+    assert err == b"3fecd01:\n9a1b2c3:\n"
+
+
+def test_a_partial_line_shows_after_a_delay_and_continues(pipes, monkeypatch):
+    out_w, err_w, read = pipes
+    human = HumanFormatter(colour=False, out_fd=out_w, err_fd=err_w)
+    human.output(A, 1, b"name? ")
+    assert human.tick() is not None  # not due yet
+    monkeypatch.setattr("deploy_fabric._output.PARTIAL_LINE_DELAY", 0.0)
+    assert human.tick() is None
+    human.output(A, 1, b"bob\n")
+    human.output(B, 1, b"x\n")
+    out, _ = read()
+    assert out == b"   name? bob\n   x\n"
+
+
+def test_an_open_partial_line_is_ended_before_another_process_writes(pipes, monkeypatch):
+    out_w, err_w, read = pipes
+    monkeypatch.setattr("deploy_fabric._output.PARTIAL_LINE_DELAY", 0.0)
+    human = HumanFormatter(colour=False, out_fd=out_w, err_fd=err_w)
+    human.output(A, 1, b"progress...")
+    human.tick()
+    human.output(B, 1, b"other\n")
+    out, err = read()
+    assert out == b"   progress...\n   other\n"
+    assert err == b"3fecd01:\n9a1b2c3:\n"
+
+
+def test_exit_flushes_what_is_left_and_says_why(pipes):
+    out_w, err_w, read = pipes
+    human = HumanFormatter(colour=False, out_fd=out_w, err_fd=err_w)
+    human.output(A, 2, b"no newline")
+    human.exit(A, None, "SIGKILL", "memory limit 20MiB exceeded")
+    out, err = read()
+    assert out == b""
+    assert err == b"3fecd01:\n   no newline\n   killed: SIGKILL (memory limit 20MiB exceeded)\n"
+
+
+def test_headers_are_coloured_only_when_asked(pipes):
+    out_w, err_w, read = pipes
+    HumanFormatter(colour=True, out_fd=out_w, err_fd=err_w).exit(A, 1, None, None)
+    _, err = read()
+    assert err.startswith(b"\x1b[") and b"3fecd01:" in err and err.endswith(b"   exited: 1\n")
+
+
+def test_exit_text():
+    assert exit_text(0, None, None) == "exited: 0"
+    assert exit_text(None, "SIGKILL", None) == "killed: SIGKILL"
+    assert exit_text(None, "SIGKILL", "memory limit 20MiB exceeded") == "killed: SIGKILL (memory limit 20MiB exceeded)"
+
+
+def test_json_events_are_exact(pipes):
+    out_w, err_w, read = pipes
+    formatter = JsonFormatter(fd=out_w)
+    formatter.spawn(A, None, Resources("100MiB", 0.05))
+    formatter.output(A, 1, bytes(range(256)))
+    formatter.exit(A, None, "SIGABRT", None)
+    out, err = read()
+    assert err == b""
+    spawn, output, exit_ = (json.loads(line) for line in out.splitlines())
+    assert spawn == {
+        "event": "spawn",
+        "pid": A.hex,
+        "parent": None,
+        "addr": "127.0.0.1:4000",
+        "resources": {"mem": 104857600, "cpu": 0.05},
+    }
+    assert base64.b64decode(output["b64"]) == bytes(range(256))
+    assert output["fd"] == 1 and output["pid"] == A.hex and isinstance(output["text"], str)
+    assert exit_ == {"event": "exit", "pid": A.hex, "code": None, "signal": "SIGABRT", "reason": None}

@@ -1,0 +1,69 @@
+"""Ctrl-C and resource enforcement: nothing of the run survives."""
+
+import signal
+import time
+
+import pytest
+from conftest import assert_no_survivors, run, start, survivors
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_ctrl_c_kills_every_process(script):
+    job = script(
+        """
+        import time, deploy
+
+        def sleeper(parent, depth):
+            if depth < 2:
+                deploy.spawn(sleeper, depth + 1)
+            print("sleeping", flush=True)
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            deploy.init()
+            for _ in range(3):
+                deploy.spawn(sleeper, 0)
+            time.sleep(60)
+        """
+    )
+    process, tag = start(job, fmt="human")
+    deadline = time.monotonic() + 20
+    while len(survivors(tag)) < 1 + 1 + 9 * 2 and time.monotonic() < deadline:
+        time.sleep(0.1)  # bridge, zygote, and each of 10 processes with its monitor
+    assert len(survivors(tag)) >= 20
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=15)
+    assert process.returncode == 128 + signal.SIGINT
+    assert_no_survivors(tag, wait=3)
+    assert stderr.decode().count("killed: SIGKILL") == 10
+
+
+def test_a_memory_hog_is_killed_and_says_why(script):
+    job = script(
+        """
+        import time, deploy
+
+        def hog(parent, _):
+            blocks = []
+            while True:
+                blocks.append(bytearray(8 * 2**20))
+                time.sleep(0.01)
+
+        def modest(parent, _):
+            print("small and fine")
+
+        if __name__ == "__main__":
+            deploy.init()
+            deploy.spawn(hog, None, deploy.Resources(mem="50MiB"))
+            deploy.spawn(modest, None, deploy.Resources(mem="20MiB"))
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    hog, modest = result.children(result.top)
+    exits = result.exits()
+    assert exits[hog]["signal"] == "SIGKILL"
+    assert exits[hog]["reason"] == "memory limit 50MiB exceeded"
+    assert exits[modest]["code"] == 0
+    assert result.code == 128 + signal.SIGKILL
