@@ -115,7 +115,7 @@ def _run(target: Callable[[], int]) -> int:
 
 
 def run_child(
-    target: Callable[[], int],
+    target: Callable[[], int] | None,
     *,
     stdout: int,
     stderr: int,
@@ -124,8 +124,25 @@ def run_child(
     monitor_pid: int,
     limits: Limits | None,
 ) -> NoReturn:
-    """Wire up the child and run ``target``; never returns (``os._exit`` with its code)."""
+    """Wire up the child and run ``target``; never returns (``os._exit`` with its code).
+
+    With ``target=None`` it returns once the child is wired up, like ``fork`` in the child,
+    and the caller runs on (the top process of a run returns into the user's ``main``).
+    """
     code = 1
+    if target is None:
+        _die_with_monitor(monitor_pid)
+        for fd in close:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        _wire_stdio(stdout, stderr, keep_stdin)
+        if limits is not None:
+            limits.join()
+        _line_buffered("stdout", 1)
+        _line_buffered("stderr", 2)
+        return  # type: ignore[misc]
     try:
         _die_with_monitor(monitor_pid)
         for fd in close:

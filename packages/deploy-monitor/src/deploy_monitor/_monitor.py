@@ -83,7 +83,8 @@ class _Monitor:
         self.kill_reason: str | None = None
         self.poller = select.poll()
 
-    def start(self, target: Callable[[], int], keep_stdin: bool, on_start: Callable[[int], None] | None) -> None:
+    def start(self, target: Callable[[], int] | None, keep_stdin: bool, on_start: Callable[[int], None] | None) -> bool:
+        """Fork the child; False in the child itself (only when ``target`` is None)."""
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
         self.pipes = {out_r: 1, err_r: 2}
@@ -107,6 +108,7 @@ class _Monitor:
                 monitor_pid=monitor_pid,
                 limits=self.limits,
             )
+            return False  # target is None: the child goes back to the caller
         self.pid = pid
         os.close(out_w)
         os.close(err_w)
@@ -120,6 +122,7 @@ class _Monitor:
         log.debug("monitor %s: started pid %s", monitor_pid, pid)
         if on_start is not None:
             on_start(pid)
+        return True
 
     def run(self) -> Exit:
         for fd in self.pipes:
@@ -236,7 +239,7 @@ class _Monitor:
 
 
 def run_monitored(
-    target: Callable[[], int],
+    target: Callable[[], int] | None,
     *,
     resources: Resources | None,
     on_event: Callable[[Output | Exit], None],
@@ -244,7 +247,7 @@ def run_monitored(
     lifeline: int | None = None,
     on_start: Callable[[int], None] | None = None,
     enforcement: Enforcement | None = None,
-) -> Exit:
+) -> Exit | None:
     """Fork a child that runs ``target``, forward its output, reap it and return how it ended.
 
     Call it in the process that is to be the monitor; it returns once the child has exited
@@ -262,10 +265,18 @@ def run_monitored(
 
     If ``on_event`` or ``on_start`` raises, the child is killed and reaped before the
     exception propagates.
+
+    With ``target=None`` it works like ``fork``: in the child, once its stdio is wired up and
+    its limits joined, it returns ``None`` and the caller goes on as the monitored process
+    (whose exit status is then whatever that process exits with).
     """
     monitor = _Monitor(on_event, lifeline, limits_for(resources, enforcement))
+    in_child = False
     try:
-        monitor.start(target, keep_stdin, on_start)
+        if not monitor.start(target, keep_stdin, on_start):
+            in_child = True
+            return None
         return monitor.run()
     finally:
-        monitor.close()
+        if not in_child:  # the child must not tear down the monitor's pipes and cgroup
+            monitor.close()

@@ -1,0 +1,116 @@
+"""Fixtures for real-process tests: an event recorder, a forked monitor, and the leftover check."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import select
+import signal
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import pytest
+from deploy_monitor import Exit, Output
+
+
+class Recorder:
+    """An ``on_event`` that keeps every event and when it arrived."""
+
+    def __init__(self) -> None:
+        self.events: list[Output | Exit] = []
+        self.times: list[float] = []
+
+    def __call__(self, event: Output | Exit) -> None:
+        assert not any(isinstance(e, Exit) for e in self.events), f"event after the Exit: {event}"
+        self.events.append(event)
+        self.times.append(time.monotonic())
+
+    def output(self, fd: int = 1) -> bytes:
+        return b"".join(e.data for e in self.events if isinstance(e, Output) and e.fd == fd)
+
+    @property
+    def exit(self) -> Exit:
+        exits = [e for e in self.events if isinstance(e, Exit)]
+        assert len(exits) == 1 and self.events[-1] is exits[0], f"expected one Exit, last: {self.events[-1:]}"
+        return exits[0]
+
+
+def in_fork(fn: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Run ``fn`` in a forked process, as the runtime runs a monitor, and return its result.
+
+    On timeout the forked process is SIGKILLed (its child follows through PDEATHSIG).
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            try:
+                payload = pickle.dumps(("ok", fn()))
+            except BaseException:
+                payload = pickle.dumps(("error", traceback.format_exc()))
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(write_end, view) :]
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([read_end], [], [], remaining)[0]:
+                os.kill(pid, signal.SIGKILL)
+                raise AssertionError(f"the forked monitor did not finish within {timeout}s")
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    status, value = pickle.loads(b"".join(chunks))
+    if status == "error":
+        raise AssertionError(f"the forked monitor failed:\n{value}")
+    return value
+
+
+def gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pid: int, timeout: float = 3.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not gone(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture(autouse=True)
+def no_process_left_behind():
+    yield
+    me = psutil.Process()
+    deadline = time.monotonic() + 3.0
+    while children := me.children(recursive=True):
+        if time.monotonic() > deadline:
+            for child in children:
+                child.kill()
+            pytest.fail(f"processes left behind: {children}")
+        time.sleep(0.02)
