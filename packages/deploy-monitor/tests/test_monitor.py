@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import hashlib
 import io
 import os
@@ -39,6 +40,18 @@ def test_exit_code(recorder, code):
     assert run(lambda: code, recorder) == Exit(code=code, signal=None, reason=None)
 
 
+def test_exit_codes_wrap_like_the_os_does(recorder):
+    assert run(lambda: 256 + 44, recorder).code == 44
+
+
+def test_sys_exit_with_a_message_prints_it_and_exits_1(recorder):
+    def target() -> int:
+        sys.exit("giving up")
+
+    assert run(target, recorder).code == 1
+    assert recorder.output(2) == b"giving up\n"
+
+
 def test_sys_exit_gives_its_code_without_a_traceback(recorder):
     def target() -> int:
         sys.exit(3)
@@ -64,6 +77,8 @@ def test_abort_is_reported_as_sigabrt(recorder):
     exit = run(target, recorder)
     assert exit == Exit(code=None, signal="SIGABRT", reason=None)
     assert exit.returncode == -signal.SIGABRT
+    if faulthandler.is_enabled():  # its dump goes to the child's captured stderr
+        assert b"Fatal Python error: Aborted" in recorder.output(2)
 
 
 def test_binary_output_is_forwarded_exactly(recorder):

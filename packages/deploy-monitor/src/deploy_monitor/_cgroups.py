@@ -58,6 +58,7 @@ log = logging.getLogger("deploy.monitor")
 KINDS = ("cgroup2", "cgroup1", "poll")
 _MIN_QUOTA_US = 1000
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+_MOUNT_OPTIONS = {"rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode", "nsdelegate"}  # not controllers
 _RMDIR_PATIENCE = 2.0  # seconds to wait for a cgroup's last process to leave before giving up
 
 
@@ -134,7 +135,9 @@ def parse_mountinfo(text: str) -> list[Mount]:
         fstype, superopts = fields[sep + 1], fields[sep + 3] if len(fields) > sep + 3 else ""
         if fstype not in ("cgroup", "cgroup2"):
             continue
-        controllers = frozenset(o for o in superopts.split(",") if fstype == "cgroup" and o and "=" not in o)
+        controllers = frozenset(
+            o for o in superopts.split(",") if fstype == "cgroup" and o and "=" not in o and o not in _MOUNT_OPTIONS
+        )
         mounts.append(Mount(_unescape(fields[3]), _unescape(fields[4]), fstype, controllers))
     return mounts
 
@@ -273,6 +276,33 @@ def detect_enforcement(force: str | None = None) -> Enforcement:
     return result
 
 
+def sweep_stale(parent: str) -> None:
+    """Remove empty ``deploy-<pid>-*`` cgroups whose monitor is gone (it was killed before cleaning up).
+
+    A cgroup still holding processes refuses ``rmdir``; a reused pid only delays the sweep.
+    """
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        parts = name.split("-")
+        if len(parts) != 3 or parts[0] != "deploy" or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # its monitor is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            os.rmdir(os.path.join(parent, name))
+            log.debug("cgroup %s: removed, its monitor died before cleaning up", os.path.join(parent, name))
+        except OSError:
+            pass
+
+
 class Cgroup:
     """The cgroup(s) of one monitored process: made with its limits, removed after it is reaped.
 
@@ -293,6 +323,9 @@ class Cgroup:
     def create(cls, enforcement: Enforcement, resources: Resources) -> Cgroup:
         """Make the cgroup(s) with ``resources``' limits; ``OSError`` if memory cannot be limited."""
         assert enforcement.memory_dir is not None
+        for parent in dict.fromkeys((enforcement.memory_dir, enforcement.cpu_dir)):
+            if parent is not None:
+                sweep_stale(parent)
         name = _unique_name()
         memory_dir = os.path.join(enforcement.memory_dir, name)
         os.mkdir(memory_dir)

@@ -13,6 +13,8 @@ Facts this module relies on (fork(2), prctl(2), dup2(2), the io and gc modules):
   reference to it see the change.
 - ``os._exit`` skips atexit handlers (the parent's, inherited by fork, must not run twice)
   and does not flush Python's buffers: we flush stdout/stderr ourselves.
+- ``faulthandler`` keeps the fd it was enabled with (a test runner enables it on a dup of
+  stderr): re-enabling it on the new fd 2 sends a crash dump to the captured stderr.
 - A full garbage collection writes the GC header of every tracked object, copying on write
   the pages the child still shares with its parent and charging them to the child.
   ``gc.freeze()`` moves the inherited objects to a generation collections never traverse.
@@ -21,6 +23,7 @@ Facts this module relies on (fork(2), prctl(2), dup2(2), the io and gc modules):
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import gc
 import io
 import locale
@@ -142,6 +145,8 @@ def run_child(
             limits.join()
         _line_buffered("stdout", 1)
         _line_buffered("stderr", 2)
+        if faulthandler.is_enabled():
+            faulthandler.enable(file=sys.stderr)
         return  # type: ignore[misc]
     try:
         _die_with_monitor(monitor_pid)
@@ -156,6 +161,8 @@ def run_child(
         gc.freeze()
         _line_buffered("stdout", 1)
         _line_buffered("stderr", 2)
+        if faulthandler.is_enabled():
+            faulthandler.enable(file=sys.stderr)
         code = _run(target)
     except BaseException:
         try:

@@ -1,0 +1,229 @@
+"""Resource enforcement with real processes: cgroups where the host allows, and polling."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import deploy_monitor._limits as limits_module
+import psutil
+import pytest
+from conftest import Recorder, in_fork, wait_gone
+from deploy_core import Resources
+from deploy_monitor import Enforcement, Exit, detect_enforcement, run_monitored
+
+pytestmark = pytest.mark.timeout(90)
+
+MiB = 1 << 20
+
+
+def enforcement_of(kind: str) -> Enforcement:
+    found = detect_enforcement() if kind == "cgroup" else detect_enforcement(force="poll")
+    if kind == "cgroup" and found.kind == "poll":
+        pytest.skip("this host does not let us make cgroups")
+    return found
+
+
+def own_memory_cgroup() -> str:
+    """The child's memory cgroup directory (v1 memory hierarchy, or the v2 one)."""
+    found = detect_enforcement()
+    lines = dict(line.split(":", 2)[1:] for line in open("/proc/self/cgroup").read().splitlines())
+    path = lines.get("memory", lines.get(""))
+    assert found.memory_dir is not None
+    return os.path.join(found.memory_dir, os.path.basename(path))
+
+
+def hog() -> int:
+    print(own_memory_cgroup() if detect_enforcement().kind != "poll" else "-")
+    hoard = []
+    for _ in range(30):  # 300 MiB in 10 MiB steps, each page touched
+        hoard.append(b"x" * (10 * MiB))
+    time.sleep(30)  # a real hog holds on; polling must catch it
+    return 0
+
+
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_memory_hog_is_killed_with_the_reason(kind):
+    recorder = Recorder()
+    started = time.monotonic()
+    exit = run_monitored(
+        hog, resources=Resources(mem="50MiB", cpu=2), on_event=recorder, enforcement=enforcement_of(kind)
+    )
+    assert exit == Exit(code=None, signal="SIGKILL", reason="memory limit 50MiB exceeded") == recorder.exit
+    assert time.monotonic() - started < 10
+    if kind == "cgroup":
+        group = recorder.output(1).decode().strip()
+        assert "/deploy-" in group and not os.path.exists(group), "the cgroup was not removed"
+
+
+def small_child_of_a_big_parent(enforcement: Enforcement) -> tuple[Exit, bytes]:
+    ballast = b"x" * (200 * MiB)  # touched: really resident in the (monitor) parent
+    recorder = Recorder()
+
+    def target() -> int:
+        assert len(ballast) == 200 * MiB
+        for tick in range(5):  # lives through several polls
+            print(f"tick {tick}")
+            time.sleep(0.1)
+        print("rss", psutil.Process().memory_info().rss)
+        return 0
+
+    exit = run_monitored(target, resources=Resources(mem="50MiB", cpu=1), on_event=recorder, enforcement=enforcement)
+    return exit, recorder.output(1)
+
+
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_small_child_forked_from_a_big_parent_is_not_killed(kind):
+    enforcement = enforcement_of(kind)
+    exit, output = in_fork(lambda: small_child_of_a_big_parent(enforcement))
+    assert exit == Exit(code=0, signal=None, reason=None)
+    lines = output.decode().splitlines()
+    assert lines[:5] == [f"tick {n}" for n in range(5)]
+    rss = int(lines[5].split()[1])
+    assert rss > 200 * MiB, "the child should map its parent's ballast (shared, not owned)"
+
+
+def test_cgroup_is_removed_and_the_child_was_in_it():
+    enforcement = enforcement_of("cgroup")
+    recorder = Recorder()
+
+    def target() -> int:
+        print(own_memory_cgroup())
+        return 0
+
+    assert (
+        run_monitored(target, resources=Resources(mem="64MiB", cpu=1), on_event=recorder, enforcement=enforcement).code
+        == 0
+    )
+    group = recorder.output(1).decode().strip()
+    assert os.path.dirname(group) == enforcement.memory_dir and os.path.basename(group).startswith(
+        f"deploy-{os.getpid()}-"
+    )
+    assert not os.path.exists(group)
+
+
+def test_cgroup_limits_are_written():
+    enforcement = enforcement_of("cgroup")
+    recorder = Recorder()
+
+    def target() -> int:
+        group = own_memory_cgroup()
+        name = "memory.max" if enforcement.kind == "cgroup2" else "memory.limit_in_bytes"
+        print(open(os.path.join(group, name)).read().strip())
+        if enforcement.cpu_dir is not None and enforcement.kind == "cgroup1":
+            cpu_group = os.path.join(enforcement.cpu_dir, os.path.basename(group))
+            print(open(os.path.join(cpu_group, "cpu.cfs_quota_us")).read().strip())
+        elif enforcement.cpu_dir is not None:
+            print(open(os.path.join(group, "cpu.max")).read().split()[0])
+        return 0
+
+    run_monitored(target, resources=Resources(mem="64MiB", cpu=0.25), on_event=recorder, enforcement=enforcement)
+    lines = recorder.output(1).decode().split()
+    assert lines[0] == str(64 * MiB)
+    if enforcement.cpu_dir is not None:
+        assert lines[1] == "25000"  # 0.25 cores of the default 100 ms period
+
+
+def test_cpu_quota_throttles_a_busy_child():
+    enforcement = enforcement_of("cgroup")
+    if not enforcement.limits_cpu:
+        pytest.skip("no CPU quota on this host")
+    recorder = Recorder()
+
+    def spin() -> int:
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            pass
+        print(time.process_time())
+        return 0
+
+    run_monitored(spin, resources=Resources(mem="64MiB", cpu=0.1), on_event=recorder, enforcement=enforcement)
+    assert float(recorder.output(1)) < 0.4  # 0.1 cores for 1 s, with slack for the first period
+
+
+def test_unusable_cgroup_dir_falls_back_to_polling():
+    broken = Enforcement("cgroup1", memory_dir="/nonexistent/deploy-test", cpu_dir=None)
+    recorder = Recorder()
+    exit = run_monitored(hog, resources=Resources(mem="50MiB", cpu=1), on_event=recorder, enforcement=broken)
+    assert exit == Exit(code=None, signal="SIGKILL", reason="memory limit 50MiB exceeded")
+
+
+def test_polling_counts_descendants(monkeypatch):
+    monkeypatch.setattr(limits_module, "POLL_INTERVAL", 0.1)
+    recorder = Recorder()
+
+    def parent_of_a_hog() -> int:
+        if os.fork() == 0:
+            try:
+                hog()
+            finally:
+                os._exit(0)
+        time.sleep(30)
+        return 0
+
+    started = time.monotonic()
+    exit = run_monitored(
+        parent_of_a_hog, resources=Resources(mem="50MiB", cpu=1), on_event=recorder, enforcement=Enforcement("poll")
+    )
+    assert exit == Exit(code=None, signal="SIGKILL", reason="memory limit 50MiB exceeded")
+    assert time.monotonic() - started < 10
+
+
+def test_no_resources_means_no_enforcement():
+    recorder = Recorder()
+
+    def target() -> int:
+        hoard = b"x" * (80 * MiB)
+        return len(hoard) // MiB - 80
+
+    assert run_monitored(target, resources=None, on_event=recorder).code == 0
+
+
+def test_processes_left_in_the_cgroup_are_killed_when_the_child_exits():
+    enforcement = enforcement_of("cgroup")
+    recorder = Recorder()
+
+    def target() -> int:
+        if os.fork() == 0:
+            try:
+                os.setsid()  # a daemon: escapes the process tree, not the cgroup
+                time.sleep(30)
+            finally:
+                os._exit(0)
+        print(own_memory_cgroup())
+        print(open(os.path.join(own_memory_cgroup(), "cgroup.procs")).read().split()[-1])
+        return 0
+
+    assert (
+        run_monitored(target, resources=Resources(mem="64MiB", cpu=1), on_event=recorder, enforcement=enforcement).code
+        == 0
+    )
+    group, daemon = recorder.output(1).decode().split()
+    assert wait_gone(int(daemon))
+    assert not os.path.exists(group)
+
+
+def test_stale_cgroups_of_dead_monitors_are_swept():
+    enforcement = enforcement_of("cgroup")
+    dead = os.fork()
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    assert enforcement.memory_dir is not None
+    stale = [os.path.join(d, f"deploy-{dead}-0badf00d") for d in {enforcement.memory_dir, enforcement.cpu_dir} if d]
+    alive = os.path.join(enforcement.memory_dir, f"deploy-{os.getpid()}-0badf00d")
+    for directory in [*stale, alive]:
+        os.mkdir(directory)
+    try:
+        assert (
+            run_monitored(
+                lambda: 0, resources=Resources(mem="64MiB", cpu=1), on_event=Recorder(), enforcement=enforcement
+            ).code
+            == 0
+        )
+        assert [d for d in stale if os.path.exists(d)] == []
+        assert os.path.exists(alive)  # our own pid: a live monitor's group is left alone
+    finally:
+        for directory in [*stale, alive]:
+            if os.path.exists(directory):
+                os.rmdir(directory)
