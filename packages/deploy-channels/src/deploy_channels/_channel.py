@@ -1,0 +1,215 @@
+"""`Sender` and `Receiver`: typed, one-way views of the link to a peer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any, Generic, TypeVar
+
+from deploy_core import ChannelClosed, PeerExited, Pid
+
+from ._default import default_endpoint
+from ._endpoint import Endpoint
+from ._link import AsyncWaiter, Link, deadline_after
+from ._typecheck import type_checker, type_name
+from ._wire import decode_message, encode_message
+
+__all__ = ["Receiver", "Sender"]
+
+T = TypeVar("T")
+
+
+class _TypedAlias:
+    """What ``Sender[int]`` evaluates to: callable like the class, with ``T`` bound."""
+
+    __slots__ = ("__origin__", "__args__")
+
+    def __init__(self, origin: type, item: Any):
+        self.__origin__ = origin
+        self.__args__ = (item,)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.__origin__(*args, _type=self.__args__[0], **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.__origin__.__name__}[{type_name(self.__args__[0])}]"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _TypedAlias) and (self.__origin__, self.__args__) == (other.__origin__, other.__args__)
+
+    def __hash__(self) -> int:
+        return hash((self.__origin__, self.__args__))
+
+    def __instancecheck__(self, obj: object) -> bool:
+        return isinstance(obj, self.__origin__)
+
+
+class _Channel(Generic[T]):
+    _kind = ""
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        if isinstance(item, TypeVar):
+            return super().__class_getitem__(item)  # a generic annotation, e.g. Sender[T]
+        return _TypedAlias(cls, item)
+
+    def __init__(self, pid: Pid, endpoint: Endpoint | None = None, *, _type: Any = None):
+        if endpoint is None:
+            endpoint = default_endpoint()
+        self._type = _type
+        self._check = type_checker(_type) if _type is not None else None
+        self.pid = pid
+        self.endpoint = endpoint
+        self._link: Link | None = None
+        link, self._ref = endpoint._open_channel(self._kind, pid, self)
+        self._link = link
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        if self._type is not None:
+            name += f"[{type_name(self._type)}]"
+        state = " closed" if self._link is None else ""
+        return f"<{name} {'to' if self._kind == 'sender' else 'from'} {self.pid}{state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._link is None
+
+    def close(self) -> None:
+        """Release the channel (idempotent). Messages already sent are still delivered;
+        messages not yet received stay queued for the next Receiver from that pid."""
+        if self._link is not None:
+            self._link = None
+            self.endpoint._close_channel(self._kind, self.pid, self._ref)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _live_link(self) -> Link:
+        link = self._link
+        if link is None:
+            raise ChannelClosed(f"this {type(self).__name__} to {self.pid} is closed")
+        return link
+
+    def _ready(self) -> bool:
+        raise NotImplementedError
+
+    def _watchers(self) -> set:
+        raise NotImplementedError
+
+
+class Sender(_Channel[T]):
+    """Send values of type ``T`` to the process ``pid``: ``Sender[int](pid).send(3)``.
+
+    Messages to one process arrive in the order sent. `send` blocks while the peer is
+    not reading and this process's buffer to it is over the high-water mark.
+    """
+
+    _kind = "sender"
+
+    def send(self, value: T, timeout: float | None = None) -> None:
+        """Send ``value``; raises `PeerExited`/`PeerLost` if the peer is gone, TypeError on
+        a value that is not a ``T`` (nothing is sent), TimeoutError if still blocked by
+        back-pressure after ``timeout`` seconds."""
+        link = self._link
+        if link is None:
+            raise ChannelClosed(f"this Sender to {self.pid} is closed")
+        check = self._check
+        if check is not None and not check(value):
+            raise TypeError(
+                f"Sender[{type_name(self._type)}] to {self.pid} cannot send a {type(value).__name__}: {value!r:.80}"
+            )
+        frame, nbytes = encode_message(value)
+        link.push(frame, nbytes, deadline_after(timeout))
+
+    async def asend(self, value: T) -> None:
+        """`send` for asyncio: waits for buffer space without blocking the event loop."""
+        link = self._live_link()
+        while not link.tx_ready():
+            waiter = AsyncWaiter()
+            link.tx_watchers.add(waiter)
+            try:
+                if not link.tx_ready():
+                    await waiter.future
+            finally:
+                link.tx_watchers.discard(waiter)
+            link = self._live_link()
+        self.send(value)
+
+    def _ready(self) -> bool:
+        return self._live_link().tx_ready()
+
+    def _watchers(self) -> set:
+        return self._live_link().tx_watchers
+
+
+class Receiver(_Channel[T]):
+    """Receive values of type ``T`` from the process ``pid``: ``Receiver[int](pid).recv()``.
+
+    Once the peer is gone, `recv` returns what it had sent, then raises `PeerExited`
+    (it exited cleanly; ``.code`` is its exit code when known) or `PeerLost`.
+    Iterating (``for v in rx`` / ``async for v in rx``) stops when the peer has exited.
+    """
+
+    _kind = "receiver"
+
+    def recv(self, timeout: float | None = None) -> T:
+        """The next message; TimeoutError after ``timeout`` seconds without one."""
+        link = self._link
+        if link is None:
+            raise ChannelClosed(f"this Receiver from {self.pid} is closed")
+        return self._decode(link.take(deadline_after(timeout)))
+
+    def recv_nowait(self) -> T:
+        """The next message if one is waiting, else raise TimeoutError at once."""
+        payload = self._live_link().take_nowait()
+        if payload is None:
+            raise TimeoutError(f"no message from {self.pid} is waiting")
+        return self._decode(payload)
+
+    async def arecv(self) -> T:
+        """`recv` for asyncio: waits without blocking the event loop."""
+        while True:
+            link = self._live_link()
+            payload = link.take_nowait()
+            if payload is not None:
+                return self._decode(payload)
+            waiter = AsyncWaiter()
+            link.rx_watchers.add(waiter)
+            try:
+                if not link.rx_ready():
+                    await waiter.future
+            finally:
+                link.rx_watchers.discard(waiter)
+
+    def _decode(self, payload: bytes) -> T:
+        value = decode_message(payload)
+        check = self._check
+        if check is not None and not check(value):
+            raise TypeError(
+                f"Receiver[{type_name(self._type)}] from {self.pid} received a {type(value).__name__}: {value!r:.80}"
+            )
+        return value
+
+    def __iter__(self) -> Iterator[T]:
+        while True:
+            try:
+                yield self.recv()
+            except PeerExited:
+                return
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        try:
+            return await self.arecv()
+        except PeerExited:
+            raise StopAsyncIteration from None
+
+    def _ready(self) -> bool:
+        return self._live_link().rx_ready()
+
+    def _watchers(self) -> set:
+        return self._live_link().rx_watchers

@@ -1,0 +1,288 @@
+"""One TCP connection between two endpoints: connect, authenticate, exchange pids, frames.
+
+OS facts relied on:
+- A non-blocking ``connect`` returns EINPROGRESS; the socket turns writable once the
+  attempt ends and ``SO_ERROR`` then says how. ECONNREFUSED on loopback means nothing
+  listens on the port any more: the process that owned it is gone.
+- ``TCP_NODELAY`` is set: frames are batched here, so Nagle would only delay the last one.
+- ``recv`` returning ``b""`` is the peer's FIN; ECONNRESET/EPIPE mean the peer closed with
+  data unread or died. The kernel closes a dead process's sockets, so either shows up
+  at once on loopback.
+- ``close()`` drops this process's reference only. ``shutdown()`` would end the
+  connection for every process sharing the descriptor (a forked child's parent), so it
+  is never called.
+- ``TIOCOUTQ`` (ioctl 0x5411 on Linux) on a TCP socket counts the bytes in the send queue
+  that the peer's kernel has not acknowledged yet; 0 means all sent data reached it.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import socket
+import struct
+import termios
+from typing import TYPE_CHECKING
+
+from deploy_core import AuthenticationError, FrameError, Handshake
+
+from . import _wire
+from ._loop import READ, WRITE
+from .framing import FrameDecoder
+
+if TYPE_CHECKING:
+    from ._endpoint import Endpoint
+    from ._link import Link
+
+__all__ = ["Connection", "unsent_bytes"]
+
+log = logging.getLogger("deploy.channels")
+
+_TIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
+_RECV_SIZE = 256 * 1024
+# Until the peer has proven the secret and said who it is, no frame may be bigger.
+_SETUP_MAX_FRAME = 4096
+SETUP_TIMEOUT = 10.0
+_DATA_KINDS = (_wire.DATA, _wire.DATA_BUFFERS)
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes the peer's kernel has not acknowledged yet (0 if the socket is unusable)."""
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return struct.unpack("i", raw)[0]
+
+
+class Connection:
+    """Loop-thread object; only `write_now` is called from user threads (under the
+    link's out_lock)."""
+
+    def __init__(self, endpoint: Endpoint, sock: socket.socket, *, link: Link | None, addr: object):
+        self.endpoint = endpoint
+        self.loop = endpoint._loop
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.addr = addr
+        self.link = link
+        self.initiator = link is not None
+        self.state = "connecting" if self.initiator else "auth"
+        self.handshake = Handshake(endpoint._secret, initiator=self.initiator)
+        self.decoder = FrameDecoder(_SETUP_MAX_FRAME)
+        self.pre_out = bytearray()
+        self.reading = True
+        self.agreed_close = False
+        sock.setblocking(False)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+
+    def __repr__(self) -> str:
+        peer = self.link.pid if self.link is not None else self.addr
+        return f"<Connection {self.state} {'to' if self.initiator else 'from'} {peer}>"
+
+    # --- set-up -------------------------------------------------------------------------
+
+    def start_connect(self) -> None:
+        err = self.sock.connect_ex(tuple(self.link.pid.addr))
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=True)
+            return
+        self.loop.register(self.fd, WRITE, self.on_event)
+        self.loop.call_later(SETUP_TIMEOUT, self._setup_deadline)
+
+    def start_accept(self) -> None:
+        self.loop.register(self.fd, READ, self.on_event)
+        self.loop.call_later(SETUP_TIMEOUT, self._setup_deadline)
+
+    def _setup_deadline(self) -> None:
+        if self.state in ("connecting", "auth", "hello"):
+            self.endpoint._connection_failed(self, TimeoutError(f"no complete set-up within {SETUP_TIMEOUT:g}s"))
+
+    def _connected(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            refused = err in (errno.ECONNREFUSED, errno.ECONNRESET)
+            self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=refused)
+            return
+        self.state = "auth"
+        self.pre_out += self.handshake.data_to_send()
+        self.loop.modify(self.fd, READ)
+        self._write_pre()
+
+    def _authenticate(self) -> None:
+        data = self.sock.recv(self.handshake.bytes_needed())
+        try:
+            self.handshake.receive_data(data)
+        except AuthenticationError as error:
+            if self.initiator:
+                log.warning("deploy.channels: connection to %s failed authentication: %s", self.link.pid, error)
+            else:
+                log.warning("deploy.channels: dropped a connection from %s: %s", _address(self.addr), error)
+            self.endpoint._connection_failed(self, error, logged=True)
+            return
+        self.pre_out += self.handshake.data_to_send()
+        if self.handshake.done:
+            self.state = "hello"
+            if self.initiator:
+                self.pre_out += _wire.hello_frame(self.endpoint.pid, self.link.pid)
+        self._write_pre()
+
+    def opened(self) -> None:
+        """Set-up is over: frames may now be as large as the endpoint allows."""
+        self.state = "open"
+        self.decoder.max_frame_size = self.endpoint._max_frame_size
+
+    # --- events ---------------------------------------------------------------------------
+
+    def on_event(self, mask: int) -> None:
+        if self.state == "connecting":
+            self._connected()
+            return
+        if mask & WRITE:
+            if self.pre_out:
+                self._write_pre()
+            elif self.link is not None and self.link.wconn is self:
+                self.link.flush()
+            else:
+                self.want_write(False)
+        if mask & ~WRITE and self.state != "closed":
+            self._readable()
+
+    def _readable(self) -> None:
+        try:
+            if self.state == "auth":
+                self._authenticate()
+                return
+            data = self.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as error:
+            self.endpoint._connection_failed(self, error)
+            return
+        decoder = self.decoder
+        try:
+            decoder.feed(data)
+            frames = decoder.frames()
+            if frames:
+                self._dispatch(frames)
+            if not data and self.state != "closed":
+                decoder.frames()  # raises FrameError on EOF mid-frame
+                self.endpoint._connection_failed(self, EOFError("the peer closed the connection"))
+        except FrameError as error:
+            self._protocol_error(error)
+
+    def _dispatch(self, frames: list) -> None:
+        link = self.link
+        batch: list = []
+        nbytes = 0
+        for payload in frames:
+            if not payload:
+                raise FrameError("empty frame")
+            kind = payload[-1]
+            if kind in _DATA_KINDS and self.state == "open":
+                batch.append(payload)
+                nbytes += len(payload)
+                continue
+            if batch:
+                link.deliver(batch, nbytes)
+                batch, nbytes = [], 0
+            self._control(kind, payload)
+            if self.state == "closed":
+                return
+            link = self.link
+        if batch:
+            link.deliver(batch, nbytes)
+        if link is not None:
+            self.endpoint._after_delivery(link)
+
+    def _control(self, kind: int, payload: bytes) -> None:
+        endpoint = self.endpoint
+        if self.state == "hello":
+            if kind == _wire.HELLO:
+                try:
+                    own, wanted = _wire.decode_hello(payload)
+                except ValueError:
+                    raise FrameError("malformed hello") from None
+                if self.initiator:
+                    endpoint._outgoing_hello(self, own)
+                else:
+                    endpoint._incoming_hello(self, own, wanted)
+            elif kind == _wire.DUPLICATE and self.initiator:
+                endpoint._duplicate(self)
+            else:
+                raise FrameError(f"unexpected frame kind {kind} before the pid exchange")
+        elif kind == _wire.GOODBYE:
+            endpoint._goodbye(self, _wire.decode_goodbye(payload))
+        elif kind == _wire.CLOSE_REQUEST:
+            endpoint._close_request(self)
+        elif kind == _wire.CLOSE_OK:
+            endpoint._close_ok(self)
+        elif kind == _wire.CLOSE_NO:
+            endpoint._close_no(self)
+        else:
+            raise FrameError(f"unexpected frame kind {kind}")
+
+    def _protocol_error(self, error: Exception) -> None:
+        peer = self.link.pid if self.link is not None else _address(self.addr)
+        log.warning("deploy.channels: dropped the connection with %s: %s", peer, error)
+        self.endpoint._connection_failed(self, error, logged=True)
+
+    # --- writing --------------------------------------------------------------------------
+
+    def send_setup(self, frame: bytes) -> None:
+        self.pre_out += frame
+        self._write_pre()
+
+    def _write_pre(self) -> None:
+        try:
+            sent = self.sock.send(self.pre_out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as error:
+            self.endpoint._connection_failed(self, error)
+            return
+        del self.pre_out[:sent]
+        self.want_write(bool(self.pre_out))
+
+    def write_now(self, frame: bytes | list) -> int:
+        """User thread, under the link's out_lock, nothing queued: try the socket directly."""
+        try:
+            if type(frame) is bytes:
+                return self.sock.send(frame)
+            return self.sock.sendmsg(frame)
+        except OSError:
+            # Full buffer, or a broken connection that the loop thread will notice itself.
+            return 0
+
+    def want_write(self, flag: bool) -> None:
+        if self.state == "closed":
+            return
+        mask = (READ if self.reading else 0) | (WRITE if flag or self.pre_out else 0)
+        self.loop.modify(self.fd, mask)
+
+    def set_reading(self, flag: bool) -> None:
+        if self.state == "closed" or self.reading == flag:
+            return
+        self.reading = flag
+        self.loop.modify(self.fd, (self.loop.mask(self.fd) & WRITE) | (READ if flag else 0))
+
+    def unsent(self) -> int:
+        return unsent_bytes(self.sock) if self.state != "closed" else 0
+
+    def close(self) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.loop.unregister(self.fd)
+        self.sock.close()
+        self.endpoint._conns.discard(self)
+
+
+def _address(addr: object) -> str:
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        return f"{addr[0]}:{addr[1]}"
+    return str(addr)

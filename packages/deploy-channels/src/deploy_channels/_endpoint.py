@@ -1,0 +1,520 @@
+"""The Endpoint: one listening port, one event loop thread and one link per peer.
+
+Connection lifetime: a link connects when a channel to its peer is opened; an incoming
+connection is adopted likewise. When two processes connect to each other at once, the
+connection initiated by the lower pid (by hex) is kept and the other is refused with a
+duplicate frame. Once a link has had no channel, nothing queued and nothing unread for
+``linger`` seconds, its side asks the peer to close; the peer agrees only if it is idle
+too, so neither side ever drops bytes the other still needs, and a later channel simply
+connects again.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+import weakref
+from collections import OrderedDict
+
+from deploy_core import ChannelExists, DeployError, Pid
+
+from . import _wire
+from ._connection import Connection
+from ._link import Link
+from ._loop import READ, EventLoop
+from .framing import DEFAULT_MAX_FRAME_SIZE
+
+__all__ = ["Endpoint", "EndpointState"]
+
+log = logging.getLogger("deploy.channels")
+
+DEFAULT_HIGH_WATER = 8 * 1024 * 1024
+DEFAULT_LINGER = 1.0
+_EXITED_RECORD = 4096
+_RETRY_DUPLICATE = 0.05
+_DRAIN_STALL = 3.0
+_DRAIN_TICK = 0.005
+
+
+class EndpointState:
+    """Module-level registry of live endpoints (for atexit and fork)."""
+
+    live: weakref.WeakSet = weakref.WeakSet()
+
+
+def _parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
+    if isinstance(address, tuple):
+        host, port = address
+        return str(host), int(port)
+    host, sep, port = str(address).rpartition(":")
+    if not sep:
+        raise ValueError(f"invalid address {address!r}: expected 'host:port'")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+class Endpoint:
+    """A process's channel endpoint: its pid, listening socket and background loop thread.
+
+    ``Endpoint("127.0.0.1:0", secret=b"...")`` binds and listens; ``Endpoint(secret=...,
+    sock=listening_socket, pid=pid)`` adopts a socket already bound and listening at
+    ``pid.addr``. Every connection, in and out, must prove the same ``secret``.
+    """
+
+    def __init__(
+        self,
+        address: str | tuple[str, int] | None = None,
+        *,
+        secret: bytes,
+        sock: socket.socket | None = None,
+        pid: Pid | None = None,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        high_water: int = DEFAULT_HIGH_WATER,
+        linger: float = DEFAULT_LINGER,
+    ):
+        if not isinstance(secret, (bytes, bytearray)) or not secret:
+            raise ValueError("secret must be non-empty bytes")
+        self._secret = bytes(secret)
+        self._max_frame_size = int(max_frame_size)
+        self._high_water = int(high_water)
+        self._linger = float(linger)
+        if sock is None:
+            if address is None:
+                address = ("127.0.0.1", 0)
+            host, port = _parse_address(address)
+            sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind((host, port))
+                sock.listen(128)
+            except BaseException:
+                sock.close()
+                raise
+        elif address is not None:
+            raise ValueError("give either an address to bind or an already listening sock, not both")
+        bound_host, bound_port = sock.getsockname()[:2]
+        if pid is None:
+            pid = Pid.new(_advertised_host(bound_host), bound_port)
+        elif not isinstance(pid, Pid):
+            raise TypeError(f"pid must be a deploy_core.Pid, not {type(pid).__name__}")
+        elif pid.port != bound_port:
+            raise ValueError(f"pid {pid.format()} does not match the socket's port {bound_port}")
+        sock.setblocking(False)
+        self._listener = sock
+        self.pid: Pid = pid
+        self._lock = threading.RLock()
+        self._links: dict[Pid, Link] = {}
+        self._senders: dict[Pid, weakref.ref] = {}
+        self._receivers: dict[Pid, weakref.ref] = {}
+        self._exited: OrderedDict[Pid, tuple[int | None, bool]] = OrderedDict()
+        self._conns: set[Connection] = set()
+        self._closed = False
+        self._draining = False
+        self._drained = threading.Event()
+        self._loop = EventLoop(f"deploy-channels-{pid}")
+        self._loop.call_soon(self._loop.register, sock.fileno(), READ, self._on_listener)
+        self._loop.start()
+        EndpointState.live.add(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Endpoint {self.pid.format()} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # --- channels (user threads) ----------------------------------------------------------
+
+    def _open_channel(self, kind: str, pid: Pid, channel: object) -> tuple[Link, weakref.ref]:
+        if not isinstance(pid, Pid):
+            raise TypeError(f"a channel needs a deploy_core.Pid, not {type(pid).__name__}")
+        if pid == self.pid or pid.hex == self.pid.hex:
+            raise ValueError(f"cannot open a channel to your own pid ({pid})")
+        registry = self._senders if kind == "sender" else self._receivers
+        with self._lock:
+            self._check_usable()
+            existing = registry.get(pid)
+            if existing is not None and existing() is not None:
+                raise ChannelExists(f"a {kind.capitalize()} to {pid} already exists in this process")
+            link = self._links.get(pid)
+            if link is None:
+                link = self._links[pid] = Link(self, pid)
+                if pid in self._exited:
+                    link.death = self._exited[pid]
+            ref = weakref.ref(channel, lambda ref, kind=kind, pid=pid: self._close_channel(kind, pid, ref))
+            registry[pid] = ref
+            if kind == "sender":
+                link.has_sender = True
+            else:
+                link.has_receiver = True
+        self._loop.call_soon(self._ensure_connected, link)
+        return link, ref
+
+    def _close_channel(self, kind: str, pid: Pid, ref: weakref.ref) -> None:
+        registry = self._senders if kind == "sender" else self._receivers
+        with self._lock:
+            if registry.get(pid) is not ref:
+                return
+            del registry[pid]
+            link = self._links.get(pid)
+            if link is not None:
+                if kind == "sender":
+                    link.has_sender = False
+                else:
+                    link.has_receiver = False
+        if link is not None and not self._loop.forked and self._loop.is_running():
+            self._loop.call_soon(self._channel_released, link)
+
+    def _check_usable(self) -> None:
+        if self._loop.forked:
+            raise DeployError("this endpoint belongs to the parent process (it was inherited through fork)")
+        if self._closed:
+            raise DeployError(f"the endpoint {self.pid} is closed")
+
+    # --- links (loop thread) --------------------------------------------------------------
+
+    def _ensure_connected(self, link: Link) -> None:
+        if link.death is not None or link.conn is not None or link.pending is not None:
+            return
+        if self._draining and not link.out:
+            return
+        if self._links.get(link.pid) is not link:
+            return
+        family = socket.AF_INET6 if ":" in link.pid.host else socket.AF_INET
+        try:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except OSError as error:
+            log.warning("deploy.channels: cannot open a socket to %s: %s", link.pid, error)
+            self._set_dead(link, None, lost=True)
+            return
+        conn = Connection(self, sock, link=link, addr=link.pid.addr)
+        link.pending = conn
+        self._conns.add(conn)
+        conn.start_connect()
+
+    def _attach(self, link: Link, conn: Connection) -> None:
+        conn.opened()
+        link.conn = conn
+        link.closing = False
+        conn.set_reading(not link.paused)
+        with link.out_lock:
+            link.wconn = conn
+        link.flush()
+
+    def _outgoing_hello(self, conn: Connection, pid: Pid) -> None:
+        link = conn.link
+        if link.pending is conn:
+            link.pending = None
+        if pid != link.pid:
+            log.info("deploy.channels: %s now listens at %s: peer %s is gone", pid, link.pid.addr, link.pid)
+            conn.close()
+            self._set_dead(link, None, lost=False)
+            return
+        if link.conn is not None and not link.closing or link.death is not None:
+            conn.close()
+            return
+        self._attach(link, conn)
+
+    def _incoming_hello(self, conn: Connection, pid: Pid, wanted: Pid | None) -> None:
+        if wanted != self.pid or self._draining:
+            # The connector checks our pid and treats a mismatch as "peer gone".
+            conn.send_setup(_wire.hello_frame(self.pid))
+            conn.close()
+            return
+        with self._lock:
+            link = self._links.get(pid)
+            if link is None:
+                self._exited.pop(pid, None)
+                link = self._links[pid] = Link(self, pid)
+        conn.link = link
+        if link.death is not None:
+            conn.close()
+            return
+        current = link.conn if link.conn is not None and not link.closing else None
+        if current is not None or (link.pending is not None and self.pid.hex < pid.hex):
+            # Keep the connection already carrying data, or the one the lower pid initiated.
+            conn.send_setup(_wire.control_frame(_wire.DUPLICATE))
+            conn.link = None
+            conn.close()
+            return
+        # Our own attempt, if any, is left to be refused as a duplicate by the peer: closing
+        # it mid-handshake would only make the peer log a failed connection.
+        conn.send_setup(_wire.hello_frame(self.pid))
+        self._attach(link, conn)
+
+    def _duplicate(self, conn: Connection) -> None:
+        link = conn.link
+        conn.close()
+        if link.pending is conn:
+            link.pending = None
+        # The peer keeps its own connection to us, which is on its way (or already adopted);
+        # retry in case it fails.
+        if link.conn is None:
+            self._loop.call_later(_RETRY_DUPLICATE, self._ensure_connected, link)
+
+    def _connection_failed(
+        self, conn: Connection, error: BaseException, *, refused: bool = False, logged: bool = False
+    ) -> None:
+        was = conn.state
+        conn.close()
+        link = conn.link
+        if link is None:
+            if not logged and was != "open":
+                log.warning("deploy.channels: dropped a connection during set-up: %s", error)
+            return
+        if link.pending is conn:
+            link.pending = None
+            if link.conn is None:
+                self._set_dead(link, None, lost=not refused)
+        elif link.conn is conn:
+            link.conn = None
+            with link.out_lock:
+                link.wconn = None
+            if conn.agreed_close:
+                self._after_close(link)
+            else:
+                log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
+                self._set_dead(link, None, lost=True)
+
+    def _goodbye(self, conn: Connection, code: int | None) -> None:
+        link = conn.link
+        conn.close()
+        if link.conn is conn:
+            link.conn = None
+        self._set_dead(link, code, lost=False)
+
+    def _set_dead(self, link: Link, code: int | None, *, lost: bool) -> None:
+        if link.death is not None:
+            return
+        link.death = (code, lost)
+        with link.out_lock:
+            link.wconn = None
+        link.discard_output()
+        self._exited[link.pid] = link.death
+        while len(self._exited) > _EXITED_RECORD:
+            self._exited.popitem(last=False)
+        for conn in (link.conn, link.pending):
+            if conn is not None:
+                conn.close()
+        link.conn = link.pending = None
+        link.wake_all()
+        self._maybe_forget(link)
+
+    def _maybe_forget(self, link: Link) -> bool:
+        with self._lock:
+            if link.has_sender or link.has_receiver or link.inbox or link.out:
+                return False
+            if link.conn is not None or link.pending is not None:
+                return False
+            if self._links.get(link.pid) is link:
+                del self._links[link.pid]
+            return True
+
+    # --- reading back-pressure --------------------------------------------------------------
+
+    def _after_delivery(self, link: Link) -> None:
+        if link.paused or link.total_in_bytes - link.base[1] <= self._high_water:
+            return
+        if link.buffered_bytes() <= self._high_water:
+            return
+        link.paused = True
+        link.resume_at = link.resume_threshold(self._high_water // 2)
+        if link.conn is not None:
+            link.conn.set_reading(False)
+        if len(link.inbox) <= link.resume_at:
+            self._resume_reading(link)
+
+    def _resume_reading(self, link: Link) -> None:
+        link.resume_requested = False
+        if not link.paused:
+            return
+        if link.buffered_bytes() > self._high_water // 2:
+            link.resume_at = link.resume_threshold(self._high_water // 2)
+            if len(link.inbox) > link.resume_at:
+                return
+        link.paused = False
+        if link.conn is not None:
+            link.conn.set_reading(True)
+
+    # --- tearing idle connections down --------------------------------------------------------
+
+    def _channel_released(self, link: Link) -> None:
+        if link.has_sender or link.has_receiver:
+            return
+        if link.death is not None:
+            self._maybe_forget(link)
+            return
+        link.idle_token += 1
+        self._loop.call_later(self._linger, self._linger_over, link, link.idle_token)
+
+    def _is_idle(self, link: Link) -> bool:
+        return not (link.has_sender or link.has_receiver or link.inbox or link.out or link.pending)
+
+    def _linger_over(self, link: Link, token: int) -> None:
+        if token != link.idle_token or link.has_sender or link.has_receiver or link.death is not None:
+            return
+        if self._maybe_forget(link):
+            return
+        if self._is_idle(link) and link.conn is not None and not link.closing:
+            link.closing = True
+            with link.out_lock:
+                link.wconn = None
+            link.conn.send_setup(_wire.control_frame(_wire.CLOSE_REQUEST))
+            return
+        # Still flushing, or unread messages wait for a Receiver: look again later.
+        self._loop.call_later(self._linger, self._linger_over, link, token)
+
+    def _close_request(self, conn: Connection) -> None:
+        link = conn.link
+        if self._is_idle(link) and not self._draining:
+            link.closing = True
+            conn.agreed_close = True
+            with link.out_lock:
+                link.wconn = None
+            # We wait for the requester to close: it has then read all we ever sent.
+            conn.send_setup(_wire.control_frame(_wire.CLOSE_OK))
+        else:
+            conn.send_setup(_wire.control_frame(_wire.CLOSE_NO))
+
+    def _close_ok(self, conn: Connection) -> None:
+        link = conn.link
+        conn.agreed_close = True
+        conn.close()
+        if link.conn is conn:
+            link.conn = None
+            self._after_close(link)
+
+    def _after_close(self, link: Link) -> None:
+        link.closing = False
+        if self._maybe_forget(link):
+            return
+        if link.has_sender or link.has_receiver or link.out:
+            self._ensure_connected(link)
+
+    def _close_no(self, conn: Connection) -> None:
+        link = conn.link
+        if link.conn is not conn:
+            return
+        link.closing = False
+        with link.out_lock:
+            link.wconn = conn
+        link.flush()
+        if not (link.has_sender or link.has_receiver):
+            link.idle_token += 1
+            self._loop.call_later(self._linger, self._linger_over, link, link.idle_token)
+
+    # --- accepting ----------------------------------------------------------------------------
+
+    def _on_listener(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                sock, addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as error:
+                log.warning("deploy.channels: accept failed: %s", error)
+                return
+            if self._draining:
+                sock.close()
+                continue
+            conn = Connection(self, sock, link=None, addr=addr)
+            self._conns.add(conn)
+            conn.start_accept()
+
+    # --- closing ------------------------------------------------------------------------------
+
+    def close(self, exit_code: int | None = None, timeout: float = 10.0) -> None:
+        """Deliver what was sent, say goodbye (with ``exit_code``) and close; idempotent.
+
+        Waits while data still flows, until every peer's kernel has acknowledged every
+        byte (``TIOCOUTQ`` is 0), giving up after a few seconds without progress or
+        ``timeout`` seconds in all. Channels of this endpoint then raise `ChannelClosed`.
+        """
+        with self._lock:
+            if self._closed or self._loop.forked:
+                first = False
+            else:
+                self._closed = first = True
+        if first:
+            if self._loop.in_loop_thread():
+                raise RuntimeError("Endpoint.close() cannot be called from its own loop thread")
+            self._loop.call_soon(self._begin_drain, exit_code, time.monotonic() + max(0.0, timeout))
+        if not self._loop.forked:
+            self._drained.wait(max(0.0, timeout) + 2.0)
+            self._loop.join(2.0)
+        EndpointState.live.discard(self)
+
+    def _begin_drain(self, exit_code: int | None, deadline: float) -> None:
+        self._draining = True
+        goodbye = _wire.goodbye_frame(exit_code)
+        for link in list(self._links.values()):
+            with link.out_lock:
+                link.shut = True
+            if link.death is None and (link.conn is not None or link.pending is not None or link.out):
+                with link.out_lock:
+                    link.out.append(goodbye)
+                    link.out_bytes += len(goodbye)
+                link.flush()
+                self._ensure_connected(link)
+            link.wake_all()
+        self._drain_tick(deadline, None, time.monotonic())
+
+    def _drain_tick(self, deadline: float, last: int | None, progress_at: float) -> None:
+        pending = 0
+        for link in list(self._links.values()):
+            if link.death is not None:
+                continue
+            if link.pending is not None:
+                pending += 1 + link.out_bytes
+            elif link.conn is not None and not link.closing:
+                pending += link.out_bytes + link.conn.unsent()
+        now = time.monotonic()
+        if last is None or pending < last:
+            progress_at = now
+        if pending and now < deadline and now - progress_at < _DRAIN_STALL:
+            self._loop.call_later(_DRAIN_TICK, self._drain_tick, deadline, pending, progress_at)
+            return
+        if pending:
+            log.warning("deploy.channels: gave up delivering %d bytes at close", pending)
+        self._finish_close()
+
+    def _finish_close(self) -> None:
+        for conn in list(self._conns):
+            conn.close()
+        self._loop.unregister(self._listener.fileno())
+        self._listener.close()
+        for link in list(self._links.values()):
+            link.wake_all()
+        self._drained.set()
+        self._loop.stop()
+
+    def _after_fork_in_child(self) -> None:
+        # The loop thread does not exist here and every descriptor is shared with the
+        # parent: close ours (never shutdown, which would cut the parent's connections).
+        self._loop.close_after_fork()
+        for conn in list(self._conns):
+            try:
+                conn.sock.close()
+            except OSError:
+                pass
+        self._conns.clear()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+        self._closed = True
+        self._lock = threading.RLock()
+        for link in list(self._links.values()):
+            link.shut = True
+            link.out_lock = threading.Lock()
+
+
+def _advertised_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+    return host

@@ -1,0 +1,354 @@
+"""Per-peer state shared by user threads and the loop thread.
+
+A `Link` is everything this process holds for one remote pid: the outgoing buffer, the
+inbox of messages not yet received, the connection currently carrying both directions
+and how the peer died. User threads append to the out-buffer and pop the inbox; the
+loop thread flushes the first and fills the second. Channels come and go over a link,
+so order holds across closing and re-creating them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid
+
+if TYPE_CHECKING:
+    from ._connection import Connection
+    from ._endpoint import Endpoint
+
+__all__ = ["AsyncWaiter", "Link", "Waiter", "deadline_after", "remaining"]
+
+# Small frames are gathered into one bytearray up to this size, so the loop writes many
+# messages with a single sendmsg iovec.
+_TAIL_MAX = 256 * 1024
+_IOV_MAX = 512
+# A send that follows the previous direct write this closely is part of a stream: queue it
+# and let the loop write the batch, rather than paying a syscall per message.
+_STREAMING_GAP = 20e-6
+# The inbox's byte accounting is kept per read of at least this many bytes.
+_BATCH_GRAIN = 64 * 1024
+
+
+def deadline_after(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    return time.monotonic() + max(0.0, timeout)
+
+
+def remaining(deadline: float | None) -> float | None:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+class Waiter:
+    """A one-shot-per-wait wake-up for a blocked user thread (a lock used as an event)."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()
+
+    def wake(self) -> None:
+        try:
+            self._lock.release()
+        except RuntimeError:
+            pass
+
+    def wait(self, timeout: float | None) -> None:
+        self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+
+class AsyncWaiter:
+    """The asyncio twin of `Waiter`: wakes a future on the event loop it was made on."""
+
+    __slots__ = ("_loop", "future", "_woken")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.future = self._loop.create_future()
+        self._woken = False
+
+    def wake(self) -> None:
+        if not self._woken:
+            self._woken = True
+            try:
+                self._loop.call_soon_threadsafe(self._set)
+            except RuntimeError:
+                pass  # the asyncio loop is closed: nobody is waiting any more
+
+    def _set(self) -> None:
+        if not self.future.done():
+            self.future.set_result(None)
+
+
+class Link:
+    def __init__(self, endpoint: Endpoint, pid: Pid):
+        self.endpoint = endpoint
+        self.pid = pid
+        self.loop = endpoint._loop
+        self.high_water = endpoint._high_water
+        # Outgoing; guarded by out_lock. `wconn` is the connection writers may use now
+        # (open and not closing); the loop sets it under the lock.
+        self.out_lock = threading.Lock()
+        self.out: deque = deque()
+        self.out_bytes = 0
+        self.flush_scheduled = False
+        self.wconn: Connection | None = None
+        self.last_direct = 0.0
+        self.shut = False  # the endpoint is closing: no new sends
+        # Loop-thread connection state.
+        self.conn: Connection | None = None  # established (possibly closing)
+        self.pending: Connection | None = None  # our outgoing attempt
+        self.closing = False  # a close request or reply is outstanding
+        self.idle_token = 0
+        # Incoming: the loop appends, user threads popleft (both atomic on a deque).
+        self.inbox: deque = deque()
+        self.total_in = 0  # messages ever appended (loop only)
+        self.total_in_bytes = 0
+        # (total_in, total_in_bytes) at the end of each grain of reads; `base` is the mark
+        # before the first grain still (partly) in the inbox. Loop thread only.
+        self.batches: deque = deque()
+        self.base = (0, 0)
+        self.paused = False
+        self.resume_at = 0  # resume reading once len(inbox) <= this
+        self.resume_requested = False
+        self.rx_watchers: set = set()
+        self.tx_watchers: set = set()
+        # (code, lost) once the peer is gone; checked after the inbox is empty.
+        self.death: tuple[int | None, bool] | None = None
+        self.has_sender = False
+        self.has_receiver = False
+
+    def __repr__(self) -> str:
+        return f"<Link to {self.pid}>"
+
+    # --- errors -------------------------------------------------------------------------
+
+    def death_error(self) -> Exception:
+        code, lost = self.death
+        return PeerLost(self.pid) if lost else PeerExited(self.pid, code)
+
+    def closed_error(self) -> ChannelClosed:
+        return ChannelClosed(f"the endpoint {self.endpoint.pid} is closed")
+
+    # --- user threads: sending ------------------------------------------------------------
+
+    def tx_ready(self) -> bool:
+        return self.out_bytes < self.high_water or self.death is not None or self.shut
+
+    def push(self, frame: bytes | list, nbytes: int, deadline: float | None) -> None:
+        """Queue (or write) one framed message; blocks while the buffer is over high water."""
+        if self.out_bytes >= self.high_water:
+            self._wait_tx(deadline)
+        need_flush = False
+        with self.out_lock:
+            if self.death is not None:
+                raise self.death_error()
+            if self.shut:
+                raise self.closed_error()
+            out = self.out
+            conn = self.wconn
+            if not out and conn is not None and not self.flush_scheduled:
+                now = time.perf_counter()
+                if now - self.last_direct > _STREAMING_GAP:
+                    self.last_direct = now
+                    sent = conn.write_now(frame)
+                    if sent == nbytes:
+                        return
+                    frame = _rest(frame, sent)
+                    nbytes -= sent
+                else:
+                    self.last_direct = now
+            if type(frame) is bytes:
+                if out and type(out[-1]) is bytearray and len(out[-1]) < _TAIL_MAX:
+                    out[-1] += frame
+                elif nbytes < _TAIL_MAX:
+                    out.append(bytearray(frame))
+                else:
+                    out.append(frame)
+            else:
+                out.extend(frame)
+            self.out_bytes += nbytes
+            if conn is not None and not self.flush_scheduled:
+                self.flush_scheduled = need_flush = True
+        if need_flush:
+            self.loop.call_soon(self.flush)
+
+    def push_control(self, frame: bytes) -> None:
+        """Loop thread: queue a control frame behind any data and flush."""
+        with self.out_lock:
+            self.out.append(frame)
+            self.out_bytes += len(frame)
+        self.flush()
+
+    def _wait_tx(self, deadline: float | None) -> None:
+        waiter = Waiter()
+        self.tx_watchers.add(waiter)
+        try:
+            while not self.tx_ready():
+                waiter.wait(remaining(deadline))
+        finally:
+            self.tx_watchers.discard(waiter)
+
+    # --- loop thread: writing -------------------------------------------------------------
+
+    def flush(self) -> None:
+        error = None
+        with self.out_lock:
+            conn = self.wconn
+            out = self.out
+            if conn is None or not out:
+                self.flush_scheduled = False
+                more = False
+            else:
+                sock = conn.sock
+                while out:
+                    chunks = list(out) if len(out) <= _IOV_MAX else [out[i] for i in range(_IOV_MAX)]
+                    try:
+                        sent = sock.sendmsg(chunks) if len(chunks) > 1 else sock.send(chunks[0])
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    except OSError as exc:
+                        error = exc
+                        break
+                    self.out_bytes -= sent
+                    while sent:
+                        head = out[0]
+                        size = len(head) if type(head) is not memoryview else head.nbytes
+                        if size <= sent:
+                            out.popleft()
+                            sent -= size
+                        else:
+                            if type(head) is bytearray:
+                                del head[:sent]
+                            else:
+                                out[0] = memoryview(head).cast("B")[sent:]
+                            sent = 0
+                            break
+                    else:
+                        continue
+                    break  # partial write: the kernel buffer is full
+                more = bool(out)
+                self.flush_scheduled = more
+        if conn is not None:
+            conn.want_write(more)
+            if error is not None:
+                conn.fail(error)
+        if self.tx_watchers and self.out_bytes < self.high_water:
+            self.wake_tx()
+
+    def discard_output(self) -> None:
+        with self.out_lock:
+            self.out.clear()
+            self.out_bytes = 0
+            self.flush_scheduled = False
+
+    # --- user threads: receiving ------------------------------------------------------------
+
+    def rx_ready(self) -> bool:
+        return bool(self.inbox) or self.death is not None or self.shut
+
+    def take(self, deadline: float | None) -> bytes:
+        """The next message's payload; blocks until one arrives, the peer dies or the deadline."""
+        try:
+            payload = self.inbox.popleft()
+        except IndexError:
+            payload = self._wait_rx(deadline)
+        if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
+            self.resume_requested = True
+            self.loop.call_soon(self.endpoint._resume_reading, self)
+        return payload
+
+    def take_nowait(self) -> bytes | None:
+        try:
+            payload = self.inbox.popleft()
+        except IndexError:
+            if self.death is not None:
+                raise self.death_error() from None
+            if self.shut:
+                raise self.closed_error() from None
+            return None
+        if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
+            self.resume_requested = True
+            self.loop.call_soon(self.endpoint._resume_reading, self)
+        return payload
+
+    def _wait_rx(self, deadline: float | None) -> bytes:
+        waiter = Waiter()
+        self.rx_watchers.add(waiter)
+        try:
+            while True:
+                payload = self.take_nowait()
+                if payload is not None:
+                    return payload
+                waiter.wait(remaining(deadline))
+        finally:
+            self.rx_watchers.discard(waiter)
+
+    # --- loop thread: receiving -------------------------------------------------------------
+
+    def deliver(self, payloads: list, nbytes: int) -> None:
+        self.inbox.extend(payloads)
+        self.total_in += len(payloads)
+        self.total_in_bytes += nbytes
+        batches = self.batches
+        previous = batches[-2] if len(batches) > 1 else self.base
+        if batches and batches[-1][1] - previous[1] < _BATCH_GRAIN:
+            batches[-1] = (self.total_in, self.total_in_bytes)
+        else:
+            batches.append((self.total_in, self.total_in_bytes))
+        if self.rx_watchers:
+            self.loop.deferred_wakes.append(self.wake_rx)
+
+    def buffered_bytes(self) -> int:
+        """Bytes in the inbox, over-estimated by at most one grain (loop thread)."""
+        consumed = self.total_in - len(self.inbox)
+        batches = self.batches
+        while batches and batches[0][0] <= consumed:
+            self.base = batches.popleft()
+        return self.total_in_bytes - self.base[1]
+
+    def resume_threshold(self, low_water: int) -> int:
+        """How many messages may still be in the inbox when reading resumes (loop thread)."""
+        allowed = 0
+        for count, nbytes in reversed((self.base, *self.batches)):
+            if self.total_in_bytes - nbytes > low_water:
+                break
+            allowed = self.total_in - count
+        return allowed
+
+    def wake_rx(self) -> None:
+        for waiter in tuple(self.rx_watchers):
+            waiter.wake()
+
+    def wake_tx(self) -> None:
+        for waiter in tuple(self.tx_watchers):
+            waiter.wake()
+
+    def wake_all(self) -> None:
+        self.wake_rx()
+        self.wake_tx()
+
+
+def _rest(frame: bytes | list, sent: int) -> bytes | list:
+    if type(frame) is bytes:
+        return frame[sent:] if sent else frame
+    rest = []
+    for chunk in frame:
+        size = memoryview(chunk).nbytes
+        if sent >= size:
+            sent -= size
+            continue
+        rest.append(memoryview(chunk).cast("B")[sent:] if sent else chunk)
+        sent = 0
+    return rest

@@ -1,0 +1,147 @@
+"""Channel-level frames: what travels inside each `framing` frame of a channel connection.
+
+The kind of a frame is its payload's LAST byte. For data that lets the receiver hand the
+payload straight to ``pickle.loads``, which ignores bytes past the pickle's STOP opcode,
+so neither side slices or copies a message to add or strip a kind byte.
+
+    data           pickle + b"D"
+    data, buffers  count u32, pickle length u64, buffer lengths u64 each, pickle, buffers, b"B"
+    hello          b"<from pid> <wanted pid>" (connector) or b"<own pid>" (acceptor), b"H"
+    duplicate      b"X"  the acceptor keeps another connection between the same two pids
+    goodbye        exit code as ASCII digits (empty: unknown) + b"G"
+    close request  b"C"; close ok b"K"; close refused b"N"
+"""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from typing import Any
+
+from deploy_core import Pid, SerializationError
+
+from .framing import frame_header
+
+__all__ = [
+    "CLOSE_NO",
+    "CLOSE_OK",
+    "CLOSE_REQUEST",
+    "DATA",
+    "DATA_BUFFERS",
+    "DUPLICATE",
+    "GOODBYE",
+    "HELLO",
+    "control_frame",
+    "decode_goodbye",
+    "decode_hello",
+    "decode_message",
+    "encode_message",
+    "goodbye_frame",
+    "hello_frame",
+]
+
+DATA = ord("D")
+DATA_BUFFERS = ord("B")
+HELLO = ord("H")
+DUPLICATE = ord("X")
+GOODBYE = ord("G")
+CLOSE_REQUEST = ord("C")
+CLOSE_OK = ord("K")
+CLOSE_NO = ord("N")
+
+_DATA_TAIL = b"D"
+_COUNTS = struct.Struct(">IQ")
+_LENGTH = struct.Struct(">Q")
+_HEADER_PACK = struct.Struct(">I").pack
+# Below this, out-of-band buffers are cheaper copied in-band than sent as extra iovecs.
+_OOB_MIN = 64 * 1024
+# A single in-band pickle this large goes out as separate buffers (no concatenation copy).
+_SPLIT_MIN = 64 * 1024
+
+
+def _dumps(value: Any, buffers: list) -> bytes:
+    try:
+        return pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception:
+        buffers.clear()
+    # Lambdas, closures and classes defined in __main__ need cloudpickle; its output loads
+    # with plain pickle on the other side.
+    import cloudpickle
+
+    try:
+        return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+    except Exception as error:
+        shown = repr(value)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        raise SerializationError(f"cannot send {shown} to another process: {error}") from error
+
+
+def encode_message(value: Any) -> tuple[bytes | list, int]:
+    """The framed bytes of one message: a single bytes object, or a list of buffers for
+    large messages (header, pickle and out-of-band buffers, never concatenated); plus
+    the total length."""
+    buffers: list[pickle.PickleBuffer] = []
+    data = _dumps(value, buffers)
+    if buffers:
+        views = [buffer.raw() for buffer in buffers]
+        sizes = [view.nbytes for view in views]
+        if sum(sizes) < _OOB_MIN:
+            data = pickle.dumps(value, protocol=5)
+        else:
+            meta = _COUNTS.pack(len(views), len(data)) + b"".join(_LENGTH.pack(size) for size in sizes)
+            length = len(meta) + len(data) + sum(sizes) + 1
+            return [frame_header(length), meta, data, *views, b"B"], length + 4
+    length = len(data) + 1
+    if length >= _SPLIT_MIN:
+        return [frame_header(length), data, _DATA_TAIL], length + 4
+    return b"".join((_HEADER_PACK(length), data, _DATA_TAIL)), length + 4
+
+
+def decode_message(payload: bytes) -> Any:
+    """Unpickle a data frame's payload (either data kind)."""
+    if payload[-1] == DATA:
+        return pickle.loads(payload)
+    view = memoryview(payload)
+    count, pickle_length = _COUNTS.unpack_from(view, 0)
+    offset = _COUNTS.size
+    sizes = [_LENGTH.unpack_from(view, offset + 8 * i)[0] for i in range(count)]
+    offset += 8 * count
+    data = view[offset : offset + pickle_length]
+    offset += pickle_length
+    buffers = []
+    for size in sizes:
+        buffers.append(view[offset : offset + size])
+        offset += size
+    return pickle.loads(data, buffers=buffers)
+
+
+def control_frame(kind: int, body: bytes = b"") -> bytes:
+    return _HEADER_PACK(len(body) + 1) + body + bytes([kind])
+
+
+def hello_frame(own: Pid, wanted: Pid | None = None) -> bytes:
+    text = own.format() if wanted is None else f"{own.format()} {wanted.format()}"
+    return control_frame(HELLO, text.encode("ascii"))
+
+
+def decode_hello(payload: bytes) -> tuple[Pid, Pid | None]:
+    """(sender's pid, the pid it wanted or None); raises ValueError on a malformed hello."""
+    parts = payload[:-1].decode("ascii").split(" ")
+    if len(parts) == 1:
+        return Pid.parse(parts[0]), None
+    if len(parts) == 2:
+        return Pid.parse(parts[0]), Pid.parse(parts[1])
+    raise ValueError("malformed hello")
+
+
+def goodbye_frame(code: int | None) -> bytes:
+    return control_frame(GOODBYE, b"" if code is None else str(int(code)).encode("ascii"))
+
+
+def decode_goodbye(payload: bytes) -> int | None:
+    body = payload[:-1]
+    try:
+        return int(body) if body else None
+    except ValueError:
+        return None

@@ -1,0 +1,195 @@
+"""Sans-IO length-prefixed framing (public and stable).
+
+A frame is a 4-byte big-endian unsigned payload length followed by the payload. This
+module imports no socket or selector: callers feed it the bytes they read and write the
+bytes it returns, so it is tested on bytes alone and reused for any byte stream
+(deploy's channels and the fabric's control connections).
+
+    >>> decoder = FrameDecoder()
+    >>> decoder.feed(encode_frame(b"hello") + encode_frame(b"world"))
+    >>> decoder.next_frame(), decoder.next_frame(), decoder.next_frame() is NEED_DATA
+    (b'hello', b'world', True)
+    >>> decoder.feed(b"")  # EOF at a frame boundary
+    >>> decoder.next_frame() is CLOSED
+    True
+
+A frame longer than ``max_frame_size`` raises `deploy_core.FrameError` as soon as its
+header is seen, before any buffer is allocated for it; EOF in the middle of a frame
+raises `FrameError` too (a broken peer), whereas EOF between frames yields `CLOSED`.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from deploy_core import FrameError
+
+__all__ = [
+    "CLOSED",
+    "DEFAULT_MAX_FRAME_SIZE",
+    "HEADER_SIZE",
+    "MAX_FRAME_SIZE_LIMIT",
+    "NEED_DATA",
+    "FrameDecoder",
+    "encode_frame",
+    "frame_header",
+]
+
+_HEADER = struct.Struct(">I")
+HEADER_SIZE = _HEADER.size
+#: The header's 32 bits cap a frame at 4 GiB - 1.
+MAX_FRAME_SIZE_LIMIT = 2**32 - 1
+#: 1 GiB of message plus room for its pickle header and channel framing.
+DEFAULT_MAX_FRAME_SIZE = 2**30 + 2**20
+
+
+class _Sentinel:
+    __slots__ = ("_name",)
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+    def __reduce__(self) -> str:
+        return self._name
+
+
+#: `FrameDecoder.next_frame` needs more bytes before it can return a frame.
+NEED_DATA = _Sentinel("NEED_DATA")
+#: The stream ended cleanly, at a frame boundary; no frame will follow.
+CLOSED = _Sentinel("CLOSED")
+
+
+def frame_header(length: int) -> bytes:
+    """The 4-byte header of a frame whose payload is ``length`` bytes.
+
+    Lets a writer send the header and a large payload as separate buffers (for example
+    with ``socket.sendmsg``) instead of concatenating them.
+    """
+    if not 0 <= length <= MAX_FRAME_SIZE_LIMIT:
+        raise FrameError(f"a frame payload of {length} bytes does not fit the 4-byte length header")
+    return _HEADER.pack(length)
+
+
+def encode_frame(payload: bytes) -> bytes:
+    """Header plus payload, as one bytes object."""
+    return frame_header(len(payload)) + payload
+
+
+class FrameDecoder:
+    """Split a byte stream into frames.
+
+    `feed` what was read (``b""`` for EOF), then call `next_frame` until it returns
+    `NEED_DATA` (or `CLOSED`). `frames` returns every complete frame at once, for
+    readers that handle a whole read in one step.
+    """
+
+    __slots__ = ("_buf", "_pos", "_eof", "_max", "_unpack_from")
+
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+        if not isinstance(max_frame_size, int) or not 0 < max_frame_size <= MAX_FRAME_SIZE_LIMIT:
+            raise ValueError(f"max_frame_size must be an int from 1 to {MAX_FRAME_SIZE_LIMIT}")
+        # Unconsumed bytes are _buf[_pos:]; _buf is the caller's own bytes object while
+        # nothing is left over from earlier reads, so the common case copies nothing.
+        self._buf: bytes | bytearray = b""
+        self._pos = 0
+        self._eof = False
+        self._max = max_frame_size
+        self._unpack_from = _HEADER.unpack_from
+
+    @property
+    def max_frame_size(self) -> int:
+        """The largest payload accepted; may be changed between reads (e.g. raised once a
+        peer has authenticated)."""
+        return self._max
+
+    @max_frame_size.setter
+    def max_frame_size(self, value: int) -> None:
+        if not isinstance(value, int) or not 0 < value <= MAX_FRAME_SIZE_LIMIT:
+            raise ValueError(f"max_frame_size must be an int from 1 to {MAX_FRAME_SIZE_LIMIT}")
+        self._max = value
+
+    def buffered(self) -> int:
+        """How many fed bytes have not been returned as frames yet."""
+        return len(self._buf) - self._pos
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes read from the stream; ``b""`` marks the end of the stream."""
+        if self._eof:
+            if data:
+                raise FrameError("data fed after the end of the stream")
+            return
+        if not data:
+            self._eof = True
+            return
+        if self._pos == len(self._buf):
+            self._buf = data if isinstance(data, bytes) else bytes(data)
+            self._pos = 0
+        else:
+            if self._pos or not isinstance(self._buf, bytearray):
+                self._buf = bytearray(memoryview(self._buf)[self._pos :])
+                self._pos = 0
+            self._buf += data
+
+    def next_frame(self) -> bytes | _Sentinel:
+        """The next complete frame's payload, `NEED_DATA` or `CLOSED`.
+
+        Raises `FrameError` for a frame over the maximum size and for EOF mid-frame.
+        """
+        buf, pos = self._buf, self._pos
+        available = len(buf) - pos
+        if available >= HEADER_SIZE:
+            (length,) = self._unpack_from(buf, pos)
+            if length > self._max:
+                raise FrameError(f"frame of {length} bytes exceeds the maximum of {self._max}")
+            end = pos + HEADER_SIZE + length
+            if end <= len(buf):
+                self._pos = end
+                if isinstance(buf, bytearray):
+                    with memoryview(buf) as view:
+                        return bytes(view[pos + HEADER_SIZE : end])
+                return buf[pos + HEADER_SIZE : end]
+        if not self._eof:
+            return NEED_DATA
+        if available:
+            raise FrameError(f"the stream ended in the middle of a frame ({available} bytes left over)")
+        return CLOSED
+
+    def frames(self) -> list[bytes]:
+        """Every complete frame buffered now (possibly none); stops before `CLOSED`.
+
+        Raises like `next_frame`, after the frames before the bad one have been consumed
+        (they are lost to the caller; use `next_frame` to keep each one).
+        """
+        buf, pos, limit, unpack = self._buf, self._pos, self._max, self._unpack_from
+        size = len(buf)
+        # Slicing a bytearray through a memoryview copies once (straight into bytes).
+        view = memoryview(buf) if isinstance(buf, bytearray) else buf
+        out = []
+        append = out.append
+        while size - pos >= HEADER_SIZE:
+            (length,) = unpack(buf, pos)
+            if length > limit:
+                self._pos = pos
+                if view is not buf:
+                    view.release()
+                raise FrameError(f"frame of {length} bytes exceeds the maximum of {limit}")
+            start = pos + HEADER_SIZE
+            end = start + length
+            if end > size:
+                break
+            append(view[start:end] if view is buf else bytes(view[start:end]))
+            pos = end
+        self._pos = pos
+        if view is not buf:
+            view.release()
+        if self._eof and pos < size and not out:
+            raise FrameError(f"the stream ended in the middle of a frame ({size - pos} bytes left over)")
+        return out
+
+    @property
+    def at_eof(self) -> bool:
+        """True once EOF has been fed."""
+        return self._eof
