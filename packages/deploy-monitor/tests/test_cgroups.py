@@ -11,7 +11,7 @@ from deploy_monitor._cgroups import Mount, cgroup_dirs, parse_mountinfo, parse_p
 
 V1_HOST_CGROUP = """\
 9:name=systemd:/
-4:memory:/process_api/57b2
+4:memory:/sandbox/job-1
 2:cpuacct:/
 1:cpu,cpuacct:/jobs/7
 0::/
@@ -36,7 +36,7 @@ V2_CONTAINER_MOUNTINFO = (
 
 def test_parse_proc_cgroup():
     assert parse_proc_cgroup(V1_HOST_CGROUP) == {
-        "memory": "/process_api/57b2",
+        "memory": "/sandbox/job-1",
         "cpuacct": "/jobs/7",
         "cpu": "/jobs/7",
         "": "/",
@@ -63,7 +63,7 @@ def test_parse_mountinfo_unescapes_paths():
 def test_cgroup_dirs_on_a_v1_host():
     dirs = cgroup_dirs(parse_proc_cgroup(V1_HOST_CGROUP), parse_mountinfo(V1_HOST_MOUNTINFO))
     assert dirs == {
-        "memory": "/sys/fs/cgroup/memory/process_api/57b2",
+        "memory": "/sys/fs/cgroup/memory/sandbox/job-1",
         "cpu": "/sys/fs/cgroup/cpu,cpuacct/jobs/7",
         "cpuacct": "/sys/fs/cgroup/cpu,cpuacct/jobs/7",
         "": "/sys/fs/cgroup/unified",

@@ -366,3 +366,27 @@ def test_a_failing_on_event_kills_and_reaps_the_child():
         run_monitored(sleeper_that_says_ready, resources=None, on_event=on_event, on_start=started.append)
     assert time.monotonic() - begun < 5
     assert gone(started[0])
+
+
+def test_a_chatty_grandchild_does_not_keep_the_monitor_forever(recorder):
+    def target() -> int:
+        grandchild = os.fork()
+        if grandchild == 0:
+            try:
+                while True:
+                    os.write(1, b"chatter\n")
+            finally:
+                os._exit(0)
+        os.write(2, b"%d\n" % grandchild)
+        time.sleep(0.2)
+        return 0
+
+    started = time.monotonic()
+    try:
+        assert run(target, recorder).code == 0
+        assert time.monotonic() - started < 5
+    finally:
+        grandchild = int(recorder.output(2))
+        os.kill(grandchild, signal.SIGKILL)
+        assert wait_gone(grandchild)
+    assert recorder.output(1).startswith(b"chatter\n")

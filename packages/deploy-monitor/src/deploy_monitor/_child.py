@@ -36,7 +36,7 @@ from typing import NoReturn
 
 from ._limits import Limits
 
-__all__ = ["load_libc", "run_child"]
+__all__ = ["flush_stdio", "load_libc", "run_child"]
 
 _PR_SET_PDEATHSIG = 1
 _libc: ctypes.CDLL | None = None
@@ -88,7 +88,7 @@ def _line_buffered(name: str, fd: int) -> None:
     setattr(sys, name, open(fd, "w", buffering=1, encoding=encoding, errors=errors, closefd=False))
 
 
-def _flush_stdio() -> None:
+def flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -171,6 +171,6 @@ def run_child(
             pass
     finally:
         try:
-            _flush_stdio()
+            flush_stdio()
         finally:
             os._exit(code)

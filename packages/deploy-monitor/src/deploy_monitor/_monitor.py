@@ -26,14 +26,13 @@ import logging
 import math
 import os
 import select
-import sys
 import time
 from collections.abc import Callable
 
 from deploy_core import Resources
 
 from ._cgroups import Enforcement
-from ._child import load_libc, run_child
+from ._child import flush_stdio, load_libc, run_child
 from ._events import Exit, Output, exit_from_status
 from ._limits import Limits, kill_tree, limits_for
 
@@ -61,15 +60,6 @@ def _pipe() -> tuple[int, int]:
     return ends[0], ends[1]
 
 
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
-
-
 class _Monitor:
     def __init__(self, on_event: Callable[[Output | Exit], None], lifeline: int | None, limits: Limits | None):
         self.on_event = on_event
@@ -89,7 +79,7 @@ class _Monitor:
         err_r, err_w = _pipe()
         self.pipes = {out_r: 1, err_r: 2}
         load_libc()
-        _flush_stdio()
+        flush_stdio()
         monitor_pid = os.getpid()
         try:
             pid = os.fork()
