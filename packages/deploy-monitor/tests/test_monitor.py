@@ -15,6 +15,7 @@ import stat
 import sys
 import time
 
+import deploy_monitor._child as child_module
 import deploy_monitor._monitor as monitor_module
 import pytest
 from conftest import Recorder, gone, in_fork, wait_gone
@@ -390,3 +391,64 @@ def test_a_chatty_grandchild_does_not_keep_the_monitor_forever(recorder):
         os.kill(grandchild, signal.SIGKILL)
         assert wait_gone(grandchild)
     assert recorder.output(1).startswith(b"chatter\n")
+
+
+def test_without_a_target_the_child_returns_into_the_caller():
+    """target=None: like fork, the child returns None (wired up) and the caller carries on."""
+
+    def monitor() -> tuple[Exit | None, bytes, bytes, list[int]]:
+        ours, theirs = socket.socketpair()
+        recorder = Recorder()
+        started: list[int] = []
+        result = run_monitored(None, resources=None, on_event=recorder, lifeline=ours.fileno(), on_start=started.append)
+        if result is None:  # the child: the caller's code runs on, captured
+            try:
+                print("in the child", os.getpid(), not is_open(ours.fileno()))  # line-buffered: no flush
+                os.write(2, b"raw stderr\n")
+            finally:
+                os._exit(6)
+        ours.close()
+        theirs.close()
+        return result, recorder.output(1), recorder.output(2), started
+
+    exit, out, err, started = in_fork(monitor)
+    assert exit == Exit(code=6, signal=None, reason=None)
+    assert out == f"in the child {started[0]} True\n".encode()
+    assert err == b"raw stderr\n"
+
+
+def test_without_a_target_the_child_dies_with_its_monitor():
+    pids_read, pids_write = os.pipe()
+    monitor_pid = os.fork()
+    if monitor_pid == 0:
+        try:
+            os.close(pids_read)
+            if (
+                run_monitored(
+                    None, resources=None, on_event=lambda e: None, on_start=lambda p: os.write(pids_write, b"%d\n" % p)
+                )
+                is None
+            ):
+                time.sleep(30)  # the child
+        finally:
+            os._exit(0)
+    os.close(pids_write)
+    try:
+        assert select.select([pids_read], [], [], 10)[0], "the monitor never started its child"
+        child = int(os.read(pids_read, 100))
+    finally:
+        os.close(pids_read)
+    os.kill(monitor_pid, signal.SIGKILL)
+    os.waitpid(monitor_pid, 0)
+    assert wait_gone(child, timeout=3.0), f"child {child} outlived its monitor"
+
+
+def test_a_child_that_cannot_be_wired_up_exits_1_instead_of_returning(monkeypatch, recorder):
+    def broken(name: str, fd: int) -> None:
+        raise RuntimeError("wiring broke")
+
+    monkeypatch.setattr(child_module, "_line_buffered", broken)
+    if run_monitored(None, resources=None, on_event=recorder) is None:
+        os._exit(99)  # the child returned into the caller despite the failure
+    assert recorder.exit == Exit(code=1, signal=None, reason=None)
+    assert b"RuntimeError: wiring broke" in recorder.output(2)

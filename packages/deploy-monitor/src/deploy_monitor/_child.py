@@ -32,11 +32,11 @@ import signal
 import sys
 import traceback
 from collections.abc import Callable, Iterable
-from typing import NoReturn
+from typing import Any
 
 from ._limits import Limits
 
-__all__ = ["flush_stdio", "load_libc", "run_child"]
+__all__ = ["flush_stdio", "load_libc", "prepare_child", "run_child"]
 
 _PR_SET_PDEATHSIG = 1
 _libc: ctypes.CDLL | None = None
@@ -117,8 +117,7 @@ def _run(target: Callable[[], int]) -> int:
         return 1
 
 
-def run_child(
-    target: Callable[[], int] | None,
+def prepare_child(
     *,
     stdout: int,
     stderr: int,
@@ -126,51 +125,43 @@ def run_child(
     keep_stdin: bool,
     monitor_pid: int,
     limits: Limits | None,
-) -> NoReturn:
-    """Wire up the child and run ``target``; never returns (``os._exit`` with its code).
+) -> None:
+    """Everything the child does before user code: die with the monitor, stdio, limits."""
+    _die_with_monitor(monitor_pid)
+    for fd in close:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _wire_stdio(stdout, stderr, keep_stdin)
+    if limits is not None:
+        limits.join()
+    gc.freeze()
+    _line_buffered("stdout", 1)
+    _line_buffered("stderr", 2)
+    if faulthandler.is_enabled():
+        faulthandler.enable(file=sys.stderr)
+
+
+def run_child(target: Callable[[], int] | None, **wiring: Any) -> None:
+    """Wire up the child (`prepare_child`) and run ``target``, then ``os._exit`` with its code.
 
     With ``target=None`` it returns once the child is wired up, like ``fork`` in the child,
-    and the caller runs on (the top process of a run returns into the user's ``main``).
+    and the caller runs on (the top process of a run returns into the user's ``main``). A
+    failure while wiring up never returns: traceback on stderr and exit code 1.
     """
     code = 1
-    if target is None:
-        _die_with_monitor(monitor_pid)
-        for fd in close:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        _wire_stdio(stdout, stderr, keep_stdin)
-        if limits is not None:
-            limits.join()
-        _line_buffered("stdout", 1)
-        _line_buffered("stderr", 2)
-        if faulthandler.is_enabled():
-            faulthandler.enable(file=sys.stderr)
-        return  # type: ignore[misc]
     try:
-        _die_with_monitor(monitor_pid)
-        for fd in close:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        _wire_stdio(stdout, stderr, keep_stdin)
-        if limits is not None:
-            limits.join()
-        gc.freeze()
-        _line_buffered("stdout", 1)
-        _line_buffered("stderr", 2)
-        if faulthandler.is_enabled():
-            faulthandler.enable(file=sys.stderr)
+        prepare_child(**wiring)
+        if target is None:
+            return
         code = _run(target)
     except BaseException:
-        try:
-            traceback.print_exc()
+        try:  # straight to fd 2: sys.stderr may not be wired up yet
+            os.write(2, traceback.format_exc().encode(errors="backslashreplace"))
         except BaseException:
             pass
+    try:
+        flush_stdio()
     finally:
-        try:
-            flush_stdio()
-        finally:
-            os._exit(code)
+        os._exit(code)

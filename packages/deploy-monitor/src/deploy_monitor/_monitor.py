@@ -98,7 +98,10 @@ class _Monitor:
                 monitor_pid=monitor_pid,
                 limits=self.limits,
             )
-            return False  # target is None: the child goes back to the caller
+            # Only with target=None does run_child return: this child goes back to the caller
+            # and must never close the monitor's fds (their numbers may be reused) nor its cgroup.
+            self.pipes, self.limits, self.lifeline = {}, None, None
+            return False
         self.pid = pid
         os.close(out_w)
         os.close(err_w)
