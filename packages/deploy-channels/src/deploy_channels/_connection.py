@@ -166,7 +166,13 @@ class Connection:
         decoder = self.decoder
         try:
             decoder.feed(data)
-            frames = decoder.frames()
+            while self.state == "hello":
+                # One frame at a time: the pid exchange changes how the rest is read.
+                frame = decoder.next_frame()
+                if type(frame) is not bytes:
+                    break
+                self._dispatch([frame])
+            frames = decoder.frames() if self.state == "open" else []
             if frames:
                 self._dispatch(frames)
             if not data and self.state != "closed":
@@ -269,6 +275,10 @@ class Connection:
             return
         self.reading = flag
         self.loop.modify(self.fd, (self.loop.mask(self.fd) & WRITE) | (READ if flag else 0))
+
+    def fail(self, error: BaseException) -> None:
+        if self.state != "closed":
+            self.endpoint._connection_failed(self, error)
 
     def unsent(self) -> int:
         return unsent_bytes(self.sock) if self.state != "closed" else 0

@@ -218,7 +218,7 @@ class Endpoint:
         self._attach(link, conn)
 
     def _incoming_hello(self, conn: Connection, pid: Pid, wanted: Pid | None) -> None:
-        if wanted != self.pid or self._draining:
+        if wanted != self.pid:
             # The connector checks our pid and treats a mismatch as "peer gone".
             conn.send_setup(_wire.hello_frame(self.pid))
             conn.close()
@@ -416,9 +416,6 @@ class Endpoint:
             except OSError as error:
                 log.warning("deploy.channels: accept failed: %s", error)
                 return
-            if self._draining:
-                sock.close()
-                continue
             conn = Connection(self, sock, link=None, addr=addr)
             self._conns.add(conn)
             conn.start_accept()

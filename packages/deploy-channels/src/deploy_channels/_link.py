@@ -152,10 +152,10 @@ class Link:
             self._wait_tx(deadline)
         need_flush = False
         with self.out_lock:
-            if self.death is not None:
-                raise self.death_error()
             if self.shut:
                 raise self.closed_error()
+            if self.death is not None:
+                raise self.death_error()
             out = self.out
             conn = self.wconn
             if not out and conn is not None and not self.flush_scheduled:
@@ -273,10 +273,10 @@ class Link:
         try:
             payload = self.inbox.popleft()
         except IndexError:
-            if self.death is not None:
-                raise self.death_error() from None
             if self.shut:
                 raise self.closed_error() from None
+            if self.death is not None:
+                raise self.death_error() from None
             return None
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
