@@ -24,12 +24,17 @@ def main() -> None:
     for sender in senders.values():  # one task in flight per worker
         sender.send(queue.pop())
     squares = {}
-    while len(squares) < len(TASKS):
-        ready = deploy.select(*receivers)
+    busy = dict(receivers)
+    while busy:
+        ready = deploy.select(*busy)
         task, square = ready.recv()
         squares[task] = square
-        sender = senders[receivers[ready]]
-        sender.send(queue.pop() if queue else -1)
+        sender = senders[busy[ready]]
+        if queue:
+            sender.send(queue.pop())
+        else:
+            sender.send(-1)  # no more work: the worker returns, and we stop listening to it
+            del busy[ready]
     print(f"sum of squares of 0..{len(TASKS) - 1}: {sum(squares.values())}")
 
 

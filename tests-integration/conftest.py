@@ -142,7 +142,8 @@ def run(script: Path, *args: str, timeout: float = 60, fmt: str = "json", env: d
         assert_no_survivors(tag)
         raise AssertionError(f"the run did not finish in {timeout}s; stderr:\n{stderr.decode()}") from expired
     assert_no_survivors(tag)
-    events = [json.loads(line) for line in stdout.splitlines()] if fmt == "json" else []
+    # Before init() a script's own prints go straight to stdout; events are the JSON lines.
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith(b'{"event"')] if fmt == "json" else []
     return Run(process.returncode, events, stderr.decode(errors="replace"), stdout, tag)
 
 

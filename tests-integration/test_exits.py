@@ -121,7 +121,7 @@ def test_spawn_before_init_says_to_call_init(script):
             print(error)
         """
     )
-    result = run(job)
+    result = run(job, fmt="human")
     assert result.stdout.decode().splitlines() == [
         "deploy.spawn() needs the runtime: call deploy.init() first",
         "deploy.pid() needs the runtime: call deploy.init() first",
@@ -151,24 +151,22 @@ def test_impossible_resources_raise_no_capacity_with_numbers(script):
 def test_try_spawn_raises_at_once_when_full_and_spawn_waits(script):
     job = script(
         """
-        import time, deploy
+        import os, time, deploy
 
         def hold(parent, seconds):
             time.sleep(seconds)
 
         if __name__ == "__main__":
             deploy.init(deploy.Resources(cpu=0))
-            cores = float(deploy.resources().cpu) or 0
-            import os
-            total = len(os.sched_getaffinity(0))
-            first = deploy.spawn(hold, 1.0, deploy.Resources(mem="1MiB", cpu=total))
+            everything = deploy.Resources(mem="50MiB", cpu=len(os.sched_getaffinity(0)))
+            deploy.spawn(hold, 1.0, everything)
             try:
-                deploy.try_spawn(hold, 0, deploy.Resources(mem="1MiB", cpu=total))
+                deploy.try_spawn(hold, 0, everything)
                 print("try_spawn: started")
             except deploy.NoCapacity:
                 print("try_spawn: no capacity")
             started = time.monotonic()
-            deploy.spawn(hold, 0, deploy.Resources(mem="1MiB", cpu=total))
+            deploy.spawn(hold, 0, everything)
             print(f"spawn waited {time.monotonic() - started >= 0.5}")
         """
     )

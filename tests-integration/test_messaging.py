@@ -241,7 +241,7 @@ def test_a_64_mib_message(script):
             deploy.Sender[str](parent).send(hashlib.sha256(data).hexdigest())
 
         if __name__ == "__main__":
-            deploy.init()
+            deploy.init(deploy.Resources(mem="1GiB"))
             child = deploy.spawn(big, None, deploy.Resources(mem="1GiB"))
             data = deploy.Receiver[bytes](child).recv()
             digest = deploy.Receiver[str](child).recv()

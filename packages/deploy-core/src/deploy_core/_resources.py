@@ -48,10 +48,10 @@ class Mem(int):
     def __str__(self) -> str:
         value = int(self)
         exact = [(value // size, name) for name, size in _FORMAT_UNITS if value and value % size == 0]
-        if exact:
+        if exact and min(exact)[0] < 10000:
             count, name = min(exact)
             return f"{count}{name}"
-        for name, size in _FORMAT_UNITS:
+        for name, size in _FORMAT_UNITS[:4]:  # a size that no unit divides: one decimal of the binary unit
             if value >= size:
                 return f"{value / size:.1f}{name}"
         return f"{value}B"
