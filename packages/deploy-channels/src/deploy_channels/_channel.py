@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Generic, TypeVar
 
@@ -14,6 +16,11 @@ from ._typecheck import type_checker, type_name
 from ._wire import decode_message, encode_message
 
 __all__ = ["Receiver", "Sender"]
+
+_PLAIN_TYPES = frozenset({int, float, bool, str, bytes, type(None)})
+_plain_dumps = pickle.dumps
+_pack_header = struct.Struct(">I").pack
+_join = b"".join
 
 T = TypeVar("T")
 
@@ -120,6 +127,12 @@ class Sender(_Channel[T]):
             raise TypeError(
                 f"Sender[{type_name(self._type)}] to {self.pid} cannot send a {type(value).__name__}: {value!r:.80}"
             )
+        if type(value) in _PLAIN_TYPES and (type(value) is not bytes or len(value) < 32768):
+            # Fast path: these never carry out-of-band buffers and fit one small frame.
+            data = _plain_dumps(value, 5)
+            frame = _join((_pack_header(len(data) + 1), data, b"D"))
+            link.push(frame, len(frame), None if timeout is None else deadline_after(timeout))
+            return
         frame, nbytes = encode_message(value)
         link.push(frame, nbytes, deadline_after(timeout))
 

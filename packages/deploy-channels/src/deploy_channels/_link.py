@@ -150,39 +150,40 @@ class Link:
         """Queue (or write) one framed message; blocks while the buffer is over high water."""
         if self.out_bytes >= self.high_water:
             self._wait_tx(deadline)
-        need_flush = False
         with self.out_lock:
             if self.shut:
                 raise self.closed_error()
             if self.death is not None:
                 raise self.death_error()
             out = self.out
-            conn = self.wconn
-            if not out and conn is not None and not self.flush_scheduled:
-                now = time.perf_counter()
-                if now - self.last_direct > _STREAMING_GAP:
+            if out:
+                # Streaming: a flush is already due, so just append.
+                tail = out[-1]
+                if type(frame) is bytes and type(tail) is bytearray and len(tail) < _TAIL_MAX:
+                    tail += frame
+                    self.out_bytes += nbytes
+                    return
+            else:
+                conn = self.wconn
+                if conn is not None and not self.flush_scheduled:
+                    now = time.perf_counter()
+                    direct = now - self.last_direct > _STREAMING_GAP
                     self.last_direct = now
-                    sent = conn.write_now(frame)
-                    if sent == nbytes:
-                        return
-                    frame = _rest(frame, sent)
-                    nbytes -= sent
-                else:
-                    self.last_direct = now
+                    if direct:
+                        sent = conn.write_now(frame)
+                        if sent == nbytes:
+                            return
+                        frame = _rest(frame, sent)
+                        nbytes -= sent
             if type(frame) is bytes:
-                if out and type(out[-1]) is bytearray and len(out[-1]) < _TAIL_MAX:
-                    out[-1] += frame
-                elif nbytes < _TAIL_MAX:
-                    out.append(bytearray(frame))
-                else:
-                    out.append(frame)
+                out.append(bytearray(frame) if nbytes < _TAIL_MAX else frame)
             else:
                 out.extend(frame)
             self.out_bytes += nbytes
-            if conn is not None and not self.flush_scheduled:
-                self.flush_scheduled = need_flush = True
-        if need_flush:
-            self.loop.call_soon(self.flush)
+            if self.wconn is None or self.flush_scheduled:
+                return
+            self.flush_scheduled = True
+        self.loop.call_soon(self.flush)
 
     def push_control(self, frame: bytes) -> None:
         """Loop thread: queue a control frame behind any data and flush."""
