@@ -74,7 +74,7 @@ class Limits(Protocol):
 
 
 class CgroupLimits:
-    """The kernel enforces memory (OOM kill inside the group) and the CPU quota."""
+    """The kernel enforces memory (OOM kill inside the group) and the CPU weight."""
 
     interval: float | None = None
 
