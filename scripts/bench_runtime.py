@@ -31,7 +31,7 @@ _DEPLOY_JOB = textwrap.dedent(
 
     def main(out_path, runs, many):
         deploy.init()
-        small = deploy.Resources(mem="20MiB", cpu=0.01)
+        small = deploy.Resources(mem="50MiB", cpu=float(os.environ.get("BENCH_CPU", "0.05")))
         latencies = []
         for index in range(runs):
             started = time.perf_counter()

@@ -3,8 +3,10 @@
 One thread and one selector. Connections arrive on the fabric port and must pass the
 handshake before anything they send is unpickled; then they say who they are: a user
 process (it sends spawn requests and waits for replies) or a monitor (it streams one
-process's output and exit). The zygote is reached over a socketpair made before it was
-forked. The run ends when every process has exited; its code is 0 if all exited 0, else
+process's output and exit). The zygote is reached over two socketpairs made before it
+was forked: a stream that carries fork requests to it, and a packet socket that brings back
+each new process's pid together with one end of a socketpair to its monitor (SCM_RIGHTS),
+so a monitor's events need no connection set-up and no handshake: both ends were inherited. The run ends when every process has exited; its code is 0 if all exited 0, else
 the first failure's code (128+N for a signal N).
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import selectors
 import signal
 import socket
@@ -29,9 +32,7 @@ __all__ = ["Bridge"]
 
 log = logging.getLogger("deploy.fabric")
 
-# How long a monitor that the zygote saw exit may take to show up before its process is
-# reported lost, and how long processes get to report their exit after Ctrl-C.
-_MONITOR_GRACE = 2.0
+# How long processes get to report their exit after Ctrl-C.
 _INTERRUPT_GRACE = 2.0
 _HANDSHAKE_TIMEOUT = 10.0
 
@@ -53,9 +54,7 @@ class _Process:
     parent: Pid | None
     resources: Resources
     node: Node
-    monitor: _Conn | None = None
     exited: bool = False
-    reaped_at: float | None = None  # when the zygote saw its monitor exit
 
 
 @dataclass
@@ -73,24 +72,24 @@ class Bridge:
     def __init__(
         self,
         listener: socket.socket,
-        zygote: socket.socket,
+        to_zygote: socket.socket,
+        from_zygote: socket.socket,
         secret: bytes,
         formatter: Formatter,
         scheduler: Scheduler,
     ):
         self._listener = listener
-        self._zygote = zygote
+        self._to_zygote = to_zygote
+        self._from_zygote = from_zygote
         self._secret = secret
         self._out = formatter
         self._scheduler = scheduler
         self._selector = selectors.DefaultSelector()
         self._conns: dict[int, _Conn] = {}
         self._processes: dict[str, _Process] = {}
-        self._early: dict[str, list[tuple]] = {}  # events of processes not announced yet
         self._tickets: dict[int, _Pending] = {}
         self._next_ticket = 0
         self._queue: deque[_Pending] = deque()
-        self._zygote_reader = wire.MessageReader()
         self._code: int | None = None
         self._interrupted: float | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
@@ -99,10 +98,10 @@ class Bridge:
 
     def run(self, top: Resources) -> int:
         """Start the top process, serve until every process has exited; return the run's code."""
-        for sock in (self._listener, self._zygote, self._wakeup_r, self._wakeup_w):
+        for sock in (self._listener, self._from_zygote, self._wakeup_r, self._wakeup_w):
             sock.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
-        self._selector.register(self._zygote, selectors.EVENT_READ, "zygote")
+        self._selector.register(self._from_zygote, selectors.EVENT_READ, "zygote")
         self._selector.register(self._wakeup_r, selectors.EVENT_READ, "signal")
         signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -135,13 +134,6 @@ class Bridge:
         due = self._out.tick()
         if due is not None:
             timeout = min(timeout, due)
-        for process in self._processes.values():
-            if process.exited or process.monitor is not None or process.reaped_at is None:
-                continue
-            if now - process.reaped_at > _MONITOR_GRACE:
-                self._exited(process, None, "SIGKILL", "its monitor died")
-            else:
-                timeout = min(timeout, _MONITOR_GRACE)
         for conn in list(self._conns.values()):
             if conn.handshake is not None and now - conn.opened > _HANDSHAKE_TIMEOUT:
                 log.warning("dropped a connection that did not authenticate in time")
@@ -249,7 +241,7 @@ class Bridge:
     def _lost(self, conn: _Conn) -> None:
         """A connection ended: a monitor that ends before its exit event means a lost process."""
         self._drop(conn)
-        if conn.role == wire.HELLO_MONITOR and conn.pid in self._processes:
+        if conn.role == wire.MONITOR and conn.pid in self._processes:
             process = self._processes[conn.pid]
             if not process.exited:
                 self._exited(process, None, "SIGKILL", "its monitor died")
@@ -261,36 +253,20 @@ class Bridge:
     def _handle(self, conn: _Conn, message: tuple) -> None:
         kind = message[0]
         if conn.role is None:
-            if kind in (wire.HELLO_PROCESS, wire.HELLO_MONITOR) and len(message) == 2:
+            if kind == wire.HELLO_PROCESS and len(message) == 2:
                 conn.role, conn.pid = kind, Pid.parse(message[1]).hex
-                if kind == wire.HELLO_MONITOR:
-                    self._monitor_joined(conn)
             else:
                 log.warning("dropped a connection that did not introduce itself")
                 self._drop(conn)
         elif conn.role == wire.HELLO_PROCESS and kind == wire.SPAWN:
             self._spawn_requested(conn, message[1])
-        elif conn.role == wire.HELLO_MONITOR and kind in (wire.OUTPUT, wire.EXIT):
+        elif conn.role == wire.MONITOR and kind in (wire.OUTPUT, wire.EXIT):
             self._event(conn.pid, message)
         else:
             log.warning("ignored an unexpected %r message", kind)
 
-    def _monitor_joined(self, conn: _Conn) -> None:
-        process = self._processes.get(conn.pid)
-        if process is not None:
-            process.monitor = conn
-        # else: the zygote's reply is still on its way; _forked attaches it.
-        if self._interrupted is not None:
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
     def _event(self, pid: str, message: tuple) -> None:
-        process = self._processes.get(pid)
-        if process is None:
-            self._early.setdefault(pid, []).append(message)
-            return
+        process = self._processes[pid]
         if process.exited:
             return
         if message[0] == wire.OUTPUT:
@@ -352,32 +328,31 @@ class Bridge:
         self._next_ticket += 1
         self._tickets[ticket] = pending
         request = pending.request.encode() if pending.request is not None else None
-        self._zygote.setblocking(True)
         try:
-            wire.send_message(self._zygote, (wire.FORK, ticket, request, pending.resources.to_dict()))
-        finally:
-            self._zygote.setblocking(False)
+            wire.send_message(self._to_zygote, (wire.FORK, ticket, request, pending.resources.to_dict()))
+        except OSError:
+            pass  # the zygote is gone: its packet socket reports that
 
     def _read_zygote(self) -> None:
-        try:
-            data = self._zygote.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        for message in self._zygote_reader.feed(data):
+        while True:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._from_zygote, 1 << 16, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._zygote_lost()
+                return
+            message = wire.load(data)
             if message[0] == wire.FORKED:
-                self._forked(*message[1:])
-            elif message[0] == wire.REAPED:
-                process = self._processes.get(Pid.parse(message[1]).hex)
-                if process is not None and process.reaped_at is None:
-                    process.reaped_at = time.monotonic()
-        if not data:
-            self._zygote_lost()
+                self._forked(*message[1:], monitor_fd=fds[0] if fds else None)
+            for fd in fds[1:]:
+                os.close(fd)
 
     def _zygote_lost(self) -> None:
-        self._selector.unregister(self._zygote)
-        self._zygote.close()
+        self._selector.unregister(self._from_zygote)
+        self._from_zygote.close()
         if self._interrupted is None:
             log.error("the fork server exited")
         for pending in list(self._tickets.values()):
@@ -386,9 +361,6 @@ class Bridge:
         for pending in self._queue:
             self._fail(pending, "the fork server exited")
         self._queue.clear()
-        for process in self._processes.values():
-            if process.monitor is None and not process.exited:
-                process.reaped_at = process.reaped_at or time.monotonic()
 
     def _fail(self, pending: _Pending, why: str) -> None:
         if pending.node is not None:
@@ -398,20 +370,23 @@ class Bridge:
         elif self._code is None:
             self._code = 1
 
-    def _forked(self, ticket: int, pid_text: str | None, error: str | None) -> None:
+    def _forked(self, ticket: int, pid_text: str | None, error: str | None, *, monitor_fd: int | None) -> None:
         pending = self._tickets.pop(ticket)
-        if error is not None or pid_text is None:
+        if error is not None or pid_text is None or monitor_fd is None:
+            if monitor_fd is not None:
+                os.close(monitor_fd)
             self._fail(pending, error or "the fork server could not start the process")
             return
         pid = Pid.parse(pid_text)
-        process = _Process(pid, pending.parent, pending.resources, pending.node)
-        self._processes[pid.hex] = process
+        self._processes[pid.hex] = _Process(pid, pending.parent, pending.resources, pending.node)
         self._out.spawn(pid, pending.parent, pending.resources)
-        for message in self._early.pop(pid.hex, []):
-            self._event(pid.hex, message)
-        for conn in self._conns.values():
-            if conn.role == wire.HELLO_MONITOR and conn.pid == pid.hex:
-                process.monitor = conn
+        # The monitor's events: if it dies before reporting an exit, this reads EOF.
+        monitor = _Conn(socket.socket(fileno=monitor_fd), None, role=wire.MONITOR, pid=pid.hex)
+        monitor.sock.setblocking(False)
+        self._conns[monitor.sock.fileno()] = monitor
+        self._selector.register(monitor.sock, selectors.EVENT_READ, monitor)
+        if self._interrupted is not None:
+            self._stop_monitor(monitor)
         if pending.requester is not None:
             self._reply(pending.requester, SpawnReply(pid=pid))
 
@@ -442,12 +417,12 @@ class Bridge:
             self._fail(pending, "the run is being stopped")
         self._queue.clear()
         for conn in list(self._conns.values()):
-            if conn.role == wire.HELLO_MONITOR:
-                try:
-                    conn.sock.shutdown(socket.SHUT_WR)  # the monitor's lifeline: it kills its process
-                except OSError:
-                    pass
+            if conn.role == wire.MONITOR:
+                self._stop_monitor(conn)
+        self._to_zygote.close()  # the zygote exits at the end of its stream
+
+    def _stop_monitor(self, conn: _Conn) -> None:
         try:
-            self._zygote.shutdown(socket.SHUT_WR)
+            conn.sock.shutdown(socket.SHUT_WR)  # the monitor's lifeline: it kills its process
         except OSError:
             pass

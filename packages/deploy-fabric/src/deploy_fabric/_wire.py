@@ -16,7 +16,7 @@ from typing import Any
 from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame
 from deploy_core import DeployError, authenticate
 
-__all__ = ["MessageReader", "connect", "encode", "introduce", "recv_message", "send_message"]
+__all__ = ["FrameDecoder", "MessageReader", "connect", "encode", "load", "recv_message", "send_message"]
 
 # Control messages are small; a spawn request carries the user's pickled function and
 # argument, so leave room for big arguments.
@@ -24,14 +24,13 @@ MAX_MESSAGE = 1 << 30
 
 # Message kinds.
 HELLO_PROCESS = "process"  # (kind, pid_text): a user process's control connection
-HELLO_MONITOR = "monitor"  # (kind, pid_text): a monitor's event stream
+MONITOR = "monitor"  # the role of a monitor's event stream (a socketpair from the zygote)
 SPAWN = "spawn"  # (kind, SpawnRequest bytes) -> reply (SPAWNED, SpawnReply bytes)
 SPAWNED = "spawned"
 OUTPUT = "output"  # (kind, fd, data)
 EXIT = "exit"  # (kind, code, signal, reason)
-FORK = "fork"  # bridge -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, keep_stdin)
-FORKED = "forked"  # zygote -> bridge: (kind, ticket, pid_text | None, error | None)
-REAPED = "reaped"  # zygote -> bridge: (kind, pid_text): that process's monitor has exited
+FORK = "fork"  # bridge -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
+FORKED = "forked"  # zygote -> bridge, one packet: (kind, ticket, pid_text | None, error | None) + the monitor's fd
 
 
 def encode(message: tuple) -> bytes:
@@ -49,7 +48,7 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
         if frame is CLOSED:
             return None
         if frame is not NEED_DATA:
-            return _load(frame)
+            return load(frame)
         decoder.feed(sock.recv(1 << 16))
 
 
@@ -76,7 +75,7 @@ def introduce(
     send_message(sock, hello)
 
 
-def _load(frame: Any) -> tuple:
+def load(frame: Any) -> tuple:
     message = pickle.loads(frame)
     if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
         raise DeployError("malformed control message")
@@ -101,4 +100,4 @@ class MessageReader:
             if frame is CLOSED:
                 self.closed = True
                 return messages
-            messages.append(_load(frame))
+            messages.append(load(frame))
