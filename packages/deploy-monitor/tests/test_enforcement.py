@@ -227,3 +227,45 @@ def test_stale_cgroups_of_dead_monitors_are_swept():
         for directory in [*stale, alive]:
             if os.path.exists(directory):
                 os.rmdir(directory)
+
+
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_limits_known_only_after_the_fork_still_apply(kind):
+    """A child forked ahead of need is put under the limits the monitor learns later."""
+    recorder = Recorder()
+    read_end, write_end = os.pipe()
+
+    def waits_then_hogs() -> int:
+        os.close(write_end)
+        assert os.read(read_end, 1) == b"!"  # runs only once the monitor has its limits
+        return hog()
+
+    def limits_arrive() -> Resources:
+        time.sleep(0.2)  # the child is already running meanwhile
+        return Resources(mem="50MiB", cpu=1)
+
+    def go(pid: int) -> None:
+        os.close(read_end)
+        os.write(write_end, b"!")
+        os.close(write_end)
+
+    exit = run_monitored(
+        waits_then_hogs, resources=limits_arrive, on_event=recorder, on_start=go, enforcement=enforcement_of(kind)
+    )
+    assert exit == Exit(code=None, signal="SIGKILL", reason="memory limit 50MiB exceeded")
+
+
+def test_a_failing_limits_call_kills_the_waiting_child():
+    started = []
+
+    def never_told() -> int:
+        time.sleep(30)
+        return 0
+
+    def no_job() -> Resources:
+        raise EOFError("no job for this spare")
+
+    with pytest.raises(EOFError):
+        run_monitored(never_told, resources=no_job, on_event=Recorder(), on_start=started.append)
+    assert started == []
+    assert psutil.Process().children() == []

@@ -95,7 +95,7 @@ def init(resources: Resources | None = None) -> None:
         for sock in (listener, requests_out, replies_in):
             sock.close()
         top = serve(requests_in, replies_out, fabric, secret, _HOST)
-        _become(top.pid, None, top.resources, fabric, secret, top.listener)
+        _become(top.pid, None, top.resources, fabric, secret, start_endpoint(top.pid, top.listener, secret))
         return
     requests_in.close()
     replies_out.close()
@@ -161,31 +161,36 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     return reply.pid
 
 
+def start_endpoint(pid: Pid, listener: socket.socket, secret: bytes) -> deploy_channels.Endpoint:
+    """This process's endpoint, on the port the zygote bound for it."""
+    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid)
+    deploy_channels.set_default_endpoint(endpoint)
+    return endpoint
+
+
 def _become(
     pid: Pid,
     parent: Pid | None,
     resources: Resources,
     fabric: tuple[str, int],
     secret: bytes,
-    listener: socket.socket,
+    endpoint: deploy_channels.Endpoint,
 ) -> None:
-    """Make this freshly forked process a deploy process with its own endpoint."""
+    """Make this freshly forked process a deploy process."""
     global _me, _init_called
-    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid)
-    deploy_channels.set_default_endpoint(endpoint)
     _me = _Process(pid, parent, resources, fabric, secret, endpoint)
     _init_called = True
 
 
 def run_spawned(
-    request: SpawnRequest, pid: Pid, listener: socket.socket, fabric: tuple[str, int], secret: bytes
+    request: SpawnRequest, pid: Pid, endpoint: deploy_channels.Endpoint, fabric: tuple[str, int], secret: bytes
 ) -> int:
     """Run a spawned process's function in this (monitored) process; return its exit code."""
     if dict(os.environ) != request.env:  # usually equal: rewriting it costs a fresh process ~1 ms
         os.environ.clear()
         os.environ.update(request.env)
     sys.argv[:] = list(request.argv)
-    _become(pid, request.parent, request.resources, fabric, secret, listener)
+    _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
         function, argument = loads_user(request.function), loads_user(request.argument)
         function(request.parent, argument)

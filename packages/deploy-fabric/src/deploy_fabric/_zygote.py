@@ -55,10 +55,12 @@ def serve(
     selector = selectors.DefaultSelector()
     selector.register(requests, selectors.EVENT_READ)
     reader = wire.MessageReader()
+    context = _Context(requests, replies, fabric, secret, host)
     spare: _Spare | None = None
+    top = True  # the bridge's first request is for the top process
     while True:
         if spare is None:
-            spare = _Spare.fork(requests, replies, fabric, secret, host)
+            spare = _Spare.fork(context, top=top)
             if isinstance(spare, TopProcess):
                 return spare
         ready = selector.select(timeout=0.5)
@@ -71,14 +73,11 @@ def serve(
                 continue
             _, ticket, request, resources = message
             if spare is None:
-                spare = _Spare.fork(requests, replies, fabric, secret, host)
+                spare = _Spare.fork(context, top=top)
                 if isinstance(spare, TopProcess):
                     return spare
-            if spare.pid is None:
-                _reply(replies, (wire.FORKED, ticket, None, spare.error), [])
-            else:
-                spare.assign(replies, ticket, request, resources)
-            spare = None
+            spare.assign(replies, ticket, request, resources)
+            spare, top = None, False
         if not data or reader.closed:
             os._exit(0)
 
@@ -100,11 +99,27 @@ def _reply(replies: socket.socket, message: tuple, fds: list[int]) -> None:
         os._exit(0)  # the bridge is gone; so is the run
 
 
-class _Spare:
-    """A monitor forked ahead of need, with its port, pid and event stream ready.
+@dataclass
+class _Context:
+    requests: socket.socket
+    replies: socket.socket
+    fabric: tuple[str, int]
+    secret: bytes
+    host: str
 
-    The zygote forks the next spare while the current one serves a request, so a spawn
-    waits for one fork (the monitor's of the user process), not two.
+
+class _NoJob(Exception):
+    """The zygote went away before giving a spare its job."""
+
+
+class _Spare:
+    """A process forked ahead of need, with its port, pid and event stream ready.
+
+    Every spare but the first is a pair: a monitor and, under it, the user process with
+    its endpoint already listening, both waiting for a job. Handing over a spawn then costs
+    no fork at all; the zygote forks the next pair while the process starts. The first
+    spare is a monitor alone, for the top process, which must fork from the zygote's own
+    call stack to return out of init() into main.
     """
 
     def __init__(self, pid: Pid | None, bridge_end: socket.socket | None, orders: socket.socket | None, error: str):
@@ -114,14 +129,12 @@ class _Spare:
         self.error = error
 
     @classmethod
-    def fork(
-        cls, requests: socket.socket, replies: socket.socket, fabric: tuple[str, int], secret: bytes, host: str
-    ) -> _Spare | TopProcess:
+    def fork(cls, context: _Context, *, top: bool) -> _Spare | TopProcess:
         try:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind((host, 0))
+            listener.bind((context.host, 0))
             listener.listen(128)
-            pid = Pid.new(host, listener.getsockname()[1])
+            pid = Pid.new(context.host, listener.getsockname()[1])
             events, bridge_end = socket.socketpair()
             orders, order_end = socket.socketpair()
         except OSError as error:
@@ -138,24 +151,22 @@ class _Spare:
                 sock.close()
             return cls(pid, bridge_end, orders, "")
         try:
-            for sock in (requests, replies, bridge_end, orders):
+            for sock in (context.requests, context.replies, bridge_end, orders):
                 sock.close()
-            message = wire.recv_message(order_end, wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE))
-            order_end.close()
-            if message is None:
-                os._exit(0)  # the zygote is gone without a job for us
-            _, request, resources = message
-            top = _monitor(events, pid, listener, request, Resources(**resources), fabric, secret)
+            monitor = _Monitor(events, pid, listener, order_end, context)
+            found = monitor.serve_top() if top else monitor.serve_spawned()
         except BaseException:
             traceback.print_exc()
             os._exit(1)
-        if top is None:
+        if found is None:
             os._exit(0)
-        return top
+        return found
 
     def assign(self, replies: socket.socket, ticket: int, request: bytes | None, resources: dict) -> None:
         """Hand this spare a spawn: the bridge learns the pid and gets the monitor's event stream."""
-        assert self.bridge_end is not None and self.orders is not None and self.pid is not None
+        if self.pid is None or self.bridge_end is None or self.orders is None:
+            _reply(replies, (wire.FORKED, ticket, None, self.error), [])
+            return
         # If the monitor has died meanwhile, the bridge reads EOF on its end and reports the process lost.
         _reply(replies, (wire.FORKED, ticket, self.pid.format(), None), [self.bridge_end.fileno()])
         self.bridge_end.close()
@@ -166,54 +177,104 @@ class _Spare:
         self.orders.close()
 
 
-def _monitor(
-    conn: socket.socket,
-    pid: Pid,
-    listener: socket.socket,
-    request: bytes | None,
-    resources: Resources,
-    fabric: tuple[str, int],
-    secret: bytes,
-) -> TopProcess | None:
-    """The monitor process of one user process; returns a TopProcess only in the top process.
+class _Monitor:
+    """A spare's monitor side: waits for its job, then monitors one user process.
 
-    ``conn`` carries its events to the bridge and is its lifeline: when the bridge goes, or
-    shuts its end, the monitor kills the process.
+    ``events`` carries its events to the bridge and is its lifeline: when the bridge goes,
+    or shuts its end, the monitor kills the process.
     """
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
-    def on_event(event: Output | Exit) -> None:
+    def __init__(
+        self, events: socket.socket, pid: Pid, listener: socket.socket, orders: socket.socket, context: _Context
+    ):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        self.events = events
+        self.pid = pid
+        self.listener = listener
+        self.orders = orders
+        self.context = context
+
+    def on_event(self, event: Output | Exit) -> None:
         if isinstance(event, Output):
             message: tuple = (wire.OUTPUT, event.fd, event.data)
         else:
             message = (wire.EXIT, event.code, event.signal, event.reason)
         try:
-            wire.send_message(conn, message)
+            wire.send_message(self.events, message)
         except OSError:
             pass  # the bridge is gone: the lifeline has told the monitor to kill the process
 
-    def on_start(ospid: int) -> None:
-        listener.close()
+    def wait_for_job(self) -> tuple[bytes | None, Resources]:
+        message = wire.recv_message(self.orders, wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE))
+        if message is None:
+            raise _NoJob()
+        _, request, resources = message
+        self.orders.close()
+        return request, Resources(**resources)
 
-    if request is None:
+    def serve_top(self) -> TopProcess | None:
+        try:
+            _, resources = self.wait_for_job()
+        except _NoJob:
+            return None
         result = run_monitored(
-            None, resources=resources, on_event=on_event, keep_stdin=True, lifeline=conn.fileno(), on_start=on_start
+            None,
+            resources=resources,
+            on_event=self.on_event,
+            keep_stdin=True,
+            lifeline=self.events.fileno(),
+            on_start=lambda ospid: self.listener.close(),
         )
         if result is None:  # in the top process, where the monitor already closed the lifeline's fd
-            conn.detach()
-            return TopProcess(pid, listener, resources)
-        conn.close()
+            self.events.detach()
+            return TopProcess(self.pid, self.listener, resources)
+        self.events.close()
         return None
 
-    def target() -> int:
-        conn.detach()  # the lifeline's fd, which the monitor closed in this child
-        from ._runtime import run_spawned
+    def serve_spawned(self) -> None:
+        job_r, job_w = os.pipe()
+        job: list[bytes] = []
 
-        return run_spawned(SpawnRequest.decode(request), pid, listener, fabric, secret)
+        def learn_resources() -> Resources:
+            request, resources = self.wait_for_job()
+            if request is None:
+                raise _NoJob()
+            job.append(request)
+            return resources
 
-    run_monitored(target, resources=resources, on_event=on_event, lifeline=conn.fileno(), on_start=on_start)
-    conn.close()
-    return None
+        def start(ospid: int) -> None:
+            # The process is under its limits now: give it its job.
+            self.listener.close()
+            os.close(job_r)
+            with open(job_w, "wb") as pipe:
+                pipe.write(job[0])
+
+        def process() -> int:
+            self.events.detach()  # the lifeline's fd, which the monitor closed in this child
+            self.orders.close()
+            os.close(job_w)
+            from ._runtime import run_spawned, start_endpoint
+
+            endpoint = start_endpoint(self.pid, self.listener, self.context.secret)
+            with open(job_r, "rb") as pipe:
+                request = pipe.read()
+            if not request:
+                return 0  # a spare that never got a job
+            return run_spawned(
+                SpawnRequest.decode(request), self.pid, endpoint, self.context.fabric, self.context.secret
+            )
+
+        try:
+            run_monitored(
+                process,
+                resources=learn_resources,
+                on_event=self.on_event,
+                lifeline=self.events.fileno(),
+                on_start=start,
+            )
+        except _NoJob:
+            pass
+        self.events.close()
 
 
 def _flush_stdio() -> None:

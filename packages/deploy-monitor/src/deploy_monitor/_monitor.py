@@ -73,7 +73,13 @@ class _Monitor:
         self.kill_reason: str | None = None
         self.poller = select.poll()
 
-    def start(self, target: Callable[[], int] | None, keep_stdin: bool, on_start: Callable[[int], None] | None) -> bool:
+    def start(
+        self,
+        target: Callable[[], int] | None,
+        keep_stdin: bool,
+        on_start: Callable[[int], None] | None,
+        deferred: Callable[[], Limits | None] | None = None,
+    ) -> bool:
         """Fork the child; False in the child itself (only when ``target`` is None)."""
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
@@ -110,6 +116,8 @@ class _Monitor:
                 self.pidfd = os.pidfd_open(pid)
             except OSError as exc:
                 log.debug("monitor: no pidfd (%s), checking pid %s every %ss", exc, pid, REAP_TICK)
+        if deferred is not None:
+            self.limits = deferred()  # the child is running already: it is moved under its limits
         if self.limits is not None:
             self.limits.attach(pid)
         log.debug("monitor %s: started pid %s", monitor_pid, pid)
@@ -234,7 +242,7 @@ class _Monitor:
 def run_monitored(
     target: Callable[[], int] | None,
     *,
-    resources: Resources | None,
+    resources: Resources | None | Callable[[], Resources | None],
     on_event: Callable[[Output | Exit], None],
     keep_stdin: bool = False,
     lifeline: int | None = None,
@@ -248,7 +256,11 @@ def run_monitored(
     uncaught exceptions are handled as Python does: traceback on stderr and code 1).
 
     - ``resources``: limits to enforce (``None``: none); ``enforcement`` overrides what
-      `detect_enforcement` found, e.g. ``detect_enforcement(force="poll")``.
+      `detect_enforcement` found, e.g. ``detect_enforcement(force="poll")``. A callable is
+      called here right after the fork, so the child can be started before its limits are
+      known (a process forked ahead of need): the child runs unlimited until the call
+      returns, then is moved under the limits before ``on_start``. Memory it touched before
+      that stays charged where it was.
     - ``on_event``: called in this process, from this loop, with each `Output` as it arrives
       and finally with the `Exit`, exactly once.
     - ``keep_stdin``: the child inherits fd 0; otherwise its stdin is ``/dev/null``.
@@ -263,10 +275,18 @@ def run_monitored(
     its limits joined, it returns ``None`` and the caller goes on as the monitored process
     (whose exit status is then whatever that process exits with).
     """
+    deferred = None
+    if callable(resources):
+        ask = resources
+
+        def deferred() -> Limits | None:
+            return limits_for(ask(), enforcement)
+
+        resources = None
     monitor = _Monitor(on_event, lifeline, limits_for(resources, enforcement))
     in_child = False
     try:
-        if not monitor.start(target, keep_stdin, on_start):
+        if not monitor.start(target, keep_stdin, on_start, deferred):
             in_child = True
             return None
         return monitor.run()
