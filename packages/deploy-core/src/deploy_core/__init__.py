@@ -4,6 +4,8 @@ Process ids, resource requirements, the error hierarchy, the shared-secret hands
 the spawn protocol messages.
 """
 
+import logging
+
 from . import _env as env
 from ._auth import Handshake, authenticate
 from ._errors import (
@@ -22,6 +24,11 @@ from ._pid import _from_wire as _from_wire  # pickled pids refer to it here
 from ._protocol import SpawnReply, SpawnRequest, dumps_user, loads_user
 from ._resources import Cpu, Mem, Resources
 from ._version import __version__
+
+# deploy logs under "deploy.*" and shows nothing unless the application (or DEPLOY_LOG)
+# configures logging: without this, Python's last-resort handler would print our
+# warnings into every user process's stderr.
+logging.getLogger("deploy").addHandler(logging.NullHandler())
 
 __all__ = [
     "AuthenticationError",
