@@ -17,6 +17,7 @@ Facts relied on:
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pickle
@@ -52,6 +53,11 @@ def serve(
     """Serve fork requests from the bridge; returns only in the top process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bridge's to handle
     detect_enforcement()  # once, here: every monitor inherits the answer
+    # A collection writes to every object it visits, which copies those pages in whichever
+    # forked process runs it. What exists now is the snapshot: move it where collections
+    # never look, here and so in every process forked from here.
+    gc.collect()
+    gc.freeze()
     selector = selectors.DefaultSelector()
     selector.register(requests, selectors.EVENT_READ)
     reader = wire.MessageReader()

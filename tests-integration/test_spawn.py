@@ -1,0 +1,93 @@
+"""What a spawned process starts with: its function, argv and environment, its resources."""
+
+import json
+
+import pytest
+from conftest import run
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_lambdas_and_closures_run_in_the_child(script):
+    job = script(
+        """
+        import deploy
+
+        def make_adder(amount):
+            def add(parent, value):
+                deploy.Sender[int](parent).send(value + amount)
+            return add
+
+        if __name__ == "__main__":
+            deploy.init()
+            a = deploy.spawn(lambda parent, value: deploy.Sender[int](parent).send(value * 2), 21)
+            b = deploy.spawn(make_adder(100), 1)
+            print(deploy.Receiver[int](a).recv(), deploy.Receiver[int](b).recv())
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    assert result.output(result.top) == b"42 101\n"
+
+
+def test_argv_and_environment_are_those_at_spawn_time(script):
+    job = script(
+        """
+        import os, sys, deploy
+
+        def report(parent, _):
+            seen = {"argv": sys.argv[1:], "late": os.environ.get("LATE"), "deploy": sorted(
+                key for key in os.environ if key.startswith("DEPLOY_"))}
+            deploy.Sender[dict](parent).send(seen)
+
+        if __name__ == "__main__":
+            deploy.init()
+            sys.argv.append("added-before-spawn")
+            os.environ["LATE"] = "set after init"
+            print(deploy.Receiver[dict](deploy.spawn(report, None)).recv())
+        """
+    )
+    result = run(job, "first", "--second")
+    seen = eval(result.output(result.top).decode())  # a dict's repr, printed by the top process
+    assert seen == {"argv": ["first", "--second", "added-before-spawn"], "late": "set after init", "deploy": []}
+
+
+def test_pid_and_resources_of_each_process(script):
+    job = script(
+        """
+        import deploy
+
+        def child(parent, _):
+            deploy.Sender[tuple](parent).send((deploy.pid(), parent, deploy.resources()))
+
+        if __name__ == "__main__":
+            deploy.init(deploy.Resources(mem="200MiB", cpu=0.5))
+            assert deploy.resources() == deploy.Resources(mem="200MiB", cpu=0.5)
+            child_pid = deploy.spawn(child, None, deploy.Resources(mem="64MiB", cpu=0.25))
+            pid, parent, resources = deploy.Receiver[tuple](child_pid).recv()
+            print(pid == child_pid, parent == deploy.pid(), resources)
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    assert result.output(result.top) == b"True True 64MiB memory, 0.25 cpu\n"
+    spawns = result.spawns()
+    assert spawns[0]["resources"] == {"mem": 200 * 2**20, "cpu": 0.5}
+    assert spawns[1]["resources"] == {"mem": 64 * 2**20, "cpu": 0.25}
+    assert spawns[1]["addr"].startswith("127.0.0.1:")
+
+
+def test_recce_reports_the_requested_resources_and_runs_nothing(script):
+    job = script(
+        """
+        import deploy
+
+        if __name__ == "__main__":
+            deploy.init(deploy.Resources(mem="2GiB", cpu=1.5))
+            print("the program ran")
+        """
+    )
+    result = run(job, env={"DEPLOY_RECCE": "1"}, fmt="human")
+    assert result.code == 0
+    assert json.loads(result.stdout) == {"resources": {"mem": 2 * 2**30, "cpu": 1.5}}
+    assert result.stderr == ""
