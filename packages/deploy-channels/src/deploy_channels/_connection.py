@@ -115,6 +115,9 @@ class Connection:
 
     def _authenticate(self) -> None:
         data = self.sock.recv(self.handshake.bytes_needed())
+        if not data:
+            self._ended_in_setup(EOFError("the peer closed the connection during the handshake"))
+            return
         try:
             self.handshake.receive_data(data)
         except AuthenticationError as error:
@@ -130,6 +133,13 @@ class Connection:
             if self.initiator:
                 self.pre_out += _wire.hello_frame(self.endpoint.pid, self.link.pid)
         self._write_pre()
+
+    def _ended_in_setup(self, error: BaseException) -> None:
+        # Hung up before authenticating. For our attempt that is a refusal: a listening
+        # socket closed with our connection still in its backlog (its process exited)
+        # resets it just like this. For an accepted one it is a prober or a peer that gave
+        # up on a duplicate: routine, so not logged as a warning.
+        self.endpoint._connection_failed(self, error, refused=self.initiator)
 
     def opened(self) -> None:
         """Set-up is over: frames may now be as large as the endpoint allows."""
@@ -161,7 +171,10 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
-            self.endpoint._connection_failed(self, error)
+            if self.state == "auth":
+                self._ended_in_setup(error)
+            else:
+                self.endpoint._connection_failed(self, error)
             return
         decoder = self.decoder
         try:

@@ -7,6 +7,17 @@ duplicate frame. Once a link has had no channel, nothing queued and nothing unre
 ``linger`` seconds, its side asks the peer to close; the peer agrees only if it is idle
 too, so neither side ever drops bytes the other still needs, and a later channel simply
 connects again.
+
+The acceptor decides which connection survives, and both sides must agree on it:
+- an incoming connection is a duplicate while we hold a connection the peer has not
+  agreed to close (a close we merely requested may still be refused), or while our own
+  attempt is in flight and our pid is the lower;
+- the side refused as a duplicate keeps its queued messages and waits for the peer's
+  connection (retrying its own if none comes), and exit waits for that too;
+- an exiting endpoint still completes connections that reach it and says goodbye on
+  them, so its peers see `PeerExited`; a connection reset before authenticating counts
+  as refused (the listener closed with it in the backlog). Only an established
+  connection broken without goodbye is `PeerLost`.
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ _EXITED_RECORD = 4096
 _RETRY_DUPLICATE = 0.05
 _DRAIN_STALL = 3.0
 _DRAIN_TICK = 0.005
+# How long exit waits for connections from peers that are still authenticating.
+_SETUP_WAIT = 1.0
 
 
 class EndpointState:
@@ -111,6 +124,8 @@ class Endpoint:
         self._conns: set[Connection] = set()
         self._closed = False
         self._draining = False
+        self._goodbye_frame = b""  # the goodbye frame, once draining
+        self._setup_wait_until = 0.0
         self._drained = threading.Event()
         self._loop = EventLoop(f"deploy-channels-{pid}")
         self._loop.call_soon(self._loop.register, sock.fileno(), READ, self._on_listener)
@@ -201,7 +216,18 @@ class Endpoint:
         conn.set_reading(not link.paused)
         with link.out_lock:
             link.wconn = conn
+        if self._draining:
+            # A peer that reaches us while we exit learns it from a goodbye, not a reset.
+            self._queue_goodbye(link)
         link.flush()
+
+    def _queue_goodbye(self, link: Link) -> None:
+        if link.goodbye_queued:
+            return
+        link.goodbye_queued = True
+        with link.out_lock:
+            link.out.append(self._goodbye_frame)
+            link.out_bytes += len(self._goodbye_frame)
 
     def _outgoing_hello(self, conn: Connection, pid: Pid) -> None:
         link = conn.link
@@ -213,6 +239,7 @@ class Endpoint:
             self._set_dead(link, None, lost=False)
             return
         if link.conn is not None and not link.closing or link.death is not None:
+            log.debug("deploy.channels: %s accepted our connection, but we have %r", pid, link.conn)
             conn.close()
             return
         self._attach(link, conn)
@@ -232,9 +259,13 @@ class Endpoint:
         if link.death is not None:
             conn.close()
             return
-        current = link.conn if link.conn is not None and not link.closing else None
+        # A connection we asked to tear down is still ours until the peer agrees: it may
+        # refuse and keep using it, so a newcomer is a duplicate. Only once both sides
+        # agreed (the peer is about to close it, or has) may a new connection replace it.
+        current = link.conn if link.conn is not None and not link.conn.agreed_close else None
         if current is not None or (link.pending is not None and self.pid.hex < pid.hex):
             # Keep the connection already carrying data, or the one the lower pid initiated.
+            log.debug("deploy.channels: refused a duplicate connection from %s", pid)
             conn.send_setup(_wire.control_frame(_wire.DUPLICATE))
             conn.link = None
             conn.close()
@@ -246,6 +277,7 @@ class Endpoint:
 
     def _duplicate(self, conn: Connection) -> None:
         link = conn.link
+        log.debug("deploy.channels: %s refused our connection as a duplicate", link.pid)
         conn.close()
         if link.pending is conn:
             link.pending = None
@@ -262,11 +294,14 @@ class Endpoint:
         link = conn.link
         if link is None:
             if not logged and was != "open":
-                log.warning("deploy.channels: dropped a connection during set-up: %s", error)
+                # A stranger that hangs up, or a peer closing a duplicate: nothing to report.
+                level = logging.WARNING if isinstance(error, TimeoutError) else logging.DEBUG
+                log.log(level, "deploy.channels: dropped a connection during set-up: %s", error)
             return
         if link.pending is conn:
             link.pending = None
             if link.conn is None:
+                log.debug("deploy.channels: connecting to %s failed: %s", link.pid, error)
                 self._set_dead(link, None, lost=not refused)
         elif link.conn is conn:
             link.conn = None
@@ -361,6 +396,7 @@ class Endpoint:
             link.closing = True
             with link.out_lock:
                 link.wconn = None
+            log.debug("deploy.channels: asking %s to close the idle connection", link.pid)
             link.conn.send_setup(_wire.control_frame(_wire.CLOSE_REQUEST))
             return
         # Still flushing, or unread messages wait for a Receiver: look again later.
@@ -395,7 +431,9 @@ class Endpoint:
 
     def _close_no(self, conn: Connection) -> None:
         link = conn.link
-        if link.conn is not conn:
+        if link.conn is not conn or conn.agreed_close:
+            # Both sides asked at once and we agreed to the peer's request: the peer closes
+            # this connection as soon as it reads our agreement, so it must carry no more.
             return
         link.closing = False
         with link.out_lock:
@@ -445,36 +483,51 @@ class Endpoint:
 
     def _begin_drain(self, exit_code: int | None, deadline: float) -> None:
         self._draining = True
-        goodbye = _wire.goodbye_frame(exit_code)
+        self._goodbye_frame = _wire.goodbye_frame(exit_code)
+        self._setup_wait_until = time.monotonic() + _SETUP_WAIT
         for link in list(self._links.values()):
             with link.out_lock:
                 link.shut = True
-            if link.death is None and (link.conn is not None or link.pending is not None or link.out):
-                with link.out_lock:
-                    link.out.append(goodbye)
-                    link.out_bytes += len(goodbye)
+            conn = link.conn
+            agreed_idle = conn is not None and conn.agreed_close and not link.out
+            if link.death is None and (conn is not None or link.pending is not None or link.out) and not agreed_idle:
+                # (A connection both sides agreed to close is idle: the peer learns of our
+                # exit when it next connects and is refused.)
+                self._queue_goodbye(link)
                 link.flush()
                 self._ensure_connected(link)
             link.wake_all()
         self._drain_tick(deadline, None, time.monotonic())
 
     def _drain_tick(self, deadline: float, last: int | None, progress_at: float) -> None:
-        pending = 0
+        # Everything that may still carry bytes to a peer counts: queued output even while
+        # no connection exists (a refused duplicate waits for the peer's own connection),
+        # attempts in progress, connections being torn down, and (briefly) connections
+        # from peers still in set-up, which are owed a goodbye rather than a reset.
+        unsent = unsettled = 0
         for link in list(self._links.values()):
             if link.death is not None:
                 continue
-            if link.pending is not None:
-                pending += 1 + link.out_bytes
-            elif link.conn is not None and not link.closing:
-                pending += link.out_bytes + link.conn.unsent()
+            if link.pending is not None or (link.conn is not None and link.closing):
+                unsettled += 1
+            unsent += link.out_bytes
+            if link.conn is not None:
+                unsent += link.conn.unsent()
         now = time.monotonic()
+        if now < self._setup_wait_until:
+            unsettled += sum(1 for conn in self._conns if conn.link is None and conn.state in ("auth", "hello"))
+        pending = unsent + unsettled
         if last is None or pending < last:
             progress_at = now
         if pending and now < deadline and now - progress_at < _DRAIN_STALL:
             self._loop.call_later(_DRAIN_TICK, self._drain_tick, deadline, pending, progress_at)
             return
         if pending:
-            log.warning("deploy.channels: gave up delivering %d bytes at close", pending)
+            log.warning(
+                "deploy.channels: gave up at close with %d bytes undelivered and %d connections unsettled",
+                unsent,
+                unsettled,
+            )
         self._finish_close()
 
     def _finish_close(self) -> None:

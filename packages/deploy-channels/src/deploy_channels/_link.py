@@ -106,6 +106,7 @@ class Link:
         self.wconn: Connection | None = None
         self.last_direct = 0.0
         self.shut = False  # the endpoint is closing: no new sends
+        self.goodbye_queued = False  # the endpoint's goodbye is in `out` (loop thread)
         # Loop-thread connection state.
         self.conn: Connection | None = None  # established (possibly closing)
         self.pending: Connection | None = None  # our outgoing attempt
