@@ -11,6 +11,8 @@ def test_public_surface_is_pinned():
         "Output",
         "__version__",
         "detect_enforcement",
+        "exit_code",
+        "flush_stdio",
         "run_monitored",
     ]
     for name in deploy_monitor.__all__:
@@ -36,3 +38,11 @@ def test_event_fields():
     assert [f.name for f in dataclasses.fields(deploy_monitor.Exit)] == ["code", "signal", "reason"]
     assert [f.name for f in dataclasses.fields(deploy_monitor.Enforcement)] == ["kind", "memory_dir", "cpu_dir"]
     assert list(inspect.signature(deploy_monitor.detect_enforcement).parameters) == ["force"]
+
+
+def test_exit_code_maps_sys_exit_arguments_as_python_does(capsys):
+    assert deploy_monitor.exit_code(None) == 0
+    assert deploy_monitor.exit_code(3) == 3
+    assert deploy_monitor.exit_code(256 + 7) == 7
+    assert deploy_monitor.exit_code("bad input") == 1
+    assert capsys.readouterr().err == "bad input\n"

@@ -21,6 +21,7 @@ from typing import Any
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
 from deploy_core import DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env, loads_user
+from deploy_monitor import exit_code, flush_stdio
 
 from . import _wire as wire
 from ._bridge import Bridge
@@ -90,7 +91,7 @@ def init(resources: Resources | None = None) -> None:
     fabric = listener.getsockname()[:2]
     requests_out, requests_in = socket.socketpair()
     replies_in, replies_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    _flush_stdio()
+    flush_stdio()
     if os.fork() == 0:
         for sock in (listener, requests_out, replies_in):
             sock.close()
@@ -196,24 +197,14 @@ def run_spawned(
         function(request.parent, argument)
         code = 0
     except SystemExit as exit:
-        code = _exit_code(exit.code)
+        code = exit_code(exit.code)
     except BaseException:
         traceback.print_exc()
         code = 1
-    _flush_stdio()
+    flush_stdio()
     assert _me is not None
     _me.endpoint.close(exit_code=code)
     return code
-
-
-def _exit_code(value: object) -> int:
-    """sys.exit()'s argument as an exit code, as the interpreter itself maps it."""
-    if value is None:
-        return 0
-    if isinstance(value, int):
-        return value & 0xFF
-    print(value, file=sys.stderr)
-    return 1
 
 
 def _machine() -> Resources:
@@ -238,11 +229,3 @@ def _configure_logging() -> None:
             stream=sys.stderr,
             format="deploy[%(process)d] %(name)s: %(message)s",
         )
-
-
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, ValueError, OSError):
-            pass

@@ -24,12 +24,11 @@ import pickle
 import selectors
 import signal
 import socket
-import sys
 import traceback
 from dataclasses import dataclass
 
 from deploy_core import Pid, Resources, SpawnRequest
-from deploy_monitor import Exit, Output, detect_enforcement, run_monitored
+from deploy_monitor import Exit, Output, detect_enforcement, flush_stdio, run_monitored
 
 from . import _wire as wire
 
@@ -145,7 +144,7 @@ class _Spare:
             orders, order_end = socket.socketpair()
         except OSError as error:
             return cls(None, None, None, f"cannot open a port for the new process: {error}")
-        _flush_stdio()
+        flush_stdio()
         try:
             ospid = os.fork()
         except OSError as error:
@@ -281,11 +280,3 @@ class _Monitor:
         except _NoJob:
             pass
         self.events.close()
-
-
-def _flush_stdio() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (AttributeError, ValueError, OSError):
-            pass

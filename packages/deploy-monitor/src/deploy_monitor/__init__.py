@@ -7,6 +7,7 @@ the host allows one, else memory polling), reaps it and reports an `Exit`.
 """
 
 from ._cgroups import Enforcement, detect_enforcement
+from ._child import exit_code, flush_stdio
 from ._events import Exit, Output
 from ._monitor import run_monitored
 from ._version import __version__
@@ -17,5 +18,7 @@ __all__ = [
     "Output",
     "__version__",
     "detect_enforcement",
+    "exit_code",
+    "flush_stdio",
     "run_monitored",
 ]

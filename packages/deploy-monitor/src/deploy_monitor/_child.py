@@ -89,6 +89,7 @@ def _line_buffered(name: str, fd: int) -> None:
 
 
 def flush_stdio() -> None:
+    """Flush Python's stdout and stderr (before a fork, or before ``os._exit``)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             if stream is not None:
@@ -97,8 +98,8 @@ def flush_stdio() -> None:
             pass
 
 
-def _exit_code(value: object) -> int:
-    """What ``sys.exit(value)`` would make the exit status."""
+def exit_code(value: object) -> int:
+    """The exit status that ``sys.exit(value)`` gives, as the interpreter maps it."""
     if value is None:
         return 0
     if isinstance(value, int):
@@ -109,9 +110,9 @@ def _exit_code(value: object) -> int:
 
 def _run(target: Callable[[], int]) -> int:
     try:
-        return _exit_code(target())
+        return exit_code(target())
     except SystemExit as exc:
-        return _exit_code(exc.code)
+        return exit_code(exc.code)
     except BaseException:
         traceback.print_exc()
         return 1
