@@ -117,3 +117,17 @@ def test_invalid_maximum():
         FrameDecoder(max_frame_size=0)
     with pytest.raises(ValueError):
         FrameDecoder(max_frame_size=2**32)
+
+
+def test_pending_size_reads_the_header_once_it_is_in():
+    decoder = FrameDecoder()
+    data = encode_frame(b"x" * 300)
+    assert decoder.pending_size() is None
+    decoder.feed(data[:3])
+    assert decoder.pending_size() is None
+    decoder.feed(data[3:10])
+    assert decoder.pending_size() == 300
+    assert decoder.next_frame() is NEED_DATA
+    decoder.feed(data[10:])
+    assert decoder.next_frame() == b"x" * 300
+    assert decoder.pending_size() is None

@@ -13,6 +13,21 @@ OS facts relied on:
   is never called.
 - ``TIOCOUTQ`` (ioctl 0x5411 on Linux) on a TCP socket counts the bytes in the send queue
   that the peer's kernel has not acknowledged yet; 0 means all sent data reached it.
+- ``epoll_ctl`` may be called from any thread while another waits in ``epoll_wait``;
+  with READ dropped from a level-triggered registration the loop is not woken by data,
+  but EPOLLHUP/EPOLLERR are always reported.
+- A descriptor number is reused as soon as it is closed, so nothing may poll or
+  ``epoll_ctl`` a connection's fd once its socket is closed.
+
+Reading: whoever holds ``rlock`` owns the read side (the socket's receive queue and the
+frame decoder). Normally that is the loop thread for the length of one read. A user
+thread blocked in ``recv`` with nothing buffered takes it instead (`read_direct`): it
+drops READ from the loop's registration, waits on the socket itself and returns the
+first data frame without waking the loop, which saves a thread hand-off per message.
+Anything else it meets (a control frame, EOF, an error, leftover frames) it leaves
+for the loop and restores READ. This is the one deviation from "only the loop thread
+touches the selector": a user thread changes its own connection's mask, under
+``mask_lock``, which also orders it against `close` so a closed fd is never touched.
 """
 
 from __future__ import annotations
@@ -23,6 +38,8 @@ import logging
 import socket
 import struct
 import termios
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from deploy_core import AuthenticationError, FrameError, Handshake
@@ -33,7 +50,7 @@ from .framing import FrameDecoder
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
-    from ._link import Link
+    from ._link import FdWaiter, Link
 
 __all__ = ["Connection", "unsent_bytes"]
 
@@ -45,6 +62,10 @@ _RECV_SIZE = 256 * 1024
 _SETUP_MAX_FRAME = 4096
 SETUP_TIMEOUT = 10.0
 _DATA_KINDS = (_wire.DATA, _wire.DATA_BUFFERS)
+#: `read_direct`: the loop should look again (a wake-up, not a message).
+RETRY = object()
+# A user thread reads frames up to this size itself; bigger ones are left to the loop.
+_DIRECT_MAX = 64 * 1024
 
 
 def unsent_bytes(sock: socket.socket) -> int:
@@ -57,8 +78,8 @@ def unsent_bytes(sock: socket.socket) -> int:
 
 
 class Connection:
-    """Loop-thread object; only `write_now` is called from user threads (under the
-    link's out_lock)."""
+    """Loop-thread object; user threads call only `write_now` (under the link's
+    out_lock) and `read_direct` (see the module comment)."""
 
     def __init__(self, endpoint: Endpoint, sock: socket.socket, *, link: Link | None, addr: object):
         self.endpoint = endpoint
@@ -72,8 +93,16 @@ class Connection:
         self.handshake = Handshake(endpoint._secret, initiator=self.initiator)
         self.decoder = FrameDecoder(_SETUP_MAX_FRAME)
         self.pre_out = bytearray()
-        self.reading = True
+        self.reading = True  # not paused by back-pressure
+        self.writing = False  # output waits for the socket to turn writable
         self.agreed_close = False
+        # The read side: see the module comment.
+        self.rlock = threading.Lock()
+        self.mask_lock = threading.Lock()
+        self.user_reading = False
+        self.reader: FdWaiter | None = None
+        self.held: list | None = None  # frames a user thread read, for the loop
+        self.held_error: Exception | None = None
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -163,18 +192,61 @@ class Connection:
             self._readable()
 
     def _readable(self) -> None:
-        try:
-            if self.state == "auth":
+        if self.state == "auth":
+            try:
                 self._authenticate()
-                return
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as error:
+                self._ended_in_setup(error)
+            return
+        if not self.rlock.acquire(False):
+            return  # a user thread is reading; READ is (about to be) off our mask
+        try:
+            if self.state == "open" and (
+                self.held is not None or self.held_error is not None or self.decoder.buffered()
+            ):
+                self._take_over()
+                if self.state == "closed":
+                    return
+            self._read_once()
+        finally:
+            self._release_reader(False)
+
+    def _take_over(self) -> None:
+        """Process what a user thread left behind (rlock held)."""
+        error, self.held_error = self.held_error, None
+        held, self.held = self.held, None
+        try:
+            frames = held if held is not None else []
+            if error is None:
+                frames += self.decoder.frames()
+            if frames:
+                self._dispatch(frames)
+            if isinstance(error, FrameError):
+                raise error
+        except FrameError as exc:
+            self._protocol_error(exc)
+            return
+        if error is not None and self.state != "closed":
+            self.endpoint._connection_failed(self, error)
+
+    def after_user_read(self) -> None:
+        """Loop thread: a user thread handed the read side back with work left."""
+        if self.state == "closed" or not self.rlock.acquire(False):
+            return  # closed, or being read again (whoever reads finds the leftovers)
+        try:
+            self._take_over()
+        finally:
+            self._release_reader(False)
+
+    def _read_once(self) -> None:
+        try:
             data = self.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as error:
-            if self.state == "auth":
-                self._ended_in_setup(error)
-            else:
-                self.endpoint._connection_failed(self, error)
+            self.endpoint._connection_failed(self, error)
             return
         decoder = self.decoder
         try:
@@ -280,14 +352,129 @@ class Connection:
     def want_write(self, flag: bool) -> None:
         if self.state == "closed":
             return
-        mask = (READ if self.reading else 0) | (WRITE if flag or self.pre_out else 0)
-        self.loop.modify(self.fd, mask)
+        with self.mask_lock:
+            self.writing = flag
+            self._apply_mask()
 
     def set_reading(self, flag: bool) -> None:
         if self.state == "closed" or self.reading == flag:
             return
-        self.reading = flag
-        self.loop.modify(self.fd, (self.loop.mask(self.fd) & WRITE) | (READ if flag else 0))
+        with self.mask_lock:
+            self.reading = flag
+            self._apply_mask()
+
+    def _apply_mask(self) -> None:
+        # Under mask_lock, from the loop or from the user thread that holds rlock.
+        if self.state == "closed":
+            return
+        read = self.reading and not self.user_reading
+        self.loop.modify(self.fd, (READ if read else 0) | (WRITE if self.writing or self.pre_out else 0))
+
+    # --- reading from a user thread -------------------------------------------------------
+
+    def read_direct(self, link: Link, deadline: float | None, waiter: FdWaiter) -> object:
+        """User thread, nothing in the inbox: wait on the socket itself for the next data
+        frame. Returns its payload; `RETRY` after a wake-up; None when the loop must
+        do the reading (then wait for it to deliver)."""
+        if not self.rlock.acquire(False):
+            return None  # the loop (or another thread) is reading: it delivers
+        with self.mask_lock:
+            usable = (
+                self.state == "open"
+                and link.conn is self
+                and self.reading
+                and self.held is None
+                and self.held_error is None
+                and not link.inbox
+            )
+            if usable:
+                self.user_reading = True
+                self.reader = waiter
+                self._apply_mask()
+        if not usable:
+            self._release_reader(False)
+            return None
+        hand_back = False
+        decoder = self.decoder
+        try:
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                except FrameError:
+                    hand_back = True  # the loop meets it again and drops the connection
+                    return None
+                if type(frame) is bytes:
+                    if frame and frame[-1] in _DATA_KINDS:
+                        if decoder.buffered() > 4:
+                            hand_back = self._deliver_rest(link, waiter)
+                        return frame
+                    self.held = [frame]
+                    hand_back = True
+                    return None
+                if link.death is not None or link.shut or self.state != "open":
+                    return RETRY
+                size = decoder.pending_size()
+                if size is not None and size > _DIRECT_MAX:
+                    # A big message: the loop reads it while this thread still digests
+                    # the previous one, rather than one thread doing both in turn.
+                    return None
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                readable, woken = waiter.poll(self.fd, timeout)
+                if woken:
+                    return RETRY
+                if not readable:
+                    if timeout is not None and time.monotonic() >= deadline:
+                        return RETRY  # the caller raises TimeoutError
+                    continue
+                try:
+                    data = self.sock.recv(_RECV_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                except OSError as error:
+                    self.held_error = error
+                    hand_back = True
+                    return None
+                if not data:
+                    hand_back = True  # EOF: the loop reads it again once READ is back
+                    return None
+                decoder.feed(data)
+        finally:
+            self._release_reader(True)
+            if hand_back:
+                self.loop.call_soon(self.after_user_read)
+
+    def _deliver_rest(self, link: Link, waiter: FdWaiter) -> bool:
+        """After a direct read: queue the other complete frames that came with it; True if
+        some must go to the loop."""
+        try:
+            frames = self.decoder.frames()
+        except FrameError as error:
+            self.held_error = error
+            return True
+        count = 0
+        nbytes = 0
+        for payload in frames:
+            if not payload or payload[-1] not in _DATA_KINDS:
+                break
+            count += 1
+            nbytes += len(payload)
+        if count:
+            link.deliver_direct(frames[:count] if count < len(frames) else frames, nbytes, waiter)
+        if count < len(frames):
+            self.held = frames[count:]
+            return True
+        return False
+
+    def _release_reader(self, user: bool) -> None:
+        with self.mask_lock:
+            if user:
+                self.user_reading = False
+                self.reader = None
+                self._apply_mask()
+            closed = self.state == "closed"
+            self.rlock.release()
+        if closed:
+            self.sock.close()  # close() left it to us (idempotent otherwise)
 
     def fail(self, error: BaseException) -> None:
         if self.state != "closed":
@@ -299,9 +486,17 @@ class Connection:
     def close(self) -> None:
         if self.state == "closed":
             return
-        self.state = "closed"
-        self.loop.unregister(self.fd)
-        self.sock.close()
+        with self.mask_lock:
+            self.state = "closed"
+            self.loop.unregister(self.fd)
+            free = self.rlock.acquire(False)
+            if free:
+                self.rlock.release()
+            reader = self.reader
+        if free:
+            self.sock.close()
+        elif reader is not None:
+            reader.wake()  # it closes the socket when it lets go of the read side
         self.endpoint._conns.discard(self)
 
 

@@ -10,8 +10,11 @@ so order holds across closing and re-creating them.
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
@@ -21,7 +24,7 @@ if TYPE_CHECKING:
     from ._connection import Connection
     from ._endpoint import Endpoint
 
-__all__ = ["AsyncWaiter", "Link", "Waiter", "deadline_after", "remaining"]
+__all__ = ["AsyncWaiter", "FdWaiter", "Link", "Waiter", "deadline_after", "remaining"]
 
 # Small frames are gathered into one bytearray up to this size, so the loop writes many
 # messages with a single sendmsg iovec.
@@ -66,6 +69,81 @@ class Waiter:
 
     def wait(self, timeout: float | None) -> None:
         self._lock.acquire(timeout=-1 if timeout is None else timeout)
+
+
+class _ThreadWaiter(threading.local):
+    waiter: FdWaiter | None = None  # a default every thread sees until it sets its own
+
+
+class FdWaiter:
+    """A thread's wake-up that can be waited on together with a socket: an eventfd.
+
+    One per thread (`for_this_thread`), so a blocked `recv` can poll its connection's
+    socket and its wake-up at once. A wake-up left over from an earlier wait only makes
+    a later wait return early; every waiter re-checks what it waits for.
+    """
+
+    __slots__ = ("_fd", "_poll", "_watched", "__weakref__")
+
+    local = _ThreadWaiter()
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._poll = select.poll()
+        self._poll.register(self._fd, select.POLLIN)
+        self._watched = -1
+        weakref.finalize(self, os.close, self._fd)
+
+    @classmethod
+    def for_this_thread(cls) -> FdWaiter:
+        waiter = cls.local.waiter
+        if waiter is None:
+            waiter = cls.local.waiter = cls()
+        return waiter
+
+    @classmethod
+    def forget_after_fork(cls) -> None:
+        # A forked child shares the parent's eventfd: the thread that forked gets a new one.
+        cls.local = _ThreadWaiter()
+
+    def wake(self) -> None:
+        try:
+            os.eventfd_write(self._fd, 1)
+        except OSError:
+            pass  # the counter is already non-zero
+
+    def _drain(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except OSError:
+            pass
+
+    def wait(self, timeout: float | None) -> None:
+        self.poll(-1, timeout)
+
+    def poll(self, fd: int, timeout: float | None) -> tuple[bool, bool]:
+        """Wait until ``fd`` is readable (or hung up) or `wake` is called; returns
+        (fd ready, woken). ``fd`` -1 waits for the wake-up alone."""
+        if fd != self._watched:
+            if self._watched >= 0:
+                self._poll.unregister(self._watched)
+            if fd >= 0:
+                self._poll.register(fd, select.POLLIN)
+            self._watched = fd
+        events = self._poll.poll(None if timeout is None else timeout * 1000.0)
+        ready = woken = False
+        for ready_fd, _ in events:
+            if ready_fd == self._fd:
+                woken = True
+            else:
+                ready = True
+        if woken:
+            self._drain()
+        return ready, woken
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=FdWaiter.forget_after_fork)
 
 
 class AsyncWaiter:
@@ -114,6 +192,7 @@ class Link:
         self.idle_token = 0
         # Incoming: the loop appends, user threads popleft (both atomic on a deque).
         self.inbox: deque = deque()
+        self.in_lock = threading.Lock()
         self.total_in = 0  # messages ever appended (loop only)
         self.total_in_bytes = 0
         # (total_in, total_in_bytes) at the end of each grain of reads; `base` is the mark
@@ -262,9 +341,11 @@ class Link:
 
     def take(self, deadline: float | None) -> bytes:
         """The next message's payload; blocks until one arrives, the peer dies or the deadline."""
+        inbox = self.inbox
         try:
-            payload = self.inbox.popleft()
-        except IndexError:
+            # (Checked first: raising IndexError on every blocking recv costs a microsecond.)
+            payload = inbox.popleft() if inbox else self._wait_rx(deadline)
+        except IndexError:  # another thread took it
             payload = self._wait_rx(deadline)
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
@@ -286,10 +367,23 @@ class Link:
         return payload
 
     def _wait_rx(self, deadline: float | None) -> bytes:
-        waiter = Waiter()
+        waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)
         try:
             while True:
+                conn = self.conn
+                if conn is not None and not self.inbox:
+                    # Read the socket ourselves rather than wait for the loop to hand us
+                    # the message (see _connection's module comment).
+                    payload = conn.read_direct(self, deadline, waiter)
+                    if type(payload) is bytes:
+                        return payload
+                    if payload is not None:  # woken: look again
+                        payload = self.take_nowait()
+                        if payload is not None:
+                            return payload
+                        remaining(deadline)
+                        continue
                 payload = self.take_nowait()
                 if payload is not None:
                     return payload
@@ -300,33 +394,48 @@ class Link:
     # --- loop thread: receiving -------------------------------------------------------------
 
     def deliver(self, payloads: list, nbytes: int) -> None:
-        self.inbox.extend(payloads)
-        self.total_in += len(payloads)
-        self.total_in_bytes += nbytes
-        batches = self.batches
-        previous = batches[-2] if len(batches) > 1 else self.base
-        if batches and batches[-1][1] - previous[1] < _BATCH_GRAIN:
-            batches[-1] = (self.total_in, self.total_in_bytes)
-        else:
-            batches.append((self.total_in, self.total_in_bytes))
+        self._account(payloads, nbytes)
         if self.rx_watchers:
             self.loop.deferred_wakes.append(self.wake_rx)
 
+    def deliver_direct(self, payloads: list, nbytes: int, reader: FdWaiter) -> None:
+        """A user thread that holds the read side queues what it read beyond its message."""
+        self._account(payloads, nbytes)
+        for waiter in tuple(self.rx_watchers):
+            if waiter is not reader:
+                waiter.wake()
+
+    def _account(self, payloads: list, nbytes: int) -> None:
+        # Whoever holds the connection's read side delivers; in_lock orders that against
+        # the loop's back-pressure bookkeeping below.
+        with self.in_lock:
+            self.inbox.extend(payloads)
+            self.total_in += len(payloads)
+            self.total_in_bytes += nbytes
+            batches = self.batches
+            previous = batches[-2] if len(batches) > 1 else self.base
+            if batches and batches[-1][1] - previous[1] < _BATCH_GRAIN:
+                batches[-1] = (self.total_in, self.total_in_bytes)
+            else:
+                batches.append((self.total_in, self.total_in_bytes))
+
     def buffered_bytes(self) -> int:
         """Bytes in the inbox, over-estimated by at most one grain (loop thread)."""
-        consumed = self.total_in - len(self.inbox)
-        batches = self.batches
-        while batches and batches[0][0] <= consumed:
-            self.base = batches.popleft()
-        return self.total_in_bytes - self.base[1]
+        with self.in_lock:
+            consumed = self.total_in - len(self.inbox)
+            batches = self.batches
+            while batches and batches[0][0] <= consumed:
+                self.base = batches.popleft()
+            return self.total_in_bytes - self.base[1]
 
     def resume_threshold(self, low_water: int) -> int:
         """How many messages may still be in the inbox when reading resumes (loop thread)."""
         allowed = 0
-        for count, nbytes in reversed((self.base, *self.batches)):
-            if self.total_in_bytes - nbytes > low_water:
-                break
-            allowed = self.total_in - count
+        with self.in_lock:
+            for count, nbytes in reversed((self.base, *self.batches)):
+                if self.total_in_bytes - nbytes > low_water:
+                    break
+                allowed = self.total_in - count
         return allowed
 
     def wake_rx(self) -> None:

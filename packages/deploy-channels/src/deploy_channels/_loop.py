@@ -9,7 +9,10 @@ OS facts relied on:
   to the SAME epoll instance as the parent's, so the child must only close its copy
   (never register, modify or unregister through it).
 
-Only the loop thread touches the poller. Other threads hand it work with `call_soon`.
+Only the loop thread touches the poller, with one exception: a user thread reading its
+connection directly (see _connection) drops and restores READ on that connection's fd,
+under the connection's lock. `modify` is written for that: it touches only its fd's
+entry. Other threads hand the loop work with `call_soon`.
 """
 
 from __future__ import annotations
@@ -93,6 +96,8 @@ class EventLoop:
         self._poller.register(fd, mask)
 
     def modify(self, fd: int, mask: int) -> None:
+        # Also called by a user thread for the fd of the connection it reads directly,
+        # under that connection's mask_lock (which every change of that fd takes).
         if self._masks.get(fd, mask) != mask:
             self._masks[fd] = mask
             self._poller.modify(fd, mask)

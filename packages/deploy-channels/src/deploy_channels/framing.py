@@ -115,6 +115,12 @@ class FrameDecoder:
         """How many fed bytes have not been returned as frames yet."""
         return len(self._buf) - self._pos
 
+    def pending_size(self) -> int | None:
+        """The payload length of the next frame once its header is buffered, else None."""
+        if len(self._buf) - self._pos < HEADER_SIZE:
+            return None
+        return self._unpack_from(self._buf, self._pos)[0]
+
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the stream; ``b""`` marks the end of the stream."""
         if self._eof:

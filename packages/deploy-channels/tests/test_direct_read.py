@@ -1,0 +1,157 @@
+"""A thread blocked in `recv` reads its connection's socket itself (no hand-off from the
+loop thread); it must hand the socket back correctly in every situation."""
+
+import threading
+import time
+
+import pytest
+from deploy_channels import Receiver, Sender, select
+from deploy_core import ChannelClosed, PeerExited
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def blocked(fn):
+    """Run ``fn`` in a thread; returns (thread, outcome list of value or exception)."""
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(fn())
+        except BaseException as error:  # reported by the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def direct_readers(link) -> bool:
+    conn = link.conn
+    return conn is not None and conn.user_reading
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.002)
+
+
+def test_ping_pong_is_read_directly_without_waking_the_loop(pair):
+    a, b = pair
+    tx_ab, rx_ba = Sender[int](b.pid, endpoint=a), Receiver[int](b.pid, endpoint=a)
+    tx_ba, rx_ab = Sender[int](a.pid, endpoint=b), Receiver[int](a.pid, endpoint=b)
+
+    def echo():
+        for _ in range(2000):
+            tx_ba.send(rx_ab.recv(timeout=10))
+
+    thread, outcome = blocked(echo)
+    for i in range(2000):
+        tx_ab.send(i)
+        assert rx_ba.recv(timeout=10) == i
+    thread.join(10)
+    assert outcome == [None]
+    # Hardly anything went through the inboxes: the receiving threads took the messages
+    # off the sockets themselves (the loop reads one when it arrives before its reader
+    # is back in recv, which threads of one process sharing a GIL make common enough).
+    assert a._links[b.pid].total_in + b._links[a.pid].total_in < 1000
+
+
+def test_mixed_sizes_and_bursts_keep_order(pair):
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    sizes = [0, 10, 70_000, 5, 1 << 20, 3, 200_000, 1]
+    expected = [(round_, size, bytes(size)) for round_ in range(30) for size in sizes]
+    thread, outcome = blocked(lambda: [rx.recv(timeout=10) for _ in expected])
+    for index, value in enumerate(expected):
+        tx.send(value)
+        if index % 20 == 0:
+            time.sleep(0.01)  # sometimes the reader is already waiting on the socket
+    thread.join(30)
+    assert outcome == [expected]
+    with pytest.raises(TimeoutError):
+        rx.recv(timeout=0.05)
+
+
+def test_two_threads_receiving_on_one_receiver_get_each_message_once(pair):
+    a, b = pair
+    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
+    count = 5000
+    got: list = []
+    lock = threading.Lock()
+
+    def take():
+        while True:
+            value = rx.recv(timeout=10)
+            if value < 0:
+                return
+            with lock:
+                got.append(value)
+
+    threads = [blocked(take) for _ in range(2)]
+    for i in range(count):
+        tx.send(i)
+        if i % 500 == 0:
+            time.sleep(0.005)
+    tx.send(-1)
+    tx.send(-1)
+    for thread, outcome in threads:
+        thread.join(20)
+        assert outcome == [None]
+    assert sorted(got) == list(range(count))
+
+
+def test_closing_the_endpoint_wakes_a_direct_reader(pair):
+    a, b = pair
+    tx, rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
+    tx.send("first")
+    assert rx.recv(timeout=5) == "first"
+    thread, outcome = blocked(lambda: rx.recv(timeout=20))
+    wait_until(lambda: direct_readers(a._links[b.pid]))
+    start = time.monotonic()
+    a.close()
+    thread.join(5)
+    assert isinstance(outcome[0], ChannelClosed)
+    assert time.monotonic() - start < 2
+
+
+def test_goodbye_reaches_a_direct_reader(pair):
+    a, b = pair
+    tx, rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
+    tx.send("first")
+    assert rx.recv(timeout=5) == "first"
+
+    def drain():
+        values = []
+        try:
+            while True:
+                values.append(rx.recv(timeout=10))
+        except PeerExited as error:
+            return values, error.code
+
+    thread, outcome = blocked(drain)
+    wait_until(lambda: direct_readers(a._links[b.pid]))
+    tx.send("last")
+    b.close(exit_code=4)
+    thread.join(10)
+    assert outcome == [(["last"], 4)]
+
+
+def test_timeout_while_reading_directly_leaves_the_connection_usable(pair):
+    a, b = pair
+    tx, rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
+    tx.send(0)
+    assert rx.recv(timeout=5) == 0
+    for i in range(1, 20):
+        with pytest.raises(TimeoutError):
+            rx.recv(timeout=0.01)
+        tx.send(i)
+        assert rx.recv(timeout=5) == i
+    link = a._links[b.pid]
+    assert link.conn is not None and not link.conn.user_reading
+    # The loop reads again once nobody waits: select sees the next message.
+    tx.send("for select")
+    assert select(rx, timeout=5) is rx
+    assert rx.recv_nowait() == "for select"
