@@ -9,7 +9,6 @@ so order holds across closing and re-creating them.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import select
 import threading
@@ -152,6 +151,10 @@ class AsyncWaiter:
     __slots__ = ("_loop", "future", "_woken")
 
     def __init__(self) -> None:
+        # Imported here: asyncio (with ssl) adds ~7 MiB to a process, and every deploy process
+        # is forked, so a program that never awaits a channel should not carry it.
+        import asyncio
+
         self._loop = asyncio.get_running_loop()
         self.future = self._loop.create_future()
         self._woken = False

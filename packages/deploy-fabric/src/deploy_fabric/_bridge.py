@@ -62,7 +62,7 @@ class _Pending:
     """A spawn that is waiting for capacity or for the zygote."""
 
     requester: _Conn | None  # None: the top process
-    request: SpawnRequest | None
+    request: bytes | None  # the encoded SpawnRequest, forwarded to the zygote as it came
     resources: Resources
     parent: Pid | None
     node: Node | None = None
@@ -301,7 +301,7 @@ class Bridge:
         if problem is not None:
             self._reply(conn, SpawnReply(error=problem, no_capacity=True))
             return
-        pending = _Pending(conn, request, request.resources, request.parent)
+        pending = _Pending(conn, data, request.resources, request.parent)
         if self._queue or not self._try_place(pending):
             if request.block:
                 self._queue.append(pending)
@@ -327,9 +327,8 @@ class Bridge:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._tickets[ticket] = pending
-        request = pending.request.encode() if pending.request is not None else None
         try:
-            wire.send_message(self._to_zygote, (wire.FORK, ticket, request, pending.resources.to_dict()))
+            wire.send_message(self._to_zygote, (wire.FORK, ticket, pending.request, pending.resources.to_dict()))
         except OSError:
             pass  # the zygote is gone: its packet socket reports that
 
