@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_channels  # noqa: E402
 import bench_runtime  # noqa: E402
 
-SUITES = {"channels": bench_channels.main, "runtime": bench_runtime.main}
+SUITES = {"channels": lambda: bench_channels.main([]), "runtime": bench_runtime.main}
 
 
 def main(argv: list[str]) -> int:
