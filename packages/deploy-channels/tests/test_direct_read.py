@@ -5,7 +5,7 @@ import threading
 import time
 
 import pytest
-from deploy_channels import Receiver, Sender, select
+from deploy_channels import Receiver, Sender, _wire, select
 from deploy_core import ChannelClosed, PeerExited
 
 pytestmark = pytest.mark.timeout(60)
@@ -155,3 +155,23 @@ def test_timeout_while_reading_directly_leaves_the_connection_usable(pair):
     tx.send("for select")
     assert select(rx, timeout=5) is rx
     assert rx.recv_nowait() == "for select"
+
+
+def test_frames_left_behind_are_processed_when_the_loop_finds_the_read_side_taken(pair):
+    """A reader leaves a frame it cannot handle to the loop; the loop's hand-back finds the
+    read side taken by a thread that is about to let it go empty-handed. The frame must not
+    wait for more bytes on the socket, which may never come."""
+    a, b = pair
+    tx, rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
+    tx.send(0)
+    assert rx.recv(timeout=5) == 0
+    conn = a._links[b.pid].conn
+    frame, _ = _wire.encode_message(42)
+    handed_back = threading.Event()
+    with conn.rlock:  # a thread that holds the read side for a moment
+        conn.held = [bytes(frame)[4:]]  # the payload, without its length prefix
+        a._loop.call_soon(conn.after_user_read)
+        a._loop.call_soon(handed_back.set)
+        assert handed_back.wait(5)
+    assert conn.held is not None  # the hand-back found the read side taken
+    assert rx.recv(timeout=5) == 42

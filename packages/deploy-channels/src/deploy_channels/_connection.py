@@ -392,7 +392,13 @@ class Connection:
                 self.reader = waiter
                 self._apply_mask()
         if not usable:
+            # Frames a reader left behind wait for the loop. Its `after_user_read` gives up
+            # when it finds the read side taken (by us, just now), so ask for it again: if
+            # nothing else arrives on the socket, nobody else would.
+            leftovers = self.held is not None or self.held_error is not None
             self._release_reader(False)
+            if leftovers:
+                self.loop.call_soon(self.after_user_read)
             return None
         hand_back = False
         decoder = self.decoder
