@@ -16,7 +16,7 @@ import sys
 import time
 
 import deploy_monitor._child as child_module
-import deploy_monitor._monitor as monitor_module
+import deploy_monitor._supervisor as supervisor_module
 import pytest
 from conftest import Recorder, gone, in_fork, wait_gone
 from deploy_monitor import Exit, Output, run_monitored
@@ -179,7 +179,7 @@ def test_output_is_live_when_sys_stdout_is_a_block_buffered_fd_1():
 
 
 def test_output_events_come_before_exit_even_without_pidfd(monkeypatch, recorder):
-    monkeypatch.setattr(monitor_module, "_USE_PIDFD", False)
+    monkeypatch.setattr(supervisor_module, "_USE_PIDFD", False)
 
     def target() -> int:
         print("early")

@@ -6,9 +6,11 @@ import deploy_monitor
 
 def test_public_surface_is_pinned():
     assert sorted(deploy_monitor.__all__) == [
+        "Child",
         "Enforcement",
         "Exit",
         "Output",
+        "Supervisor",
         "__version__",
         "detect_enforcement",
         "exit_code",

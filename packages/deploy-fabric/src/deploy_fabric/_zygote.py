@@ -1,5 +1,9 @@
 """The fork server (zygote): a snapshot of the program taken at init(), forked per process.
 
+The zygote is also every local process's monitor: one `deploy_monitor.Supervisor` loop
+captures their output, enforces their resources, reaps them and streams each process's
+events to the bridge over a socketpair of its own, so a process costs one fork.
+
 Facts relied on:
 - A fork copies the whole interpreter, the user's imported modules included, so a new
   process costs one fork, not an interpreter start; the zygote runs no threads, so forking
@@ -7,12 +11,13 @@ Facts relied on:
 - A listening socket accepts connections into its backlog before anyone calls accept(),
   so binding the new process's port here, before forking, lets its pid (which holds the
   port) be handed out at once while the process is still starting.
-- Monitors are the zygote's children and must be reaped (waitpid WNOHANG) or they stay
-  zombies; the monitor reaps the user process itself.
-- A freshly forked process runs slowly at first (every page it writes is copied), so the
-  zygote forks the next monitor ahead of need and lets it warm up while idle.
-- SCM_RIGHTS over a unix socket hands the bridge its end of each monitor's socketpair; a
+- A freshly forked process runs slowly at first (every page it writes is copied), and
+  joining a cgroup waits for the kernel to synchronise every CPU, so the zygote forks the
+  next process ahead of need (a spare, with its cgroup joined and its endpoint listening)
+  and lets it warm up until a spawn gives it its job.
+- SCM_RIGHTS over a unix socket hands the bridge its end of each process's event stream; a
   SOCK_SEQPACKET socket keeps each reply and its fd together in one message.
+- A pipe holds 64 KiB: a bigger job is written as the process reads it, from the loop.
 """
 
 from __future__ import annotations
@@ -21,20 +26,22 @@ import gc
 import logging
 import os
 import pickle
-import selectors
+import select
 import signal
 import socket
-import traceback
-from dataclasses import dataclass
+import struct
+from dataclasses import dataclass, field
 
 from deploy_core import Pid, Resources, SpawnRequest
-from deploy_monitor import Exit, Output, detect_enforcement, flush_stdio, run_monitored
+from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 from . import _wire as wire
 
 __all__ = ["TopProcess", "serve"]
 
 log = logging.getLogger("deploy.fabric")
+
+_JOB_LENGTH = struct.Struct(">Q")
 
 
 @dataclass
@@ -51,232 +58,247 @@ def serve(
 ) -> TopProcess:
     """Serve fork requests from the bridge; returns only in the top process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bridge's to handle
-    detect_enforcement()  # once, here: every monitor inherits the answer
+    detect_enforcement()  # once, here: every process inherits the answer
     # A collection writes to every object it visits, which copies those pages in whichever
     # forked process runs it. What exists now is the snapshot: move it where collections
     # never look, here and so in every process forked from here.
     gc.collect()
     gc.freeze()
-    selector = selectors.DefaultSelector()
-    selector.register(requests, selectors.EVENT_READ)
-    reader = wire.MessageReader()
-    context = _Context(requests, replies, fabric, secret, host)
-    spare: _Spare | None = None
-    top = True  # the bridge's first request is for the top process
-    while True:
-        if spare is None:
-            spare = _Spare.fork(context, top=top)
-            if isinstance(spare, TopProcess):
-                return spare
-        ready = selector.select(timeout=0.5)
-        _reap()
-        if not ready:
-            continue
-        data = requests.recv(1 << 16)
-        for message in reader.feed(data):
-            if message[0] != wire.FORK:
-                continue
-            _, ticket, request, resources = message
-            if spare is None:
-                spare = _Spare.fork(context, top=top)
-                if isinstance(spare, TopProcess):
-                    return spare
-            spare.assign(replies, ticket, request, resources)
-            spare, top = None, False
-        if not data or reader.closed:
-            os._exit(0)
-
-
-def _reap() -> None:
-    while True:
-        try:
-            ospid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if ospid == 0:
-            return
-
-
-def _reply(replies: socket.socket, message: tuple, fds: list[int]) -> None:
-    try:
-        socket.send_fds(replies, [pickle.dumps(message, protocol=5)], fds)
-    except OSError:
-        os._exit(0)  # the bridge is gone; so is the run
+    return _Zygote(requests, replies, fabric, secret, host).run()
 
 
 @dataclass
-class _Context:
-    requests: socket.socket
-    replies: socket.socket
-    fabric: tuple[str, int]
-    secret: bytes
-    host: str
+class _Process:
+    """One process the zygote started, and where its events go."""
 
-
-class _NoJob(Exception):
-    """The zygote went away before giving a spare its job."""
-
-
-class _Spare:
-    """A process forked ahead of need, with its port, pid and event stream ready.
-
-    Every spare but the first is a pair: a monitor and, under it, the user process with
-    its endpoint already listening, both waiting for a job. Handing over a spawn then costs
-    no fork at all; the zygote forks the next pair while the process starts. The first
-    spare is a monitor alone, for the top process, which must fork from the zygote's own
-    call stack to return out of init() into main.
-    """
-
-    def __init__(self, pid: Pid | None, bridge_end: socket.socket | None, orders: socket.socket | None, error: str):
-        self.pid = pid
-        self.bridge_end = bridge_end
-        self.orders = orders
-        self.error = error
-
-    @classmethod
-    def fork(cls, context: _Context, *, top: bool) -> _Spare | TopProcess:
-        try:
-            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            listener.bind((context.host, 0))
-            listener.listen(128)
-            pid = Pid.new(context.host, listener.getsockname()[1])
-            events, bridge_end = socket.socketpair()
-            orders, order_end = socket.socketpair()
-        except OSError as error:
-            return cls(None, None, None, f"cannot open a port for the new process: {error}")
-        flush_stdio()
-        try:
-            ospid = os.fork()
-        except OSError as error:
-            for sock in (listener, events, bridge_end, orders, order_end):
-                sock.close()
-            return cls(None, None, None, f"cannot fork a monitor: {error}")
-        if ospid:
-            for sock in (listener, events, order_end):
-                sock.close()
-            return cls(pid, bridge_end, orders, "")
-        try:
-            for sock in (context.requests, context.replies, bridge_end, orders):
-                sock.close()
-            monitor = _Monitor(events, pid, listener, order_end, context)
-            found = monitor.serve_top() if top else monitor.serve_spawned()
-        except BaseException:
-            traceback.print_exc()
-            os._exit(1)
-        if found is None:
-            os._exit(0)
-        return found
-
-    def assign(self, replies: socket.socket, ticket: int, request: bytes | None, resources: dict) -> None:
-        """Hand this spare a spawn: the bridge learns the pid and gets the monitor's event stream."""
-        if self.pid is None or self.bridge_end is None or self.orders is None:
-            _reply(replies, (wire.FORKED, ticket, None, self.error), [])
-            return
-        # If the monitor has died meanwhile, the bridge reads EOF on its end and reports the process lost.
-        _reply(replies, (wire.FORKED, ticket, self.pid.format(), None), [self.bridge_end.fileno()])
-        self.bridge_end.close()
-        try:
-            wire.send_message(self.orders, (wire.FORK, request, resources))
-        except OSError:
-            pass
-        self.orders.close()
-
-
-class _Monitor:
-    """A spare's monitor side: waits for its job, then monitors one user process.
-
-    ``events`` carries its events to the bridge and is its lifeline: when the bridge goes,
-    or shuts its end, the monitor kills the process.
-    """
-
-    def __init__(
-        self, events: socket.socket, pid: Pid, listener: socket.socket, orders: socket.socket, context: _Context
-    ):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        self.events = events
-        self.pid = pid
-        self.listener = listener
-        self.orders = orders
-        self.context = context
+    pid: Pid
+    events: socket.socket | None = None  # None until a spawn takes this spare
+    backlog: list = field(default_factory=list)  # events from before that
+    child: Child | None = None
+    job: bytes = b""  # what is still to be written to the process
+    job_fd: int = -1
 
     def on_event(self, event: Output | Exit) -> None:
-        if isinstance(event, Output):
-            message: tuple = (wire.OUTPUT, event.fd, event.data)
-        else:
-            message = (wire.EXIT, event.code, event.signal, event.reason)
+        message = (
+            (wire.OUTPUT, event.fd, event.data)
+            if isinstance(event, Output)
+            else (wire.EXIT, event.code, event.signal, event.reason)
+        )
+        if self.events is None:
+            self.backlog.append(message)
+            return
         try:
             wire.send_message(self.events, message)
         except OSError:
-            pass  # the bridge is gone: the lifeline has told the monitor to kill the process
+            pass  # the bridge is gone: the lifeline has the process killed
+        if isinstance(event, Exit):
+            self.events.close()
 
-    def wait_for_job(self) -> tuple[bytes | None, Resources]:
-        message = wire.recv_message(self.orders, wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE))
-        if message is None:
-            raise _NoJob()
-        _, request, resources = message
-        self.orders.close()
-        return request, Resources(**resources)
 
-    def serve_top(self) -> TopProcess | None:
+class _Zygote:
+    def __init__(
+        self, requests: socket.socket, replies: socket.socket, fabric: tuple[str, int], secret: bytes, host: str
+    ):
+        self.requests = requests
+        self.replies = replies
+        self.fabric = fabric
+        self.secret = secret
+        self.host = host
+        self.supervisor = Supervisor()
+        self.reader = wire.MessageReader()
+        self.spare: _Process | None = None
+        self.spare_error = ""
+
+    def run(self) -> TopProcess:
+        top = self._start_top()
+        if top is not None:
+            return top
+        self.supervisor.watch(self.requests.fileno(), self._on_requests)
+        while True:
+            if self.spare is None and not self.spare_error:
+                self._fork_spare()
+            self.supervisor.poll()
+
+    def _read_request(self) -> tuple:
+        while True:
+            try:
+                data = self.requests.recv(1 << 16)
+            except OSError:
+                data = b""
+            if not data:
+                os._exit(0)  # the bridge is gone before the run began
+            for message in self.reader.feed(data):
+                return message
+
+    # --- the top process ---------------------------------------------------------------------
+
+    def _start_top(self) -> TopProcess | None:
+        """The bridge's first request is for the top process, which returns out of init()."""
+        _, ticket, _, resources = self._read_request()
+        resources = Resources(**resources)
         try:
-            _, resources = self.wait_for_job()
-        except _NoJob:
-            return None
-        result = run_monitored(
+            listener, pid = self._bind()
+            events, bridge_end = socket.socketpair()
+        except OSError as error:
+            self._reply(ticket, None, f"cannot open a port for the top process: {error}", None)
+            os._exit(1)
+        process = _Process(pid, events)
+        child = self.supervisor.start(
             None,
+            on_event=process.on_event,
             resources=resources,
-            on_event=self.on_event,
             keep_stdin=True,
-            lifeline=self.events.fileno(),
-            on_start=lambda ospid: self.listener.close(),
+            lifeline=events.fileno(),
+            close=[self.requests.fileno(), self.replies.fileno(), bridge_end.fileno()],
         )
-        if result is None:  # in the top process, where the monitor already closed the lifeline's fd
-            self.events.detach()
-            return TopProcess(self.pid, self.listener, resources)
-        self.events.close()
+        if child is None:
+            # The top process: those descriptors are closed already, and their numbers will
+            # be reused; the socket objects must not close them again.
+            for sock in (self.requests, self.replies, events, bridge_end):
+                sock.detach()
+            return TopProcess(pid, listener, resources)
+        process.child = child
+        listener.close()
+        self._reply(ticket, pid, None, bridge_end)
         return None
 
-    def serve_spawned(self) -> None:
+    # --- spawned processes -------------------------------------------------------------------
+
+    def _bind(self) -> tuple[socket.socket, Pid]:
+        listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            listener.bind((self.host, 0))
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+        return listener, Pid.new(self.host, listener.getsockname()[1])
+
+    def _fork_spare(self) -> None:
+        try:
+            listener, pid = self._bind()
+        except OSError as error:
+            self.spare_error = f"cannot open a port for the new process: {error}"
+            return
         job_r, job_w = os.pipe()
-        job: list[bytes] = []
+        process = _Process(pid)
+        context = (self.fabric, self.secret)
 
-        def learn_resources() -> Resources:
-            request, resources = self.wait_for_job()
-            if request is None:
-                raise _NoJob()
-            job.append(request)
-            return resources
-
-        def start(ospid: int) -> None:
-            # The process is under its limits now: give it its job.
-            self.listener.close()
-            os.close(job_r)
-            with open(job_w, "wb") as pipe:
-                pipe.write(job[0])
-
-        def process() -> int:
-            self.events.detach()  # the lifeline's fd, which the monitor closed in this child
-            self.orders.close()
-            os.close(job_w)
+        def target() -> int:
             from ._runtime import run_spawned, start_endpoint
 
-            endpoint = start_endpoint(self.pid, self.listener, self.context.secret)
-            with open(job_r, "rb") as pipe:
-                request = pipe.read()
+            endpoint = start_endpoint(pid, listener, context[1])
+            request = _read_job(job_r)
             if not request:
                 return 0  # a spare that never got a job
-            return run_spawned(
-                SpawnRequest.decode(request), self.pid, endpoint, self.context.fabric, self.context.secret
-            )
+            return run_spawned(SpawnRequest.decode(request), pid, endpoint, *context)
 
         try:
-            run_monitored(
-                process,
-                resources=learn_resources,
-                on_event=self.on_event,
-                lifeline=self.events.fileno(),
-                on_start=start,
+            process.child = self.supervisor.start(
+                target,
+                on_event=process.on_event,
+                limits_later=True,
+                close=[self.requests.fileno(), self.replies.fileno(), job_w],
             )
-        except _NoJob:
-            pass
-        self.events.close()
+        except OSError as error:
+            self.spare_error = f"cannot fork the new process: {error}"
+            os.close(job_w)
+            return
+        finally:
+            listener.close()
+            os.close(job_r)
+        process.job_fd = job_w
+        self.spare = process
+
+    def _on_requests(self, events: int) -> None:
+        try:
+            data = self.requests.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        for message in self.reader.feed(data):
+            if message[0] == wire.FORK:
+                self._assign(*message[1:])
+        if not data or self.reader.closed:
+            # The bridge is gone: so is the run.
+            self.supervisor.close()
+            os._exit(0)
+
+    def _assign(self, ticket: int, request: bytes, resources: dict) -> None:
+        """Give the spare its job: the bridge learns the pid and gets the event stream."""
+        spare = self.spare
+        if spare is not None and spare.child is not None and spare.child.exit is not None:
+            os.close(spare.job_fd)  # it died while waiting
+            spare = None
+        if spare is None:
+            self.spare_error = ""
+            self._fork_spare()
+            spare = self.spare
+        self.spare = None
+        if spare is None or spare.child is None:
+            self._reply(ticket, None, self.spare_error or "the fork server could not start the process", None)
+            return
+        events, bridge_end = socket.socketpair()
+        spare.child.set_limits(Resources(**resources))
+        self._reply(ticket, spare.pid, None, bridge_end)
+        spare.events = events
+        for message in spare.backlog:
+            try:
+                wire.send_message(events, message)
+            except OSError:
+                break
+        spare.backlog.clear()
+        spare.child.set_lifeline(events.fileno())
+        spare.job = _JOB_LENGTH.pack(len(request)) + request
+        self._write_job(spare)
+
+    def _write_job(self, process: _Process, events: int = 0) -> None:
+        try:
+            written = os.write(process.job_fd, process.job)
+        except BlockingIOError:
+            written = 0
+        except OSError:
+            written = len(process.job)  # it died: its exit says so
+        process.job = process.job[written:]
+        if process.job:
+            if not events:
+                os.set_blocking(process.job_fd, False)
+                self.supervisor.watch(process.job_fd, lambda events: self._write_job(process, events), select.POLLOUT)
+            return
+        if events:
+            self.supervisor.unwatch(process.job_fd)
+        os.close(process.job_fd)
+        process.job_fd = -1
+
+    def _reply(self, ticket: int, pid: Pid | None, error: str | None, bridge_end: socket.socket | None) -> None:
+        fds = [bridge_end.fileno()] if bridge_end is not None else []
+        try:
+            socket.send_fds(self.replies, [pickle.dumps((wire.FORKED, ticket, pid and pid.format(), error))], fds)
+        except OSError:
+            self.supervisor.close()
+            os._exit(0)  # the bridge is gone; so is the run
+        finally:
+            if bridge_end is not None:
+                bridge_end.close()
+
+
+def _read_job(fd: int) -> bytes:
+    """The spawn request the zygote writes: its length, then itself (b"" if none comes)."""
+    with open(fd, "rb", buffering=0, closefd=True) as pipe:
+        head = _read_exactly(pipe, _JOB_LENGTH.size)
+        if len(head) < _JOB_LENGTH.size:
+            return b""
+        (length,) = _JOB_LENGTH.unpack(head)
+        return _read_exactly(pipe, length)
+
+
+def _read_exactly(pipe, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = pipe.read(size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)

@@ -1,8 +1,9 @@
-"""deploy-monitor: the parent of one user process.
+"""deploy-monitor: the parent of user processes.
 
 `run_monitored` forks a child with its stdout/stderr captured through pipes, forwards its
 output as `Output` events while it runs, enforces its `deploy_core.Resources` (a cgroup when
 the host allows one, else memory polling), reaps it and reports an `Exit`.
+`Supervisor` does the same for many children from one loop (a fork server's), and
 `detect_enforcement` says which enforcement this host gets.
 """
 
@@ -10,12 +11,15 @@ from ._cgroups import Enforcement, detect_enforcement
 from ._child import exit_code, flush_stdio
 from ._events import Exit, Output
 from ._monitor import run_monitored
+from ._supervisor import Child, Supervisor
 from ._version import __version__
 
 __all__ = [
+    "Child",
     "Enforcement",
     "Exit",
     "Output",
+    "Supervisor",
     "__version__",
     "detect_enforcement",
     "exit_code",

@@ -323,8 +323,9 @@ class Cgroup:
         return [d for d in dict.fromkeys((self.memory_dir, self.cpu_dir)) if d is not None]
 
     @classmethod
-    def create(cls, enforcement: Enforcement, resources: Resources) -> Cgroup:
-        """Make the cgroup(s) with ``resources``' limits; ``OSError`` if memory cannot be limited."""
+    def create(cls, enforcement: Enforcement, resources: Resources | None) -> Cgroup:
+        """Make the cgroup(s) with ``resources``' limits (None: none yet, see `set_limits`);
+        ``OSError`` if memory cannot be limited."""
         assert enforcement.memory_dir is not None
         for parent in dict.fromkeys((enforcement.memory_dir, enforcement.cpu_dir)):
             if parent is not None:
@@ -332,18 +333,30 @@ class Cgroup:
         name = _unique_name()
         memory_dir = os.path.join(enforcement.memory_dir, name)
         os.mkdir(memory_dir)
-        group = cls(enforcement.kind, memory_dir, None, int(resources.mem))
+        group = cls(enforcement.kind, memory_dir, None, 0)
         try:
-            group._limit_memory()
             if enforcement.cpu_dir is not None:
-                group._limit_cpu(os.path.join(enforcement.cpu_dir, name), float(resources.cpu))
+                group._make_cpu_dir(os.path.join(enforcement.cpu_dir, name))
+            if resources is not None:
+                group.set_limits(resources)
         except BaseException:
             group.remove()
             raise
-        log.debug(
-            "cgroup %s: memory %s, cpu %s", memory_dir, resources.mem, resources.cpu if group.cpu_dir else "unlimited"
-        )
         return group
+
+    def set_limits(self, resources: Resources) -> None:
+        """Write ``resources``' limits; ``OSError`` if memory cannot be limited so (a process
+        inside already uses more than the new limit)."""
+        self.limit = int(resources.mem)
+        self._limit_memory()
+        if self.cpu_dir is not None:
+            self._limit_cpu(self.cpu_dir, float(resources.cpu))
+        log.debug(
+            "cgroup %s: memory %s, cpu %s",
+            self.memory_dir,
+            resources.mem,
+            resources.cpu if self.cpu_dir else "unlimited",
+        )
 
     def _limit_memory(self) -> None:
         limit = str(self.limit)
@@ -362,15 +375,20 @@ class Cgroup:
             except OSError:
                 pass  # no swap accounting: the memory limit alone applies
 
+    def _make_cpu_dir(self, cpu_dir: str) -> None:
+        try:
+            if self.kind != "cgroup2":  # (v2: one directory holds both)
+                os.mkdir(cpu_dir)
+            self.cpu_dir = cpu_dir
+        except OSError as exc:
+            log.debug("cgroup: cannot make %s, CPU left unweighted: %s", cpu_dir, exc)
+
     def _limit_cpu(self, cpu_dir: str, cores: float) -> None:
         try:
             if self.kind == "cgroup2":
                 _write(os.path.join(cpu_dir, "cpu.weight"), str(min(10000, max(1, round(cores * 100)))))
             else:
-                os.mkdir(cpu_dir)
-                self.cpu_dir = cpu_dir
                 _write(os.path.join(cpu_dir, "cpu.shares"), str(max(2, round(cores * 1024))))
-            self.cpu_dir = cpu_dir
         except (OSError, ValueError) as exc:
             log.debug("cgroup: cannot set a CPU weight in %s, CPU left unweighted: %s", cpu_dir, exc)
 

@@ -60,6 +60,10 @@ class Limits(Protocol):
     def attach(self, pid: int) -> None:
         """In the monitor, right after fork; ``OSError`` if the child cannot be limited this way."""
 
+    def update(self, pid: int, resources: Resources) -> Limits:
+        """In the monitor, for limits made before ``resources`` were known: apply them to the
+        child (which joined already); returns the limits now in force."""
+
     def check(self) -> str | None:
         """In the monitor loop: a reason to kill the child now, or None."""
 
@@ -99,6 +103,21 @@ class CgroupLimits:
             self.polling.attach(pid)
             self.interval = self.polling.interval
 
+    def update(self, pid: int, resources: Resources) -> Limits:
+        try:
+            self.group.set_limits(resources)
+            if pid not in self.group.pids():  # it could not join, or has not yet
+                self.group.add(pid)
+        except OSError as exc:
+            # Never removed here: that would kill what is inside.
+            log.debug(
+                "cgroup %s: not usable for pid %s, polling its memory instead: %s", self.group.memory_dir, pid, exc
+            )
+            self.polling = PollLimits(int(resources.mem))
+            self.polling.attach(pid)
+            self.interval = self.polling.interval
+        return self
+
     def check(self) -> str | None:
         return self.polling.check() if self.polling is not None else None
 
@@ -120,8 +139,8 @@ class PollLimits:
 
     interval: float | None = POLL_INTERVAL
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int | None):
+        self.limit = limit  # None: not known yet, nothing to check
         self.process: psutil.Process | None = None
         self.tripped: str | None = None
 
@@ -130,6 +149,12 @@ class PollLimits:
 
     def attach(self, pid: int) -> None:
         self.process = psutil.Process(pid)
+
+    def update(self, pid: int, resources: Resources) -> Limits:
+        self.limit = int(resources.mem)
+        if self.process is None:
+            self.attach(pid)
+        return self
 
     def usage(self) -> int:
         """Bytes the child and its descendants own (0 once it is gone)."""
@@ -148,7 +173,7 @@ class PollLimits:
         return total
 
     def check(self) -> str | None:
-        if self.process is None:
+        if self.process is None or self.limit is None:
             return None
         try:
             used = self.usage()
@@ -175,9 +200,12 @@ class PollLimits:
         self.process = None
 
 
-def limits_for(resources: Resources | None, enforcement: Enforcement | None) -> Limits | None:
-    """The enforcement for one child: its own cgroup when the host allows, else polling."""
-    if resources is None:
+def limits_for(resources: Resources | None, enforcement: Enforcement | None, *, later: bool = False) -> Limits | None:
+    """The enforcement for one child: its own cgroup when the host allows, else polling.
+
+    ``later``: the resources come later (`Limits.update`); the cgroup is made without limits.
+    """
+    if resources is None and not later:
         return None
     enforcement = enforcement or detect_enforcement()
     if enforcement.kind != "poll":
@@ -185,4 +213,4 @@ def limits_for(resources: Resources | None, enforcement: Enforcement | None) -> 
             return CgroupLimits(Cgroup.create(enforcement, resources))
         except OSError as exc:
             log.debug("cannot make a cgroup (%s), polling memory instead: %s", enforcement, exc)
-    return PollLimits(int(resources.mem))
+    return PollLimits(None if resources is None else int(resources.mem))
