@@ -1,7 +1,8 @@
 """The Endpoint: one listening port, one event loop thread and one link per peer.
 
-Connection lifetime: a link connects when a channel to its peer is opened; an incoming
-connection is adopted likewise. When two processes connect to each other at once, the
+Connection lifetime: a link connects when a Sender to its peer is opened, or a Receiver
+whose peer has not connected within `_RECEIVER_CONNECT_DELAY`; an incoming connection is
+adopted likewise. When two processes connect to each other at once, the
 connection initiated by the lower pid (by hex) is kept and the other is refused with a
 duplicate frame. Once a link has had no channel, nothing queued and nothing unread for
 ``linger`` seconds, its side asks the peer to close; the peer agrees only if it is idle
@@ -49,6 +50,11 @@ _DRAIN_STALL = 3.0
 _DRAIN_TICK = 0.005
 # How long exit waits for connections from peers that are still authenticating.
 _SETUP_WAIT = 1.0
+# A Receiver connects only if its peer has not connected first by then: a process that
+# will send opens the connection itself, and two connections for one pair (one of them
+# refused) cost both processes a handshake. The connection is still made to learn of a
+# peer that dies without ever connecting.
+_RECEIVER_CONNECT_DELAY = 0.05
 
 
 class EndpointState:
@@ -164,7 +170,10 @@ class Endpoint:
                 link.has_sender = True
             else:
                 link.has_receiver = True
-        self._loop.call_soon(self._ensure_connected, link)
+        if kind == "sender":
+            self._loop.call_soon(self._ensure_connected, link)
+        else:
+            self._loop.call_soon(self._loop.call_later, _RECEIVER_CONNECT_DELAY, self._ensure_connected, link)
         return link, ref
 
     def _close_channel(self, kind: str, pid: Pid, ref: weakref.ref) -> None:
