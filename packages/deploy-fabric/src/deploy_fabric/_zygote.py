@@ -13,8 +13,10 @@ Facts relied on:
   port) be handed out at once while the process is still starting.
 - A freshly forked process runs slowly at first (every page it writes is copied), and
   joining a cgroup waits for the kernel to synchronise every CPU, so the zygote forks the
-  next process ahead of need (a spare, with its cgroup joined and its endpoint listening)
-  and lets it warm up until a spawn gives it its job.
+  next processes ahead of need (spares, with their cgroups joined and their endpoints
+  listening) and lets them warm up until spawns give them their jobs.
+- After a fork the zygote's own pages are shared again, so the zygote too pays a copy for
+  each page it writes next: it forks its spares in a batch, paying that once per batch.
 - SCM_RIGHTS over a unix socket hands the bridge its end of each process's event stream; a
   SOCK_SEQPACKET socket keeps each reply and its fd together in one message.
 - A pipe holds 64 KiB: a bigger job is written as the process reads it, from the loop.
@@ -30,6 +32,7 @@ import select
 import signal
 import socket
 import struct
+from collections import deque
 from dataclasses import dataclass, field
 
 from deploy_core import Pid, Resources, SpawnRequest
@@ -42,6 +45,7 @@ __all__ = ["TopProcess", "serve"]
 log = logging.getLogger("deploy.fabric")
 
 _JOB_LENGTH = struct.Struct(">Q")
+_SPARES = 4  # processes forked ahead of need, in one batch
 
 
 @dataclass
@@ -106,7 +110,7 @@ class _Zygote:
         self.host = host
         self.supervisor = Supervisor()
         self.reader = wire.MessageReader()
-        self.spare: _Process | None = None
+        self.spares: deque[_Process] = deque()
         self.spare_error = ""
 
     def run(self) -> TopProcess:
@@ -115,8 +119,11 @@ class _Zygote:
             return top
         self.supervisor.watch(self.requests.fileno(), self._on_requests)
         while True:
-            if self.spare is None and not self.spare_error:
-                self._fork_spare()
+            if not self.spares and not self.spare_error:
+                # In a batch: every fork makes the zygote's pages shared again, and the
+                # zygote's own work copies each page it then writes, once per fork.
+                for _ in range(_SPARES):
+                    self._fork_spare()
             self.supervisor.poll()
 
     def _read_request(self) -> tuple:
@@ -198,7 +205,7 @@ class _Zygote:
                 target,
                 on_event=process.on_event,
                 limits_later=True,
-                close=[self.requests.fileno(), self.replies.fileno(), job_w],
+                close=[self.requests.fileno(), self.replies.fileno(), job_w, *(s.job_fd for s in self.spares)],
             )
         except OSError as error:
             self.spare_error = f"cannot fork the new process: {error}"
@@ -208,7 +215,7 @@ class _Zygote:
             listener.close()
             os.close(job_r)
         process.job_fd = job_w
-        self.spare = process
+        self.spares.append(process)
 
     def _on_requests(self, events: int) -> None:
         try:
@@ -227,15 +234,16 @@ class _Zygote:
 
     def _assign(self, ticket: int, request: bytes, resources: dict) -> None:
         """Give the spare its job: the bridge learns the pid and gets the event stream."""
-        spare = self.spare
-        if spare is not None and spare.child is not None and spare.child.exit is not None:
-            os.close(spare.job_fd)  # it died while waiting
-            spare = None
+        spare = None
+        while self.spares and spare is None:
+            spare = self.spares.popleft()
+            if spare.child is None or spare.child.exit is not None:
+                os.close(spare.job_fd)  # it died while waiting
+                spare = None
         if spare is None:
             self.spare_error = ""
             self._fork_spare()
-            spare = self.spare
-        self.spare = None
+            spare = self.spares.pop() if self.spares else None
         if spare is None or spare.child is None:
             self._reply(ticket, None, self.spare_error or "the fork server could not start the process", None)
             return

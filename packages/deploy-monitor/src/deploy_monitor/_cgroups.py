@@ -317,16 +317,27 @@ class Cgroup:
         self.memory_dir = memory_dir
         self.cpu_dir = cpu_dir
         self.limit = limit
+        self.oom_base = 0  # OOM kills counted before this process (a reused group)
+        self.enforcement: Enforcement | None = None  # what it was made under (for reuse)
 
     @property
     def dirs(self) -> list[str]:
         return [d for d in dict.fromkeys((self.memory_dir, self.cpu_dir)) if d is not None]
 
     @classmethod
-    def create(cls, enforcement: Enforcement, resources: Resources | None) -> Cgroup:
-        """Make the cgroup(s) with ``resources``' limits (None: none yet, see `set_limits`);
-        ``OSError`` if memory cannot be limited."""
+    def create(cls, enforcement: Enforcement, resources: Resources | None, pool: CgroupPool | None = None) -> Cgroup:
+        """Make the cgroup(s) with ``resources``' limits (None: none yet, see `set_limits`),
+        or take an empty one from ``pool``; ``OSError`` if memory cannot be limited."""
         assert enforcement.memory_dir is not None
+        reused = pool.take(enforcement) if pool is not None else None
+        if reused is not None:
+            if resources is not None:
+                try:
+                    reused.set_limits(resources)
+                except OSError:
+                    reused.remove()
+                    raise
+            return reused
         for parent in dict.fromkeys((enforcement.memory_dir, enforcement.cpu_dir)):
             if parent is not None:
                 sweep_stale(parent)
@@ -334,6 +345,7 @@ class Cgroup:
         memory_dir = os.path.join(enforcement.memory_dir, name)
         os.mkdir(memory_dir)
         group = cls(enforcement.kind, memory_dir, None, 0)
+        group.enforcement = enforcement
         try:
             if enforcement.cpu_dir is not None:
                 group._make_cpu_dir(os.path.join(enforcement.cpu_dir, name))
@@ -406,6 +418,11 @@ class Cgroup:
                 pass
         return found
 
+    def oom_killed(self) -> bool:
+        """Whether the OOM killer killed a process of this group since it was (re)used."""
+        kills = self.oom_kills()
+        return kills < 0 or kills > self.oom_base
+
     def oom_kills(self) -> int:
         """How many processes the kernel OOM killer killed in this group (-1: unknown)."""
         name = "memory.events" if self.kind == "cgroup2" else "memory.oom_control"
@@ -453,3 +470,48 @@ class Cgroup:
                 time.sleep(0.01)
         log.debug("cgroup %s removed", self.memory_dir)
         return True
+
+
+class CgroupPool:
+    """Empty cgroups kept for the next processes: making and removing a cgroup costs the
+    kernel more than a fork does. A group is reused only once nothing is left in it, with
+    its memory limit lifted and its OOM count noted."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._groups: dict[Enforcement, list[Cgroup]] = {}
+
+    def take(self, enforcement: Enforcement) -> Cgroup | None:
+        groups = self._groups.get(enforcement)
+        return groups.pop() if groups else None
+
+    def give(self, group: Cgroup) -> None:
+        """After its process was reaped: keep ``group`` for another, or remove it."""
+        groups = self._groups.setdefault(group.enforcement, []) if group.enforcement is not None else None
+        if groups is None or len(groups) >= self.size or group.pids():
+            group.remove()
+            return
+        try:
+            unlimited = "max" if group.kind == "cgroup2" else "-1"
+            _write(
+                os.path.join(group.memory_dir, "memory.max" if group.kind == "cgroup2" else "memory.limit_in_bytes"),
+                unlimited,
+            )
+            if group.kind == "cgroup1":
+                try:
+                    _write(os.path.join(group.memory_dir, "memory.failcnt"), "0")
+                except OSError:
+                    pass
+            group.oom_base = max(0, group.oom_kills())
+        except OSError as exc:
+            log.debug("cgroup %s: not reusable, removing it: %s", group.memory_dir, exc)
+            group.remove()
+            return
+        groups.append(group)
+
+    def close(self) -> None:
+        """Remove every group kept."""
+        for groups in self._groups.values():
+            for group in groups:
+                group.remove()
+        self._groups.clear()

@@ -22,7 +22,7 @@ from typing import Protocol
 import psutil
 from deploy_core import Mem, Resources
 
-from ._cgroups import Cgroup, Enforcement, detect_enforcement
+from ._cgroups import Cgroup, CgroupPool, Enforcement, detect_enforcement
 from ._events import Exit
 
 __all__ = ["CgroupLimits", "Limits", "PollLimits", "kill_tree", "limits_for", "memory_reason"]
@@ -82,8 +82,9 @@ class CgroupLimits:
 
     interval: float | None = None
 
-    def __init__(self, group: Cgroup):
+    def __init__(self, group: Cgroup, pool: CgroupPool | None = None):
         self.group = group
+        self.pool = pool  # where the group goes once its process is reaped
         self.polling: PollLimits | None = None  # when the child could not be moved into the group
 
     def join(self) -> None:
@@ -122,7 +123,7 @@ class CgroupLimits:
         return self.polling.check() if self.polling is not None else None
 
     def reason(self, exit: Exit) -> str | None:
-        if exit.signal == "SIGKILL" and self.group.oom_kills() != 0:
+        if exit.signal == "SIGKILL" and self.group.oom_killed():
             return memory_reason(self.group.limit)
         return self.polling.reason(exit) if self.polling is not None else None
 
@@ -131,7 +132,10 @@ class CgroupLimits:
         self.group.kill_all()
 
     def close(self) -> None:
-        self.group.remove()
+        if self.pool is not None:
+            self.pool.give(self.group)
+        else:
+            self.group.remove()
 
 
 class PollLimits:
@@ -200,17 +204,20 @@ class PollLimits:
         self.process = None
 
 
-def limits_for(resources: Resources | None, enforcement: Enforcement | None, *, later: bool = False) -> Limits | None:
+def limits_for(
+    resources: Resources | None, enforcement: Enforcement | None, *, later: bool = False, pool: CgroupPool | None = None
+) -> Limits | None:
     """The enforcement for one child: its own cgroup when the host allows, else polling.
 
     ``later``: the resources come later (`Limits.update`); the cgroup is made without limits.
+    ``pool``: where cgroups are taken from and given back to, if anywhere.
     """
     if resources is None and not later:
         return None
     enforcement = enforcement or detect_enforcement()
     if enforcement.kind != "poll":
         try:
-            return CgroupLimits(Cgroup.create(enforcement, resources))
+            return CgroupLimits(Cgroup.create(enforcement, resources, pool), pool)
         except OSError as exc:
             log.debug("cannot make a cgroup (%s), polling memory instead: %s", enforcement, exc)
     return PollLimits(None if resources is None else int(resources.mem))

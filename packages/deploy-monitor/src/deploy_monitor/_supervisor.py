@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 
 from deploy_core import Resources
 
-from ._cgroups import Enforcement
+from ._cgroups import CgroupPool, Enforcement
 from ._child import flush_stdio, load_libc, run_child
 from ._events import Exit, Output, exit_from_status
 from ._limits import Limits, kill_tree, limits_for
@@ -248,6 +248,7 @@ class Supervisor:
         self._owned: set[int] = set()  # descriptors the supervisor closes itself
         self._closing: list[int] = []  # closed once the current round of events is over
         self._children: dict[int, Child] = {}
+        self._cgroups = CgroupPool()
 
     @property
     def children(self) -> list[Child]:
@@ -280,7 +281,7 @@ class Supervisor:
         gives it its limits later, cheaply. ``close``: more descriptors the child must not
         keep. With ``target=None`` this returns None in the child, wired up, like ``fork``.
         """
-        limits = limits_for(resources, self.enforcement, later=limits_later)
+        limits = limits_for(resources, self.enforcement, later=limits_later, pool=self._cgroups)
         out_r, out_w = _pipe()
         err_r, err_w = _pipe()
         load_libc()
@@ -380,6 +381,7 @@ class Supervisor:
         """Kill and reap every child still running, close everything; no events are reported."""
         for child in list(self._children.values()):
             child._stop()
+        self._cgroups.close()
         for fd in self._closing:
             try:
                 os.close(fd)
