@@ -378,6 +378,8 @@ class Bridge:
             return
         pid = Pid.parse(pid_text)
         self._processes[pid.hex] = _Process(pid, pending.parent, pending.resources, pending.node)
+        if pending.requester is not None:  # first: the requester is waiting
+            self._reply(pending.requester, SpawnReply(pid=pid))
         self._out.spawn(pid, pending.parent, pending.resources)
         # The monitor's events: if it dies before reporting an exit, this reads EOF.
         monitor = _Conn(socket.socket(fileno=monitor_fd), None, role=wire.MONITOR, pid=pid.hex)
@@ -386,8 +388,6 @@ class Bridge:
         self._selector.register(monitor.sock, selectors.EVENT_READ, monitor)
         if self._interrupted is not None:
             self._stop_monitor(monitor)
-        if pending.requester is not None:
-            self._reply(pending.requester, SpawnReply(pid=pid))
 
     def _reply(self, conn: _Conn, reply: SpawnReply) -> None:
         if conn.sock.fileno() >= 0:

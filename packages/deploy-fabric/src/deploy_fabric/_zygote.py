@@ -15,6 +15,9 @@ Facts relied on:
   joining a cgroup waits for the kernel to synchronise every CPU, so the zygote forks the
   next processes ahead of need (spares, with their cgroups joined and their endpoints
   listening) and lets them warm up until spawns give them their jobs.
+- The same holds for the spare: the code a spawn runs (decoding the request, the first
+  handshake and message) runs once in the spare beforehand, so the pages it writes are
+  copied before the job arrives rather than while the parent waits for the reply.
 - After a fork the zygote's own pages are shared again, so the zygote too pays a copy for
   each page it writes next: it forks its spares in a batch, paying that once per batch.
 - SCM_RIGHTS over a unix socket hands the bridge its end of each process's event stream; a
@@ -35,7 +38,9 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 
-from deploy_core import Pid, Resources, SpawnRequest
+import deploy_channels
+from deploy_channels import _wire as channel_wire
+from deploy_core import Handshake, Pid, Resources, SpawnRequest, loads_user
 from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 from . import _wire as wire
@@ -111,6 +116,10 @@ class _Zygote:
         self.supervisor = Supervisor()
         self.reader = wire.MessageReader()
         self.spares: deque[_Process] = deque()
+        # A request like those spawns carry, for the spares to warm up with.
+        self.sample = SpawnRequest.build(
+            _sample_function, 0, Resources.default(), Pid.new(host, 1), block=True
+        ).encode()
         self.spare_error = ""
 
     def run(self) -> TopProcess:
@@ -195,6 +204,7 @@ class _Zygote:
             from ._runtime import run_spawned, start_endpoint
 
             endpoint = start_endpoint(pid, listener, context[1])
+            _warm_up(self.sample, context[1])
             request = _read_job(job_r)
             if not request:
                 return 0  # a spare that never got a job
@@ -248,8 +258,8 @@ class _Zygote:
             self._reply(ticket, None, self.spare_error or "the fork server could not start the process", None)
             return
         events, bridge_end = socket.socketpair()
-        spare.child.set_limits(Resources(**resources))
         self._reply(ticket, spare.pid, None, bridge_end)
+        spare.child.set_limits(Resources(**resources))  # (before the job: user code runs limited)
         spare.events = events
         for message in spare.backlog:
             try:
@@ -289,6 +299,24 @@ class _Zygote:
         finally:
             if bridge_end is not None:
                 bridge_end.close()
+
+
+def _sample_function(parent: Pid, value: int) -> int:
+    return value
+
+
+def _warm_up(sample: bytes, secret: bytes) -> None:
+    """Run, once, what a spawned process runs first (see the module's facts)."""
+    request = SpawnRequest.decode(sample)
+    _ = dict(os.environ) == request.env
+    loads_user(request.function)(request.parent, loads_user(request.argument))
+    initiator, acceptor = Handshake(secret, initiator=True), Handshake(secret, initiator=False)
+    acceptor.receive_data(initiator.data_to_send())  # the initiator's nonce
+    initiator.receive_data(acceptor.data_to_send())  # the acceptor's nonce and proof
+    acceptor.receive_data(initiator.data_to_send())  # the initiator's proof
+    frame, _ = channel_wire.encode_message(0)
+    channel_wire.decode_message(bytes(frame)[4:])
+    deploy_channels.Sender[int], deploy_channels.Receiver[int]  # noqa: B018  (the typed classes are cached)
 
 
 def _read_job(fd: int) -> bytes:
