@@ -1,8 +1,10 @@
 """Ctrl-C and resource enforcement: nothing of the run survives."""
 
+import json
 import signal
 import time
 
+import psutil
 import pytest
 from conftest import assert_no_survivors, run, start, survivors
 
@@ -67,3 +69,35 @@ def test_a_memory_hog_is_killed_and_says_why(script):
     assert exits[hog]["reason"] == "memory limit 50MiB exceeded"
     assert exits[modest]["code"] == 0
     assert result.code == 128 + signal.SIGKILL
+
+
+def test_when_the_monitor_dies_every_process_dies_and_says_so(script):
+    job = script(
+        """
+        import time, deploy
+
+        def sleeper(parent, _):
+            print("sleeping", flush=True)
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            deploy.init()
+            for _ in range(3):
+                deploy.spawn(sleeper, None)
+            time.sleep(60)
+        """
+    )
+    process, tag = start(job, fmt="json")
+    bridge = psutil.Process(process.pid)
+    deadline = time.monotonic() + 20
+    while sum(1 for p in survivors(tag) if p.ppid() != process.pid) < 4 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the top process and three sleepers, under the zygote
+    (zygote,) = bridge.children()
+    zygote.kill()
+    stdout, _ = process.communicate(timeout=15)
+    events = [json.loads(line) for line in stdout.decode().splitlines()]
+    exits = [event for event in events if event["event"] == "exit"]
+    assert len(exits) == 4
+    assert all(event["signal"] == "SIGKILL" and event["reason"] == "its monitor died" for event in exits)
+    assert process.returncode == 128 + signal.SIGKILL
+    assert_no_survivors(tag, wait=3)
