@@ -381,11 +381,33 @@ class Cgroup:
                 except OSError:
                     pass
         else:
-            _write(os.path.join(self.memory_dir, "memory.limit_in_bytes"), limit)
+            # The memory limit may never exceed memory+swap's (EINVAL): raising it, memsw goes first.
+            memory = os.path.join(self.memory_dir, "memory.limit_in_bytes")
+            memsw = os.path.join(self.memory_dir, "memory.memsw.limit_in_bytes")
             try:
-                _write(os.path.join(self.memory_dir, "memory.memsw.limit_in_bytes"), limit)
+                _write(memory, limit)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                _write(memsw, limit)
+                _write(memory, limit)
+            try:
+                _write(memsw, limit)
             except OSError:
                 pass  # no swap accounting: the memory limit alone applies
+
+    def lift_limits(self) -> None:
+        """No memory limit and the default CPU weight; ``OSError`` if memory stays limited."""
+        if self.kind == "cgroup2":
+            _write(os.path.join(self.memory_dir, "memory.max"), "max")
+        else:
+            try:
+                _write(os.path.join(self.memory_dir, "memory.memsw.limit_in_bytes"), "-1")
+            except OSError:
+                pass  # no swap accounting
+            _write(os.path.join(self.memory_dir, "memory.limit_in_bytes"), "-1")
+        if self.cpu_dir is not None:
+            self._limit_cpu(self.cpu_dir, 1.0)
 
     def _make_cpu_dir(self, cpu_dir: str) -> None:
         try:
@@ -492,11 +514,7 @@ class CgroupPool:
             group.remove()
             return
         try:
-            unlimited = "max" if group.kind == "cgroup2" else "-1"
-            _write(
-                os.path.join(group.memory_dir, "memory.max" if group.kind == "cgroup2" else "memory.limit_in_bytes"),
-                unlimited,
-            )
+            group.lift_limits()
             if group.kind == "cgroup1":
                 try:
                     _write(os.path.join(group.memory_dir, "memory.failcnt"), "0")

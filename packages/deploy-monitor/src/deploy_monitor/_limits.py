@@ -60,9 +60,9 @@ class Limits(Protocol):
     def attach(self, pid: int) -> None:
         """In the monitor, right after fork; ``OSError`` if the child cannot be limited this way."""
 
-    def update(self, pid: int, resources: Resources) -> Limits:
+    def update(self, pid: int, resources: Resources | None) -> Limits:
         """In the monitor, for limits made before ``resources`` were known: apply them to the
-        child (which joined already); returns the limits now in force."""
+        child (which joined already; None: no limits); returns the limits now in force."""
 
     def check(self) -> str | None:
         """In the monitor loop: a reason to kill the child now, or None."""
@@ -104,9 +104,12 @@ class CgroupLimits:
             self.polling.attach(pid)
             self.interval = self.polling.interval
 
-    def update(self, pid: int, resources: Resources) -> Limits:
+    def update(self, pid: int, resources: Resources | None) -> Limits:
         try:
-            self.group.set_limits(resources)
+            if resources is None:
+                self.group.lift_limits()
+            else:
+                self.group.set_limits(resources)
             if pid not in self.group.pids():  # it could not join, or has not yet
                 self.group.add(pid)
         except OSError as exc:
@@ -114,7 +117,7 @@ class CgroupLimits:
             log.debug(
                 "cgroup %s: not usable for pid %s, polling its memory instead: %s", self.group.memory_dir, pid, exc
             )
-            self.polling = PollLimits(int(resources.mem))
+            self.polling = PollLimits(None if resources is None else int(resources.mem))
             self.polling.attach(pid)
             self.interval = self.polling.interval
         return self
@@ -154,8 +157,8 @@ class PollLimits:
     def attach(self, pid: int) -> None:
         self.process = psutil.Process(pid)
 
-    def update(self, pid: int, resources: Resources) -> Limits:
-        self.limit = int(resources.mem)
+    def update(self, pid: int, resources: Resources | None) -> Limits:
+        self.limit = None if resources is None else int(resources.mem)
         if self.process is None:
             self.attach(pid)
         return self

@@ -105,15 +105,9 @@ class Child:
     def set_limits(self, resources: Resources | None) -> None:
         """Put a child started with ``limits_later=True`` under ``resources`` (None: none);
         call it before letting the child run anything that should be limited."""
-        limits = self.limits
-        if limits is None:
-            return
-        if resources is None:
-            self.limits = None
-            limits.close()
-        else:
-            self.limits = limits.update(self.pid, resources)
-        self._schedule_check()
+        if self.limits is not None:
+            self.limits = self.limits.update(self.pid, resources)
+            self._schedule_check()
 
     def set_lifeline(self, fd: int) -> None:
         """Kill the child when ``fd`` hangs up (its peer closed or shut it down); never read."""
