@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 import pytest
-from deploy_monitor import Exit, Output
+from deploy_monitor import Enforcement, Exit, Output, detect_enforcement
 
 
 class Recorder:
@@ -114,3 +114,20 @@ def no_process_left_behind():
                 child.kill()
             pytest.fail(f"processes left behind: {children}")
         time.sleep(0.02)
+
+
+def enforcement_of(kind: str) -> Enforcement:
+    """``"cgroup"``: what this host gives (skipped where it gives no cgroups); ``"poll"``: polling."""
+    found = detect_enforcement() if kind == "cgroup" else detect_enforcement(force="poll")
+    if kind == "cgroup" and found.kind == "poll":
+        pytest.skip("this host does not let us make cgroups")
+    return found
+
+
+def own_memory_cgroup() -> str:
+    """The calling process's memory cgroup directory (v1 memory hierarchy, or the v2 one)."""
+    found = detect_enforcement()
+    lines = dict(line.split(":", 2)[1:] for line in open("/proc/self/cgroup").read().splitlines())
+    path = lines.get("memory", lines.get(""))
+    assert found.memory_dir is not None
+    return os.path.join(found.memory_dir, os.path.basename(path))

@@ -8,29 +8,13 @@ import time
 import deploy_monitor._limits as limits_module
 import psutil
 import pytest
-from conftest import Recorder, in_fork, wait_gone
+from conftest import Recorder, enforcement_of, in_fork, own_memory_cgroup, wait_gone
 from deploy_core import Resources
 from deploy_monitor import Enforcement, Exit, detect_enforcement, run_monitored
 
 pytestmark = pytest.mark.timeout(90)
 
 MiB = 1 << 20
-
-
-def enforcement_of(kind: str) -> Enforcement:
-    found = detect_enforcement() if kind == "cgroup" else detect_enforcement(force="poll")
-    if kind == "cgroup" and found.kind == "poll":
-        pytest.skip("this host does not let us make cgroups")
-    return found
-
-
-def own_memory_cgroup() -> str:
-    """The child's memory cgroup directory (v1 memory hierarchy, or the v2 one)."""
-    found = detect_enforcement()
-    lines = dict(line.split(":", 2)[1:] for line in open("/proc/self/cgroup").read().splitlines())
-    path = lines.get("memory", lines.get(""))
-    assert found.memory_dir is not None
-    return os.path.join(found.memory_dir, os.path.basename(path))
 
 
 def hog() -> int:

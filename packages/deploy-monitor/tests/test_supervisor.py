@@ -20,9 +20,9 @@ from contextlib import closing
 import deploy_monitor._supervisor as supervisor_module
 import psutil
 import pytest
-from conftest import Recorder, gone, wait_gone
+from conftest import Recorder, enforcement_of, gone, own_memory_cgroup, wait_gone
 from deploy_core import Resources
-from deploy_monitor import Child, Enforcement, Exit, Output, Supervisor, detect_enforcement
+from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,22 +34,6 @@ MEMORY_REASON = "memory limit 50MiB exceeded"
 def supervisor():
     with closing(Supervisor()) as supervisor:
         yield supervisor
-
-
-def enforcement_of(kind: str) -> Enforcement:
-    found = detect_enforcement() if kind == "cgroup" else detect_enforcement(force="poll")
-    if kind == "cgroup" and found.kind == "poll":
-        pytest.skip("this host does not let us make cgroups")
-    return found
-
-
-def own_memory_cgroup() -> str:
-    """The calling process's memory cgroup directory (v1 memory hierarchy, or the v2 one)."""
-    found = detect_enforcement()
-    lines = dict(line.split(":", 2)[1:] for line in open("/proc/self/cgroup").read().splitlines())
-    path = lines.get("memory", lines.get(""))
-    assert found.memory_dir is not None
-    return os.path.join(found.memory_dir, os.path.basename(path))
 
 
 def is_open(fd: int) -> bool:
