@@ -91,3 +91,37 @@ def test_recce_reports_the_requested_resources_and_runs_nothing(script):
     assert result.code == 0
     assert json.loads(result.stdout) == {"resources": {"mem": 2 * 2**30, "cpu": 1.5}}
     assert result.stderr == ""
+
+
+def test_big_spawn_arguments_while_another_process_floods_its_output(script):
+    """The zygote forwards every process's output to the bridge, and the bridge sends the
+    zygote every spawn request: neither may wait on the other."""
+    job = script(
+        """
+        import os, deploy
+
+        def flood(parent, _):
+            line = b"x" * 1023 + b"\\n"
+            for _ in range(30 * 1024):
+                os.write(1, line)
+
+        def size(parent, blob):
+            deploy.Sender[int](parent).send(len(blob))
+
+        if __name__ == "__main__":
+            deploy.init()
+            deploy.spawn(flood, None)
+            blob = b"b" * (16 * 2**20)
+            sizes = []
+            for _ in range(4):
+                child = deploy.spawn(size, blob)
+                sizes.append(deploy.Receiver[int](child).recv())
+            print(sizes)
+        """
+    )
+    result = run(job, timeout=60)
+    result.check_tree()
+    assert result.code == 0
+    assert result.output(result.top) == f"{[16 * 2**20] * 4}\n".encode()
+    flooder = next(event["pid"] for event in result.spawns() if result.output(event["pid"]).startswith(b"x"))
+    assert len(result.output(flooder)) == 30 * 1024 * 1024

@@ -80,6 +80,9 @@ class Bridge:
     ):
         self._listener = listener
         self._to_zygote = to_zygote
+        # Never a blocking write to the zygote: it forwards every process's output to us,
+        # and may be waiting for us to read it.
+        self._to_zygote_outbox = bytearray()
         self._from_zygote = from_zygote
         self._secret = secret
         self._out = formatter
@@ -98,7 +101,7 @@ class Bridge:
 
     def run(self, top: Resources) -> int:
         """Start the top process, serve until every process has exited; return the run's code."""
-        for sock in (self._listener, self._from_zygote, self._wakeup_r, self._wakeup_w):
+        for sock in (self._listener, self._to_zygote, self._from_zygote, self._wakeup_r, self._wakeup_w):
             sock.setblocking(False)
         self._selector.register(self._listener, selectors.EVENT_READ, "accept")
         self._selector.register(self._from_zygote, selectors.EVENT_READ, "zygote")
@@ -148,6 +151,8 @@ class Bridge:
             self._accept()
         elif what == "zygote":
             self._read_zygote()
+        elif what == "to-zygote":
+            self._flush_to_zygote()
         elif what == "signal":
             self._read_signals()
         else:
@@ -327,10 +332,31 @@ class Bridge:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._tickets[ticket] = pending
+        data = wire.encode((wire.FORK, ticket, pending.request, pending.resources.to_dict()))
+        if self._to_zygote_outbox:
+            self._to_zygote_outbox += data
+            return
         try:
-            wire.send_message(self._to_zygote, (wire.FORK, ticket, pending.request, pending.resources.to_dict()))
+            sent = self._to_zygote.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
         except OSError:
-            pass  # the zygote is gone: its packet socket reports that
+            return  # the zygote is gone: its packet socket reports that
+        if sent < len(data):
+            self._to_zygote_outbox += data[sent:]
+            self._selector.register(self._to_zygote, selectors.EVENT_WRITE, "to-zygote")
+
+    def _flush_to_zygote(self) -> None:
+        try:
+            sent = self._to_zygote.send(self._to_zygote_outbox)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._to_zygote_outbox.clear()
+            sent = 0
+        del self._to_zygote_outbox[:sent]
+        if not self._to_zygote_outbox:
+            self._selector.unregister(self._to_zygote)
 
     def _read_zygote(self) -> None:
         while True:
@@ -418,6 +444,9 @@ class Bridge:
         for conn in list(self._conns.values()):
             if conn.role == wire.MONITOR:
                 self._stop_monitor(conn)
+        if self._to_zygote_outbox:
+            self._to_zygote_outbox.clear()
+            self._selector.unregister(self._to_zygote)
         self._to_zygote.close()  # the zygote exits at the end of its stream
 
     def _stop_monitor(self, conn: _Conn) -> None:
