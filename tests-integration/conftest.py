@@ -138,7 +138,12 @@ def run(script: Path, *args: str, timeout: float = 60, fmt: str = "json", env: d
         stdout, stderr = process.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as expired:
         process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=10)
+        try:
+            stdout, stderr = process.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            for survivor in [*survivors(tag), psutil.Process(process.pid)]:  # a hung run: leave nothing
+                survivor.kill()
+            stdout, stderr = process.communicate(timeout=10)
         assert_no_survivors(tag)
         raise AssertionError(f"the run did not finish in {timeout}s; stderr:\n{stderr.decode()}") from expired
     assert_no_survivors(tag)
