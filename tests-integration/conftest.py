@@ -141,8 +141,11 @@ def run(script: Path, *args: str, timeout: float = 60, fmt: str = "json", env: d
         try:
             stdout, stderr = process.communicate(timeout=10)
         except subprocess.TimeoutExpired:
-            for survivor in [*survivors(tag), psutil.Process(process.pid)]:  # a hung run: leave nothing
-                survivor.kill()
+            for survivor in survivors(tag):  # a hung run (the bridge included): leave nothing
+                try:
+                    survivor.kill()
+                except psutil.NoSuchProcess:
+                    pass
             stdout, stderr = process.communicate(timeout=10)
         assert_no_survivors(tag)
         raise AssertionError(f"the run did not finish in {timeout}s; stderr:\n{stderr.decode()}") from expired
