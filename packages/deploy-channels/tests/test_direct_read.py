@@ -53,10 +53,12 @@ def test_ping_pong_is_read_directly_without_waking_the_loop(pair):
         assert rx_ba.recv(timeout=10) == i
     thread.join(10)
     assert outcome == [None]
-    # Hardly anything went through the inboxes: the receiving threads took the messages
-    # off the sockets themselves (the loop reads one when it arrives before its reader
-    # is back in recv, which threads of one process sharing a GIL make common enough).
-    assert a._links[b.pid].total_in + b._links[a.pid].total_in < 1000
+    # Most messages did not go through the inboxes: the receiving threads took them off
+    # the sockets themselves. (The loop reads one when it arrives before its reader is back
+    # in recv, which threads of one process sharing a GIL make common, the more so on a
+    # loaded machine: a quarter of them here, over a quarter more under a parallel test run.
+    # Without direct reads all 4000 would.)
+    assert a._links[b.pid].total_in + b._links[a.pid].total_in < 2400
 
 
 def test_mixed_sizes_and_bursts_keep_order(pair):
