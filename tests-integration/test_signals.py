@@ -101,3 +101,31 @@ def test_when_the_monitor_dies_every_process_dies_and_says_so(script):
     assert all(event["signal"] == "SIGKILL" and event["reason"] == "its monitor died" for event in exits)
     assert process.returncode == 128 + signal.SIGKILL
     assert_no_survivors(tag, wait=3)
+
+
+def test_nothing_outlives_a_killed_bridge(script):
+    job = script(
+        """
+        import time, deploy
+
+        def sleeper(parent, depth):
+            if depth < 1:
+                deploy.spawn(sleeper, depth + 1)
+            print("sleeping", flush=True)
+            time.sleep(60)
+
+        if __name__ == "__main__":
+            deploy.init()
+            for _ in range(3):
+                deploy.spawn(sleeper, 0)
+            time.sleep(60)
+        """
+    )
+    process, tag = start(job, fmt="json")
+    deadline = time.monotonic() + 20
+    while len(survivors(tag)) < 1 + 1 + 7 and time.monotonic() < deadline:
+        time.sleep(0.1)  # the bridge, the zygote, the top process and six sleepers
+    assert len(survivors(tag)) >= 9
+    process.kill()
+    process.communicate(timeout=10)
+    assert_no_survivors(tag, wait=3)
