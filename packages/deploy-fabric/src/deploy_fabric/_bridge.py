@@ -1,13 +1,15 @@
 """The bridge: collects every process's events, shows them, schedules spawns, ends the run.
 
 One thread and one selector. Connections arrive on the fabric port and must pass the
-handshake before anything they send is unpickled; then they say who they are: a user
-process (it sends spawn requests and waits for replies) or a monitor (it streams one
-process's output and exit). The zygote is reached over two socketpairs made before it
-was forked: a stream that carries fork requests to it, and a packet socket that brings back
-each new process's pid together with one end of a socketpair to its monitor (SCM_RIGHTS),
-so a monitor's events need no connection set-up and no handshake: both ends were inherited. The run ends when every process has exited; its code is 0 if all exited 0, else
-the first failure's code (128+N for a signal N).
+handshake before anything they send is unpickled; then a user process says who it is and
+sends spawn requests. The zygote is reached over two socketpairs made before it was
+forked: a stream that carries fork requests to it (written from this loop, never with a
+blocking write: the zygote forwards every process's output here and may be waiting for
+us to read it), and a packet socket that brings back each new process's pid together
+with our end of that process's event stream (SCM_RIGHTS), on which its monitor (the
+zygote) streams its output and exit: no connection set-up and no handshake. The run ends
+when every process has exited; its code is 0 if all exited 0, else the first failure's
+code (128+N for a signal N).
 """
 
 from __future__ import annotations
