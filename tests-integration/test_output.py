@@ -1,8 +1,10 @@
 """Output reaches the terminal exactly and live, in both formats."""
 
+import base64
 import json
 import os
 import select
+import subprocess
 import time
 
 import pytest
@@ -103,3 +105,27 @@ def test_long_output_is_not_lost(script):
     child = result.children(result.top)[0]
     lines = result.output(child).decode().splitlines()
     assert len(lines) == 50000 and lines[-1].startswith("line 49999")
+
+
+def test_the_top_process_keeps_stdin_and_children_read_nothing(script):
+    job = script(
+        """
+        import sys, deploy
+
+        def child(parent, _):
+            deploy.Sender[str](parent).send(sys.stdin.read())
+
+        if __name__ == "__main__":
+            deploy.init()
+            pid = deploy.spawn(child, None)
+            print(repr(deploy.Receiver[str](pid).recv()), repr(sys.stdin.read()))
+        """
+    )
+    process, tag = start(job, fmt="json", stdin=subprocess.PIPE)
+    stdout, _ = process.communicate(input=b"typed at the terminal\n", timeout=30)
+    assert process.returncode == 0
+    events = [json.loads(line) for line in stdout.splitlines()]
+    top = events[0]["pid"]
+    output = b"".join(base64.b64decode(e["b64"]) for e in events if e["event"] == "output" and e["pid"] == top)
+    assert output == b"'' 'typed at the terminal\\n'\n"
+    assert_no_survivors(tag)
