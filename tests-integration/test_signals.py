@@ -2,43 +2,62 @@
 
 import json
 import signal
+import subprocess
 import time
 
 import psutil
 import pytest
-from conftest import assert_no_survivors, run, start, survivors
+from conftest import assert_no_survivors, run, start
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def test_ctrl_c_kills_every_process(script):
-    job = script(
-        """
-        import time, deploy
+# The top process and three trees of sleepers, DEPTH levels below each of its children;
+# each process leaves a file in up/ once it runs.
+SLEEPERS = """
+import os, sys, time, deploy
 
-        def sleeper(parent, depth):
-            if depth < 2:
-                deploy.spawn(sleeper, depth + 1)
-            print("sleeping", flush=True)
-            time.sleep(60)
+def up():
+    os.makedirs("up", exist_ok=True)
+    open(os.path.join("up", str(os.getpid())), "w").close()
 
-        if __name__ == "__main__":
-            deploy.init()
-            for _ in range(3):
-                deploy.spawn(sleeper, 0)
-            time.sleep(60)
-        """
-    )
-    process, tag = start(job, fmt="human")
+def sleeper(parent, depth):
+    if depth < int(sys.argv[1]):
+        deploy.spawn(sleeper, depth + 1)
+    up()
+    print("sleeping", flush=True)
+    time.sleep(60)
+
+if __name__ == "__main__":
+    deploy.init()
+    for _ in range(3):
+        deploy.spawn(sleeper, 0)
+    up()
+    time.sleep(60)
+"""
+
+
+def start_sleepers(script, depth: int, fmt: str) -> tuple[subprocess.Popen, str, int]:
+    """Start the run and wait until all its processes run; returns it, its tag and how many."""
+    job = script(SLEEPERS)
+    processes = 1 + 3 * (depth + 1)
+    process, tag = start(job, str(depth), fmt=fmt)
+    up = job.parent / "up"
     deadline = time.monotonic() + 20
-    while len(survivors(tag)) < 1 + 1 + 10 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the bridge, the zygote (every process's monitor) and 10 processes
-    assert len(survivors(tag)) >= 12
+    while not (up.is_dir() and len(list(up.iterdir())) >= processes):
+        assert time.monotonic() < deadline, f"not all {processes} processes started"
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    return process, tag, processes
+
+
+def test_ctrl_c_kills_every_process(script):
+    process, tag, processes = start_sleepers(script, 2, "human")
     process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=15)
     assert process.returncode == 128 + signal.SIGINT
     assert_no_survivors(tag, wait=3)
-    assert stderr.decode().count("killed: SIGKILL") == 10
+    assert stderr.decode().count("killed: SIGKILL") == processes == 10
 
 
 def test_a_memory_hog_is_killed_and_says_why(script):
@@ -72,60 +91,21 @@ def test_a_memory_hog_is_killed_and_says_why(script):
 
 
 def test_when_the_monitor_dies_every_process_dies_and_says_so(script):
-    job = script(
-        """
-        import time, deploy
-
-        def sleeper(parent, _):
-            print("sleeping", flush=True)
-            time.sleep(60)
-
-        if __name__ == "__main__":
-            deploy.init()
-            for _ in range(3):
-                deploy.spawn(sleeper, None)
-            time.sleep(60)
-        """
-    )
-    process, tag = start(job, fmt="json")
+    process, tag, processes = start_sleepers(script, 0, "json")
     bridge = psutil.Process(process.pid)
-    deadline = time.monotonic() + 20
-    while sum(1 for p in survivors(tag) if p.ppid() != process.pid) < 4 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the top process and three sleepers, under the zygote
     (zygote,) = bridge.children()
     zygote.kill()
     stdout, _ = process.communicate(timeout=15)
     events = [json.loads(line) for line in stdout.decode().splitlines()]
     exits = [event for event in events if event["event"] == "exit"]
-    assert len(exits) == 4
+    assert len(exits) == processes == 4
     assert all(event["signal"] == "SIGKILL" and event["reason"] == "its monitor died" for event in exits)
     assert process.returncode == 128 + signal.SIGKILL
     assert_no_survivors(tag, wait=3)
 
 
 def test_nothing_outlives_a_killed_bridge(script):
-    job = script(
-        """
-        import time, deploy
-
-        def sleeper(parent, depth):
-            if depth < 1:
-                deploy.spawn(sleeper, depth + 1)
-            print("sleeping", flush=True)
-            time.sleep(60)
-
-        if __name__ == "__main__":
-            deploy.init()
-            for _ in range(3):
-                deploy.spawn(sleeper, 0)
-            time.sleep(60)
-        """
-    )
-    process, tag = start(job, fmt="json")
-    deadline = time.monotonic() + 20
-    while len(survivors(tag)) < 1 + 1 + 7 and time.monotonic() < deadline:
-        time.sleep(0.1)  # the bridge, the zygote, the top process and six sleepers
-    assert len(survivors(tag)) >= 9
+    process, tag, _ = start_sleepers(script, 1, "json")
     process.kill()
     process.communicate(timeout=10)
     assert_no_survivors(tag, wait=3)
