@@ -1,4 +1,4 @@
-"""Runtime benchmarks: spawn-and-reply latency, 100 spawns, RSS of the bridge and a monitor.
+"""Runtime benchmarks: spawn-and-reply latency, 100 spawns, RSS of the bridge and of the monitor.
 
 Each figure is compared, in the same run, with multiprocessing's fork and spawn start
 methods (Process + Pipe). Run through scripts/bench.py, or alone:
@@ -43,7 +43,7 @@ _DEPLOY_JOB = textwrap.dedent(
         total = sum(deploy.Receiver[int](pid).recv() for pid in pids)
         many_seconds = time.perf_counter() - started
         assert total == sum(range(many))
-        monitor = psutil.Process(os.getppid())
+        monitor = psutil.Process(os.getppid())  # the zygote: every process's parent and monitor
         bridge = monitor.parent()
         result = {
             "latency": statistics.median(latencies),
@@ -141,7 +141,7 @@ def report(figures: dict[str, float]) -> str:
             f"| {figures['mp_fork_many'] * 1e3:.0f} ms | {figures['mp_spawn_many'] * 1e3:.0f} ms "
             f"| {figures['ratio_many_vs_fork']:.2f}x | {figures['ratio_many_vs_spawn']:.3f}x |",
             "",
-            f"RSS of the bridge: {figures['deploy_bridge_rss'] / mib:.1f} MiB; of one monitor: "
+            f"RSS of the bridge: {figures['deploy_bridge_rss'] / mib:.1f} MiB; of the monitor (the zygote): "
             f"{figures['deploy_monitor_rss'] / mib:.1f} MiB (of which its own, USS: "
             f"{figures['deploy_monitor_uss'] / mib:.1f} MiB).",
             "Ratios are times: below 1 means deploy is faster.",
