@@ -93,6 +93,7 @@ class Child:
         self.status_lost = False
         self.kill_reason: str | None = None
         self.next_check: float | None = None
+        self.exited = False  # its pidfd said so: reap it after this round
         self.exit: Exit | None = None
 
     def __repr__(self) -> str:
@@ -317,7 +318,7 @@ class Supervisor:
         if _USE_PIDFD:
             try:
                 child.pidfd = os.pidfd_open(pid)
-                self._listen(child.pidfd, select.POLLIN, lambda events: None, owned=True)
+                self._listen(child.pidfd, select.POLLIN, lambda events: setattr(child, "exited", True), owned=True)
             except OSError as exc:
                 log.debug("monitor: no pidfd (%s), checking pid %s every %ss", exc, pid, REAP_TICK)
         if limits is not None and not limits_later:
@@ -346,7 +347,7 @@ class Supervisor:
                 handler = self._handlers.get(fd)
                 if handler is not None:
                     handler(events)
-            self._after_round(bool(ready))
+            self._after_round()
         finally:
             closing, self._closing = self._closing, []
             for fd in closing:
@@ -355,12 +356,12 @@ class Supervisor:
                 except OSError:
                     pass
 
-    def _after_round(self, woken: bool) -> None:
+    def _after_round(self) -> None:
         now = time.monotonic()
         for child in list(self._children.values()):
             if child.reaped:
                 continue
-            if (woken or child.pidfd is None or child.kill_reason is not None) and child._reap():
+            if (child.exited or child.pidfd is None) and child._reap():
                 child._finish()
             else:
                 child._check(now)
