@@ -213,31 +213,11 @@ class Bridge:
             self._lost(conn)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
-        if not data:
-            return
-        if conn.outbox:
-            conn.outbox += data
-            return
-        try:
-            sent = conn.sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            return  # the reader will see the connection end
-        if sent < len(data):
-            conn.outbox += data[sent:]
+        if data and _send_or_keep(conn.sock, conn.outbox, data):
             self._selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn)
 
     def _flush(self, conn: _Conn) -> None:
-        try:
-            sent = conn.sock.send(conn.outbox)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            conn.outbox.clear()
-            sent = 0
-        del conn.outbox[:sent]
-        if not conn.outbox:
+        if not _flush_kept(conn.sock, conn.outbox):
             self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
 
     def _drop(self, conn: _Conn) -> None:
@@ -334,30 +314,13 @@ class Bridge:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._tickets[ticket] = pending
+        # (If the zygote is gone, its packet socket reports that.)
         data = wire.encode((wire.FORK, ticket, pending.request, pending.resources.to_dict()))
-        if self._to_zygote_outbox:
-            self._to_zygote_outbox += data
-            return
-        try:
-            sent = self._to_zygote.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            return  # the zygote is gone: its packet socket reports that
-        if sent < len(data):
-            self._to_zygote_outbox += data[sent:]
+        if _send_or_keep(self._to_zygote, self._to_zygote_outbox, data):
             self._selector.register(self._to_zygote, selectors.EVENT_WRITE, "to-zygote")
 
     def _flush_to_zygote(self) -> None:
-        try:
-            sent = self._to_zygote.send(self._to_zygote_outbox)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            self._to_zygote_outbox.clear()
-            sent = 0
-        del self._to_zygote_outbox[:sent]
-        if not self._to_zygote_outbox:
+        if not _flush_kept(self._to_zygote, self._to_zygote_outbox):
             self._selector.unregister(self._to_zygote)
 
     def _read_zygote(self) -> None:
@@ -456,3 +419,33 @@ class Bridge:
             conn.sock.shutdown(socket.SHUT_WR)  # the monitor's lifeline: it kills its process
         except OSError:
             pass
+
+
+def _send_or_keep(sock: socket.socket, outbox: bytearray, data: bytes) -> bool:
+    """Send ``data`` after what ``outbox`` holds, as far as the socket takes it now, and keep
+    the rest; True when the outbox just began waiting for the socket to be writable. On a
+    broken socket the data is dropped: its reader sees the end."""
+    if outbox:
+        outbox += data
+        return False
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        return False
+    outbox += memoryview(data)[sent:]
+    return bool(outbox)
+
+
+def _flush_kept(sock: socket.socket, outbox: bytearray) -> bool:
+    """Send what the socket takes of ``outbox`` now; True while some is left."""
+    try:
+        sent = sock.send(outbox)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        outbox.clear()
+        return False
+    del outbox[:sent]
+    return bool(outbox)
