@@ -131,3 +131,16 @@ def own_memory_cgroup() -> str:
     path = lines.get("memory", lines.get(""))
     assert found.memory_dir is not None
     return os.path.join(found.memory_dir, os.path.basename(path))
+
+
+MiB = 1 << 20
+
+
+def hog() -> int:
+    """Print our memory cgroup ("-" when polling), then take 300 MiB and hold on to it."""
+    print(own_memory_cgroup() if detect_enforcement().kind != "poll" else "-")
+    hoard = []
+    for _ in range(30):  # 300 MiB in 10 MiB steps, each page touched
+        hoard.append(b"x" * (10 * MiB))
+    time.sleep(30)  # a real hog holds on; polling must catch it
+    return 0

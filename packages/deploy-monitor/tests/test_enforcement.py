@@ -8,22 +8,11 @@ import time
 import deploy_monitor._limits as limits_module
 import psutil
 import pytest
-from conftest import Recorder, enforcement_of, in_fork, own_memory_cgroup, wait_gone
+from conftest import MiB, Recorder, enforcement_of, hog, in_fork, own_memory_cgroup, wait_gone
 from deploy_core import Resources
-from deploy_monitor import Enforcement, Exit, detect_enforcement, run_monitored
+from deploy_monitor import Enforcement, Exit, run_monitored
 
 pytestmark = pytest.mark.timeout(90)
-
-MiB = 1 << 20
-
-
-def hog() -> int:
-    print(own_memory_cgroup() if detect_enforcement().kind != "poll" else "-")
-    hoard = []
-    for _ in range(30):  # 300 MiB in 10 MiB steps, each page touched
-        hoard.append(b"x" * (10 * MiB))
-    time.sleep(30)  # a real hog holds on; polling must catch it
-    return 0
 
 
 @pytest.mark.parametrize("kind", ["cgroup", "poll"])

@@ -20,13 +20,12 @@ from contextlib import closing
 import deploy_monitor._supervisor as supervisor_module
 import psutil
 import pytest
-from conftest import Recorder, enforcement_of, gone, own_memory_cgroup, wait_gone
+from conftest import MiB, Recorder, enforcement_of, gone, hog, own_memory_cgroup, wait_gone
 from deploy_core import Resources
-from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
+from deploy_monitor import Child, Exit, Output, Supervisor
 
 pytestmark = pytest.mark.timeout(60)
 
-MiB = 1 << 20
 MEMORY_REASON = "memory limit 50MiB exceeded"
 
 
@@ -287,15 +286,6 @@ def test_losing_one_lifeline_kills_only_its_child(supervisor):
 
 
 # --- 6. limits given later ---------------------------------------------------------------------
-
-
-def hog() -> int:
-    print(own_memory_cgroup() if detect_enforcement().kind != "poll" else "-")
-    hoard = []
-    for _ in range(30):  # 300 MiB in 10 MiB steps, each page touched
-        hoard.append(b"x" * (10 * MiB))
-    time.sleep(30)  # a real hog holds on; polling must catch it
-    return 0
 
 
 @pytest.mark.parametrize("kind", ["cgroup", "poll"])
