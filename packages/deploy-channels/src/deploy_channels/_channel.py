@@ -5,7 +5,7 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from deploy_core import ChannelClosed, PeerExited, Pid
 
@@ -23,6 +23,7 @@ _pack_header = struct.Struct(">I").pack
 _join = b"".join
 
 T = TypeVar("T")
+_Self = TypeVar("_Self", bound="_Channel[Any]")
 
 
 class _TypedAlias:
@@ -53,10 +54,14 @@ class _TypedAlias:
 class _Channel(Generic[T]):
     _kind = ""
 
-    def __class_getitem__(cls, item: Any) -> Any:
-        if isinstance(item, TypeVar):
-            return super().__class_getitem__(item)  # a generic annotation, e.g. Sender[T]
-        return _TypedAlias(cls, item)
+    if not TYPE_CHECKING:
+        # A type checker reads ``Sender[int]`` as the generic class itself; at run time
+        # it is a `_TypedAlias` that hands ``int`` to the channel to check messages by.
+
+        def __class_getitem__(cls, item: Any) -> Any:
+            if isinstance(item, TypeVar):
+                return super().__class_getitem__(item)  # a generic annotation, e.g. Sender[T]
+            return _TypedAlias(cls, item)
 
     def __init__(self, pid: Pid, endpoint: Endpoint | None = None, *, _type: Any = None):
         if endpoint is None:
@@ -87,7 +92,7 @@ class _Channel(Generic[T]):
             self._link = None
             self.endpoint._close_channel(self._kind, self.pid, self._ref)
 
-    def __enter__(self):
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -102,7 +107,7 @@ class _Channel(Generic[T]):
     def _ready(self) -> bool:
         raise NotImplementedError
 
-    def _watchers(self) -> set:
+    def _watchers(self) -> set[Any]:
         raise NotImplementedError
 
 
@@ -127,14 +132,14 @@ class Sender(_Channel[T]):
             raise TypeError(
                 f"Sender[{type_name(self._type)}] to {self.pid} cannot send a {type(value).__name__}: {value!r:.80}"
             )
-        if type(value) in _PLAIN_TYPES and (type(value) is not bytes or len(value) < 32768):
+        if type(value) in _PLAIN_TYPES and (type(value) is not bytes or len(value) < 32768):  # type: ignore[arg-type]
             # Fast path: these never carry out-of-band buffers and fit one small frame.
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
             link.push(frame, len(frame), None if timeout is None else deadline_after(timeout))
             return
-        frame, nbytes = encode_message(value)
-        link.push(frame, nbytes, deadline_after(timeout))
+        message, nbytes = encode_message(value)
+        link.push(message, nbytes, deadline_after(timeout))
 
     async def asend(self, value: T) -> None:
         """`send` for asyncio: waits for buffer space without blocking the event loop."""
@@ -153,7 +158,7 @@ class Sender(_Channel[T]):
     def _ready(self) -> bool:
         return self._live_link().tx_ready()
 
-    def _watchers(self) -> set:
+    def _watchers(self) -> set[Any]:
         return self._live_link().tx_watchers
 
 
@@ -197,7 +202,7 @@ class Receiver(_Channel[T]):
                 link.rx_watchers.discard(waiter)
 
     def _decode(self, payload: bytes) -> T:
-        value = decode_message(payload)
+        value: T = decode_message(payload)
         check = self._check
         if check is not None and not check(value):
             raise TypeError(
@@ -224,5 +229,5 @@ class Receiver(_Channel[T]):
     def _ready(self) -> bool:
         return self._live_link().rx_ready()
 
-    def _watchers(self) -> set:
+    def _watchers(self) -> set[Any]:
         return self._live_link().rx_watchers

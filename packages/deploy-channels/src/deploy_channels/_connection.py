@@ -116,6 +116,7 @@ class Connection:
     # --- set-up -------------------------------------------------------------------------
 
     def start_connect(self) -> None:
+        assert self.link is not None, "a connection we make is for a link"
         err = self.sock.connect_ex(tuple(self.link.pid.addr))
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=True)
@@ -151,6 +152,7 @@ class Connection:
             self.handshake.receive_data(data)
         except AuthenticationError as error:
             if self.initiator:
+                assert self.link is not None
                 log.warning("deploy.channels: connection to %s failed authentication: %s", self.link.pid, error)
             else:
                 log.warning("deploy.channels: dropped a connection from %s: %s", _address(self.addr), error)
@@ -160,6 +162,7 @@ class Connection:
         if self.handshake.done:
             self.state = "hello"
             if self.initiator:
+                assert self.link is not None
                 self.pre_out += _wire.hello_frame(self.endpoint.pid, self.link.pid)
         self._write_pre()
 
@@ -279,6 +282,7 @@ class Connection:
                 nbytes += len(payload)
                 continue
             if batch:
+                assert link is not None, "data frames come only on an open connection, which has a link"
                 link.deliver(batch, nbytes)
                 batch, nbytes = [], 0
             self._control(kind, payload)
@@ -286,6 +290,7 @@ class Connection:
                 return
             link = self.link
         if batch:
+            assert link is not None
             link.deliver(batch, nbytes)
         if link is not None:
             self.endpoint._after_delivery(link)
@@ -342,7 +347,7 @@ class Connection:
     def write_now(self, frame: bytes | list) -> int:
         """User thread, under the link's out_lock, nothing queued: try the socket directly."""
         try:
-            if type(frame) is bytes:
+            if isinstance(frame, bytes):
                 return self.sock.send(frame)
             return self.sock.sendmsg(frame)
         except OSError:
@@ -429,7 +434,7 @@ class Connection:
                 if woken:
                     return RETRY
                 if not readable:
-                    if timeout is not None and time.monotonic() >= deadline:
+                    if deadline is not None and time.monotonic() >= deadline:
                         return RETRY  # the caller raises TimeoutError
                     continue
                 try:

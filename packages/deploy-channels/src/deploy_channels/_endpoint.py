@@ -63,14 +63,21 @@ class EndpointState:
     live: weakref.WeakSet = weakref.WeakSet()
 
 
+def _link_of(conn: Connection) -> Link:
+    # Connections reach these handlers only once their hello has given them a link.
+    link = conn.link
+    assert link is not None, f"{conn!r} has no link"
+    return link
+
+
 def _parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if isinstance(address, tuple):
         host, port = address
         return str(host), int(port)
-    host, sep, port = str(address).rpartition(":")
+    host, sep, port_text = str(address).rpartition(":")
     if not sep:
         raise ValueError(f"invalid address {address!r}: expected 'host:port'")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]") or "127.0.0.1", int(port_text)
 
 
 class Endpoint:
@@ -164,7 +171,11 @@ class Endpoint:
                 link = self._links[pid] = Link(self, pid)
                 if pid in self._exited:
                     link.death = self._exited[pid]
-            ref = weakref.ref(channel, lambda ref, kind=kind, pid=pid: self._close_channel(kind, pid, ref))
+
+            def collected(ref: weakref.ref[object]) -> None:
+                self._close_channel(kind, pid, ref)
+
+            ref = weakref.ref(channel, collected)
             registry[pid] = ref
             if kind == "sender":
                 link.has_sender = True
@@ -239,7 +250,7 @@ class Endpoint:
             link.out_bytes += len(self._goodbye_frame)
 
     def _outgoing_hello(self, conn: Connection, pid: Pid) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if link.pending is conn:
             link.pending = None
         if pid != link.pid:
@@ -285,7 +296,7 @@ class Endpoint:
         self._attach(link, conn)
 
     def _duplicate(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         log.debug("deploy.channels: %s refused our connection as a duplicate", link.pid)
         conn.close()
         if link.pending is conn:
@@ -323,7 +334,7 @@ class Endpoint:
                 self._set_dead(link, None, lost=True)
 
     def _goodbye(self, conn: Connection, code: int | None) -> None:
-        link = conn.link
+        link = _link_of(conn)
         conn.close()
         if link.conn is conn:
             link.conn = None
@@ -412,7 +423,7 @@ class Endpoint:
         self._loop.call_later(self._linger, self._linger_over, link, token)
 
     def _close_request(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if self._is_idle(link) and not self._draining:
             link.closing = True
             conn.agreed_close = True
@@ -424,7 +435,7 @@ class Endpoint:
             conn.send_setup(_wire.control_frame(_wire.CLOSE_NO))
 
     def _close_ok(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         conn.agreed_close = True
         conn.close()
         if link.conn is conn:
@@ -439,7 +450,7 @@ class Endpoint:
             self._ensure_connected(link)
 
     def _close_no(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if link.conn is not conn or conn.agreed_close:
             # Both sides asked at once and we agreed to the peer's request: the peer closes
             # this connection as soon as it reads our agreement, so it must carry no more.

@@ -15,7 +15,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid
 
@@ -205,8 +205,8 @@ class Link:
         self.paused = False
         self.resume_at = 0  # resume reading once len(inbox) <= this
         self.resume_requested = False
-        self.rx_watchers: set = set()
-        self.tx_watchers: set = set()
+        self.rx_watchers: set[Any] = set()
+        self.tx_watchers: set[Any] = set()
         # (code, lost) once the peer is gone; checked after the inbox is empty.
         self.death: tuple[int | None, bool] | None = None
         self.has_sender = False
@@ -218,6 +218,7 @@ class Link:
     # --- errors -------------------------------------------------------------------------
 
     def death_error(self) -> Exception:
+        assert self.death is not None, "the link's peer is not gone"
         code, lost = self.death
         return PeerLost(self.pid) if lost else PeerExited(self.pid, code)
 
@@ -454,8 +455,8 @@ class Link:
         self.wake_tx()
 
 
-def _rest(frame: bytes | list, sent: int) -> bytes | list:
-    if type(frame) is bytes:
+def _rest(frame: bytes | list[Any], sent: int) -> bytes | list[Any]:
+    if isinstance(frame, bytes):
         return frame[sent:] if sent else frame
     rest = []
     for chunk in frame:

@@ -173,13 +173,13 @@ class FrameDecoder:
         size = len(buf)
         # Slicing a bytearray through a memoryview copies once (straight into bytes).
         view = memoryview(buf) if isinstance(buf, bytearray) else buf
-        out = []
+        out: list[bytes] = []
         append = out.append
         while size - pos >= HEADER_SIZE:
             (length,) = unpack(buf, pos)
             if length > limit:
                 self._pos = pos
-                if view is not buf:
+                if isinstance(view, memoryview):  # ours, not buf
                     view.release()
                 raise FrameError(f"frame of {length} bytes exceeds the maximum of {limit}")
             start = pos + HEADER_SIZE
@@ -189,7 +189,7 @@ class FrameDecoder:
             append(view[start:end] if view is buf else bytes(view[start:end]))
             pos = end
         self._pos = pos
-        if view is not buf:
+        if isinstance(view, memoryview):
             view.release()
         if self._eof and pos < size and not out:
             raise FrameError(f"the stream ended in the middle of a frame ({size - pos} bytes left over)")

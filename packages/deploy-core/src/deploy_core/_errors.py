@@ -8,6 +8,8 @@ end of a connection (`AuthenticationError`, `FrameError`) or the value being sen
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AuthenticationError",
     "ChannelClosed",
@@ -40,7 +42,7 @@ class PeerExited(DeployError):
             message = f"{who} has exited{status}"
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.peer, self.code, str(self)))
 
 
@@ -54,7 +56,7 @@ class PeerLost(DeployError):
             message = f"lost the connection to {who}"
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.peer, str(self)))
 
 

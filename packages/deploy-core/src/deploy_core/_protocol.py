@@ -33,7 +33,8 @@ _REPLY = b"DSR"
 def dumps_user(value: Any, what: str) -> bytes:
     """Cloudpickle a user's function or value; on failure name it and say why."""
     try:
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return data
     except Exception as error:
         try:
             shown = repr(value)
@@ -61,11 +62,11 @@ def _bytes(value: object) -> bytes:
     return bytes(value)
 
 
-def _encode(magic: bytes, fields: tuple) -> bytes:
+def _encode(magic: bytes, fields: tuple[object, ...]) -> bytes:
     return magic + bytes([VERSION]) + pickle.dumps(fields, protocol=5)
 
 
-def _decode(magic: bytes, data: bytes, name: str) -> tuple:
+def _decode(magic: bytes, data: bytes, name: str) -> tuple[Any, ...]:
     if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:3]) != magic or len(data) < 4:
         raise DeployError(f"not a {name} message")
     if data[3] != VERSION:

@@ -248,6 +248,7 @@ class Bridge:
         elif conn.role == wire.HELLO_PROCESS and kind == wire.SPAWN:
             self._spawn_requested(conn, message[1])
         elif conn.role == wire.MONITOR and kind in (wire.OUTPUT, wire.EXIT):
+            assert conn.pid is not None, "a monitor's connection speaks for its process"
             self._event(conn.pid, message)
         else:
             log.warning("ignored an unexpected %r message", kind)
@@ -368,6 +369,7 @@ class Bridge:
             self._fail(pending, error or "the fork server could not start the process")
             return
         pid = Pid.parse(pid_text)
+        assert pending.node is not None, "only a placed spawn is forked"
         self._processes[pid.hex] = _Process(pid, pending.parent, pending.resources, pending.node)
         if pending.requester is not None:  # first: the requester is waiting
             self._reply(pending.requester, SpawnReply(pid=pid))

@@ -92,7 +92,7 @@ class MessageReader:
     def feed(self, data: bytes) -> list[tuple]:
         """Messages completed by ``data`` (``b""`` marks the end of the stream)."""
         self._decoder.feed(data)
-        messages = []
+        messages: list[tuple[Any, ...]] = []
         while True:
             frame = self._decoder.next_frame()
             if frame is NEED_DATA:
