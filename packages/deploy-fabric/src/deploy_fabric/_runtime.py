@@ -16,7 +16,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TypeVar
 
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
@@ -33,6 +33,7 @@ __all__ = ["init", "pid", "resources", "spawn", "try_spawn"]
 
 log = logging.getLogger("deploy.fabric")
 _HOST = "127.0.0.1"
+A = TypeVar("A")  # what a spawned function takes as its argument
 
 
 @dataclass
@@ -111,12 +112,12 @@ def init(resources: Resources | None = None) -> None:
         os._exit(code)
 
 
-def spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None = None) -> Pid:
+def spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None = None) -> Pid:
     """Start ``fn(deploy.pid(), arg)`` in a new process; blocks while there is no capacity."""
     return _spawn(fn, arg, resources, block=True)
 
 
-def try_spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None = None) -> Pid:
+def try_spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None = None) -> Pid:
     """Like spawn(), but raises NoCapacity at once when no node has room."""
     return _spawn(fn, arg, resources, block=False)
 
@@ -137,7 +138,7 @@ def _require(what: str) -> _Process:
     return _me
 
 
-def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None, *, block: bool) -> Pid:
+def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, *, block: bool) -> Pid:
     me = _require("spawn" if block else "try_spawn")
     request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
     connection = getattr(_control, "connection", None)
