@@ -6,7 +6,11 @@ import os
 import pickle
 import socket
 import sys
+import textwrap
 import threading
+import traceback
+import types
+from collections.abc import Iterator
 
 import pytest
 from deploy_core import (
@@ -18,6 +22,7 @@ from deploy_core import (
     SpawnRequest,
     dumps_user,
     loads_user,
+    snapshot_main,
 )
 
 PARENT = Pid("0123456789abcdef0123456789abcdef", "::1", 7000)
@@ -292,3 +297,68 @@ def test_dumps_and_loads_user_round_trip() -> None:
     data = dumps_user(lambda x: x + 1, "function")
     assert isinstance(data, bytes)
     assert loads_user(data)(1) == 2
+
+
+@pytest.fixture
+def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    yield main
+    monkeypatch.undo()
+    snapshot_main()  # back to pytest's own __main__
+
+
+def _define(main: types.ModuleType, source: str) -> None:
+    exec(compile(textwrap.dedent(source), "/home/user/job.py", "exec"), main.__dict__)
+
+
+def test_main_functions_and_classes_seen_at_init_travel_by_reference(fake_main: types.ModuleType) -> None:
+    _define(
+        fake_main,
+        """
+        class Job:
+            def run(self): ...
+
+        def early(parent, job):
+            return job
+        """,
+    )
+    snapshot_main()
+    data = dumps_user(fake_main.early, "function")
+    assert b"early" in data and b"return job" not in data and len(data) < 40
+    assert loads_user(data) is fake_main.early
+    assert loads_user(dumps_user(fake_main.Job, "argument")) is fake_main.Job
+    assert loads_user(dumps_user(fake_main.Job.run, "function")) is fake_main.Job.run
+    job = loads_user(dumps_user(fake_main.Job(), "argument"))
+    assert type(job) is fake_main.Job
+
+
+def test_what_main_did_not_have_at_init_travels_by_value_keeping_its_file_and_lines(
+    fake_main: types.ModuleType,
+) -> None:
+    snapshot_main()
+    _define(
+        fake_main,
+        """
+        def late(parent, arg):
+            def inner():
+                raise ValueError(arg)
+            return inner
+        """,
+    )
+    function = loads_user(dumps_user(fake_main.late, "function"))
+    assert function is not fake_main.late
+    closure = loads_user(dumps_user(fake_main.late(None, 3), "function"))
+    for code in (function.__code__, closure.__code__):
+        assert code.co_filename == "/home/user/job.py"
+    assert (function.__code__.co_firstlineno, closure.__code__.co_firstlineno) == (2, 3)
+    with pytest.raises(ValueError) as raised:
+        closure()
+    frame = traceback.extract_tb(raised.value.__traceback__)[-1]
+    assert (frame.filename, frame.lineno, frame.name) == ("/home/user/job.py", 4, "inner")
+
+
+def test_a_lambda_keeps_its_file_name() -> None:
+    function = loads_user(dumps_user(lambda parent, arg: arg, "function"))
+    assert function.__code__.co_filename == __file__
+    assert function(None, 5) == 5

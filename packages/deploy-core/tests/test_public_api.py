@@ -33,6 +33,7 @@ EXPECTED = {
     "dumps_user",
     "env",
     "loads_user",
+    "snapshot_main",
 }
 
 

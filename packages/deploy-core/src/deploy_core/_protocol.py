@@ -4,14 +4,29 @@ A message is ``MAGIC + VERSION + pickle(tuple of plain values)``: plain values o
 (bytes, str, int, float, tuples, dicts), so decoding never runs user code. The user's
 function and argument travel inside as opaque cloudpickle bytes and are only loaded by
 the process that runs them.
+
+How user values are pickled, so that a traceback in the receiving process points at the
+user's code:
+- Every process of a run starts from the program's ``__main__`` as it was at ``init()``
+  (forked from that snapshot locally; on a cluster node, the script run up to
+  ``init()``). A function or class of ``__main__`` that was already there then is found
+  by module and name, so it travels by reference, like a function of an imported module.
+- Anything else of ``__main__`` (lambdas, closures, what was defined after ``init()``)
+  travels by value with cloudpickle, which renames every code object it ships
+  ``<dynamic-code>``; here code objects travel through ``marshal`` instead and keep their
+  file name and line numbers (``marshal``, like cloudpickle's own code reducer, needs the
+  same Python version at both ends).
 """
 
 from __future__ import annotations
 
 import io
+import marshal
 import os
 import pickle
 import sys
+import types
+from collections import ChainMap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,18 +38,61 @@ from ._errors import DeployError, SerializationError
 from ._pid import Pid
 from ._resources import Resources
 
-__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_user"]
+__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_user", "snapshot_main"]
 
 VERSION = 1
 _REQUEST = b"DSQ"
 _REPLY = b"DSR"
 
 
+# What __main__ held when snapshot_main() was called (at init()), by name.
+_main_at_init: dict[str, object] = {}
+
+
+def snapshot_main() -> None:
+    """Record ``__main__`` as every process of the run starts with it (call it at ``init()``,
+    where the fork server is snapshotted): its functions and classes then travel by reference."""
+    main = sys.modules.get("__main__")
+    _main_at_init.clear()
+    if main is not None:
+        _main_at_init.update(vars(main))
+
+
+def _in_main_at_init(obj: object) -> bool:
+    names = getattr(obj, "__qualname__", "").split(".")
+    if "<locals>" in names or names == [""]:
+        return False
+    found = _main_at_init.get(names[0])
+    for name in names[1:]:
+        found = getattr(found, name, None)
+    return found is obj
+
+
+def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
+    return marshal.loads, (marshal.dumps(code),)
+
+
+class _UserPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no annotations
+    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            isinstance(obj, (types.FunctionType, type))
+            and getattr(obj, "__module__", None) == "__main__"
+            and _in_main_at_init(obj)
+        ):
+            return obj.__qualname__  # pickled as the global __main__.<qualname>
+        return super().reducer_override(obj)
+
+
 def dumps_user(value: Any, what: str) -> bytes:
-    """Cloudpickle a user's function or value; on failure name it and say why."""
+    """Pickle a user's function or value for another process of the run; on failure name
+    it and say why. Functions and classes of ``__main__`` that `snapshot_main` saw travel
+    by reference, anything else by value with cloudpickle, code keeping its file name."""
     try:
-        data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        return data
+        buffer = io.BytesIO()
+        _UserPickler(buffer, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        return buffer.getvalue()
     except Exception as error:
         try:
             shown = repr(value)
@@ -46,6 +104,7 @@ def dumps_user(value: Any, what: str) -> bytes:
 
 
 def loads_user(data: bytes) -> Any:
+    """The value `dumps_user` pickled (run only in the process that is to use it)."""
     return pickle.loads(data)
 
 

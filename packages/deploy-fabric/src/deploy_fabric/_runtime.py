@@ -20,7 +20,17 @@ from typing import TypeVar
 
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
-from deploy_core import DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env, loads_user
+from deploy_core import (
+    DeployError,
+    NoCapacity,
+    Pid,
+    Resources,
+    SpawnReply,
+    SpawnRequest,
+    env,
+    loads_user,
+    snapshot_main,
+)
 from deploy_monitor import exit_code, flush_stdio
 
 from . import _wire as wire
@@ -92,6 +102,7 @@ def init(resources: Resources | None = None) -> None:
     fabric = listener.getsockname()[:2]
     requests_out, requests_in = socket.socketpair()
     replies_in, replies_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    snapshot_main()  # what every process forked from the zygote will have
     flush_stdio()
     if os.fork() == 0:
         for sock in (listener, requests_out, replies_in):
@@ -195,17 +206,30 @@ def run_spawned(
     _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
         function, argument = loads_user(request.function), loads_user(request.argument)
-        function(request.parent, argument)
-        code = 0
-    except SystemExit as exit:
-        code = exit_code(exit.code)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as error:
+        print(f"deploy: this process could not load the function it was spawned to run: {error!r}", file=sys.stderr)
         code = 1
+    else:
+        try:
+            function(request.parent, argument)
+            code = 0
+        except SystemExit as exit:
+            code = exit_code(exit.code)
+        except BaseException as error:
+            _print_user_traceback(error)
+            code = 1
     flush_stdio()
     assert _me is not None
     _me.endpoint.close(exit_code=code)
     return code
+
+
+def _print_user_traceback(error: BaseException) -> None:
+    # The traceback starts at the user's function: the frame that called it is ours.
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    traceback.print_exception(type(error), error, tb)
 
 
 def _machine() -> Resources:
