@@ -29,8 +29,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict
+from collections.abc import Callable
 
-from deploy_core import ChannelExists, DeployError, Pid
+from deploy_core import ChannelExists, DeployError, PeerExited, PeerLost, Pid
 
 from . import _wire
 from ._connection import Connection
@@ -63,6 +64,19 @@ class EndpointState:
     live: weakref.WeakSet = weakref.WeakSet()
 
 
+def _why(error: BaseException) -> str:
+    # What PeerLost says of how the connection ended.
+    if isinstance(error, ConnectionResetError):
+        return "connection reset"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, EOFError):
+        return "the connection closed without a goodbye"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or type(error).__name__
+
+
 def _link_of(conn: Connection) -> Link:
     # Connections reach these handlers only once their hello has given them a link.
     link = conn.link
@@ -86,6 +100,11 @@ class Endpoint:
     ``Endpoint("127.0.0.1:0", secret=b"...")`` binds and listens; ``Endpoint(secret=...,
     sock=listening_socket, pid=pid)`` adopts a socket already bound and listening at
     ``pid.addr``. Every connection, in and out, must prove the same ``secret``.
+
+    ``peer_status(pid)``, when given, is asked (in the thread about to raise) what became
+    of a peer that is gone without having said its exit code: it returns the `PeerExited`
+    or `PeerLost` to raise, or None when it does not know. The deploy runtime answers from
+    its record of every process's exit.
     """
 
     def __init__(
@@ -98,6 +117,7 @@ class Endpoint:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         high_water: int = DEFAULT_HIGH_WATER,
         linger: float = DEFAULT_LINGER,
+        peer_status: Callable[[Pid], PeerExited | PeerLost | None] | None = None,
     ):
         if not isinstance(secret, (bytes, bytearray)) or not secret:
             raise ValueError("secret must be non-empty bytes")
@@ -105,6 +125,7 @@ class Endpoint:
         self._max_frame_size = int(max_frame_size)
         self._high_water = int(high_water)
         self._linger = float(linger)
+        self._peer_status_of = peer_status
         if sock is None:
             if address is None:
                 address = ("127.0.0.1", 0)
@@ -133,7 +154,7 @@ class Endpoint:
         self._links: dict[Pid, Link] = {}
         self._senders: dict[Pid, weakref.ref] = {}
         self._receivers: dict[Pid, weakref.ref] = {}
-        self._exited: OrderedDict[Pid, tuple[int | None, bool]] = OrderedDict()
+        self._exited: OrderedDict[Pid, tuple[int | None, bool, str | None]] = OrderedDict()
         self._conns: set[Connection] = set()
         self._closed = False
         self._draining = False
@@ -222,7 +243,7 @@ class Endpoint:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as error:
             log.warning("deploy.channels: cannot open a socket to %s: %s", link.pid, error)
-            self._set_dead(link, None, lost=True)
+            self._set_dead(link, None, lost=True, why=_why(error))
             return
         conn = Connection(self, sock, link=link, addr=link.pid.addr)
         link.pending = conn
@@ -322,7 +343,7 @@ class Endpoint:
             link.pending = None
             if link.conn is None:
                 log.debug("deploy.channels: connecting to %s failed: %s", link.pid, error)
-                self._set_dead(link, None, lost=not refused)
+                self._set_dead(link, None, lost=not refused, why=_why(error))
         elif link.conn is conn:
             link.conn = None
             with link.out_lock:
@@ -331,7 +352,7 @@ class Endpoint:
                 self._after_close(link)
             else:
                 log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
-                self._set_dead(link, None, lost=True)
+                self._set_dead(link, None, lost=True, why=_why(error))
 
     def _goodbye(self, conn: Connection, code: int | None) -> None:
         link = _link_of(conn)
@@ -340,10 +361,10 @@ class Endpoint:
             link.conn = None
         self._set_dead(link, code, lost=False)
 
-    def _set_dead(self, link: Link, code: int | None, *, lost: bool) -> None:
+    def _set_dead(self, link: Link, code: int | None, *, lost: bool, why: str | None = None) -> None:
         if link.death is not None:
             return
-        link.death = (code, lost)
+        link.death = (code, lost, why)
         with link.out_lock:
             link.wconn = None
         link.discard_output()
@@ -479,6 +500,16 @@ class Endpoint:
             conn.start_accept()
 
     # --- closing ------------------------------------------------------------------------------
+
+    def _peer_status(self, pid: Pid) -> PeerExited | PeerLost | None:
+        # User thread (Link.death_error): the runtime's word on a peer gone without a code.
+        if self._peer_status_of is None:
+            return None
+        try:
+            return self._peer_status_of(pid)
+        except Exception as error:  # no better answer than the channel's own
+            log.debug("deploy.channels: could not learn how %s ended: %s", pid, error)
+            return None
 
     def close(self, exit_code: int | None = None, timeout: float = 10.0) -> None:
         """Deliver what was sent, say goodbye (with ``exit_code``) and close; idempotent.

@@ -207,8 +207,9 @@ class Link:
         self.resume_requested = False
         self.rx_watchers: set[Any] = set()
         self.tx_watchers: set[Any] = set()
-        # (code, lost) once the peer is gone; checked after the inbox is empty.
-        self.death: tuple[int | None, bool] | None = None
+        # (code, lost, why) once the peer is gone; checked after the inbox is empty.
+        self.death: tuple[int | None, bool, str | None] | None = None
+        self._death_error: Exception | None = None  # what death_error() settled on
         self.has_sender = False
         self.has_receiver = False
 
@@ -218,9 +219,17 @@ class Link:
     # --- errors -------------------------------------------------------------------------
 
     def death_error(self) -> Exception:
-        assert self.death is not None, "the link's peer is not gone"
-        code, lost = self.death
-        return PeerLost(self.pid) if lost else PeerExited(self.pid, code)
+        """User thread: the error for a peer that is gone. Where the peer left no exit code,
+        the endpoint's ``peer_status`` (the runtime's record of exits) may know more."""
+        if self._death_error is None:
+            assert self.death is not None, "the link's peer is not gone"
+            code, lost, why = self.death
+            known = self.endpoint._peer_status(self.pid) if code is None else None
+            if known is not None:
+                self._death_error = known
+            else:
+                self._death_error = PeerLost(self.pid, reason=why) if lost else PeerExited(self.pid, code)
+        return self._death_error
 
     def closed_error(self) -> ChannelClosed:
         return ChannelClosed(f"the endpoint {self.endpoint.pid} is closed")
