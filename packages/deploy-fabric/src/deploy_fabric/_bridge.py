@@ -179,7 +179,7 @@ class Bridge:
                 raise
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, Handshake(self._secret, initiator=False))
+            conn = _Conn(sock, Handshake(self._secret, initiator=False, identity=wire.BRIDGE))
             self._conns[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
 
