@@ -36,6 +36,9 @@ log = logging.getLogger("deploy.fabric")
 
 # How long processes get to report their exit after Ctrl-C.
 _INTERRUPT_GRACE = 2.0
+# After Ctrl-C, what the monitors say of the processes they stop (or of themselves being
+# stopped) is reported as "interrupted".
+_STOPPED_BY_INTERRUPT = (None, "bridge lost", "its monitor died", "interrupted")
 _HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -64,6 +67,8 @@ class _Process:
     resources: Resources
     node: Node
     exited: bool = False
+    status: tuple[int | None, str | None, str | None] = (None, None, None)  # code, signal, reason
+    asking: list[_Conn] = field(default_factory=list)  # waiting to hear how it ends (PEER_EXIT)
 
 
 @dataclass
@@ -123,7 +128,7 @@ class Master:
                 key.data(mask)
         for process in self._processes.values():
             if not process.exited:  # still silent after Ctrl-C: its monitor has the lifeline
-                self.exited(process.pid, None, "SIGKILL", "run interrupted")
+                self.exited(process.pid, None, "SIGKILL", "interrupted")
         return self._bridge.close()
 
     def _finished(self) -> bool:
@@ -226,6 +231,8 @@ class Master:
                 self._drop(conn)
         elif kind == Kind.SPAWN:
             self._spawn_requested(conn, message[1])
+        elif kind == Kind.PEER_EXIT and len(message) == 2:
+            self._peer_exit_asked(conn, str(message[1]))
         else:
             log.warning("ignored an unexpected %r message", kind.value)
 
@@ -251,9 +258,14 @@ class Master:
         process = self._processes.get(pid.hex)
         if process is None or process.exited:
             return
-        if self._interrupted is not None and reason == "bridge lost":
-            reason = "run interrupted"
+        if self._interrupted is not None and signal_name is not None and reason in _STOPPED_BY_INTERRUPT:
+            reason = "interrupted"  # DESIGN §5: the user stopped the run, whatever killed it
         process.exited = True
+        process.status = (code, signal_name, reason)
+        for conn in process.asking:
+            if conn.sock.fileno() >= 0:
+                self._send(conn, wire.encode((Kind.PEER_EXITED, *process.status)))
+        process.asking.clear()
         self._bridge.exited(pid, code, signal_name, reason)
         assert self._scheduler is not None
         self._scheduler.release(process.node, process.resources)
@@ -271,6 +283,15 @@ class Master:
             for pending in self._queue:
                 self._fail(pending, "the fork server exited")
             self._queue.clear()
+
+    def _peer_exit_asked(self, conn: _Conn, pid_hex: str) -> None:
+        process = self._processes.get(pid_hex)
+        if process is None:
+            self._send(conn, wire.encode((Kind.PEER_EXITED, None, None, None)))
+        elif process.exited:
+            self._send(conn, wire.encode((Kind.PEER_EXITED, *process.status)))
+        else:  # its channels saw it go before its monitor reported: answer on its exit
+            process.asking.append(conn)
 
     # -- spawning ---------------------------------------------------------------------
 

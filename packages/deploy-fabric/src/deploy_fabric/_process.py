@@ -26,6 +26,7 @@ from deploy_channels.framing import FrameDecoder
 from deploy_core import (
     DeployError,
     NoCapacity,
+    PeerExited,
     Pid,
     Resources,
     SpawnReply,
@@ -48,6 +49,8 @@ __all__ = ["init", "pid", "resources", "spawn", "try_spawn"]
 
 log = logging.getLogger("deploy.fabric")
 _HOST = "127.0.0.1"
+# How long a channel's error waits for the master to hear of a peer's exit from its monitor.
+_PEER_STATUS_WAIT = 2.0
 A = TypeVar("A")  # what a spawned function takes as its argument
 
 
@@ -161,23 +164,34 @@ def _require(what: str) -> _Process:
     return _me
 
 
-def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, *, block: bool) -> Pid:
-    me = _require("spawn" if block else "try_spawn")
-    request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
+def _ask(me: _Process, message: tuple[object, ...], *, timeout: float | None = None) -> tuple[object, ...] | None:
+    """Send ``message`` to the master on this thread's control connection; its answer, or
+    None if the connection failed or no answer came within ``timeout`` seconds."""
     connection = getattr(_control, "connection", None)
     if connection is None:
         connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
-        wire.send_message(connection, (Kind.SPAWN, request.encode()))
-        message = wire.recv_message(connection, _control.decoder)
-    except OSError as error:
-        message = None
+        wire.send_message(connection, message)
+        connection.settimeout(timeout)
+        reply = wire.recv_message(connection, _control.decoder)
+        connection.settimeout(None)
+    except OSError as error:  # a timeout too: the late answer would be read as the next one's
+        reply = None
         log.debug("control connection failed: %s", error)
-    if message is None:
+    if reply is None:
         connection.close()
         _control.connection = None
+    return reply
+
+
+def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, *, block: bool) -> Pid:
+    me = _require("spawn" if block else "try_spawn")
+    request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
+    message = _ask(me, (Kind.SPAWN, request.encode()))
+    if message is None:
         raise DeployError("lost the connection to the fabric while spawning")
+    assert isinstance(message[1], bytes)
     reply = SpawnReply.decode(message[1])
     if reply.no_capacity:
         raise NoCapacity(reply.error)
@@ -186,9 +200,26 @@ def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, 
     return reply.pid
 
 
+def _peer_status(peer: Pid) -> PeerExited | None:
+    # The channels' question (Endpoint peer_status) for a peer gone without an exit code:
+    # the master has every exit, or has it as soon as the peer's monitor reports.
+    if _me is None:
+        return None
+    answer = _ask(_me, (Kind.PEER_EXIT, peer.hex), timeout=_PEER_STATUS_WAIT)
+    if answer is None or len(answer) != 4 or answer[1:] == (None, None, None):
+        return None
+    _, code, signal_name, reason = answer
+    return PeerExited(
+        peer,
+        code if isinstance(code, int) else None,
+        signal=signal_name if isinstance(signal_name, str) else None,
+        reason=reason if isinstance(reason, str) else None,
+    )
+
+
 def start_endpoint(pid: Pid, listener: socket.socket, *, secret: bytes) -> deploy_channels.Endpoint:
     """This process's endpoint, on the port the zygote bound for it."""
-    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid)
+    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid, peer_status=_peer_status)
     deploy_channels.set_default_endpoint(endpoint)
     return endpoint
 

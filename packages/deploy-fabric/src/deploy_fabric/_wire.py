@@ -38,6 +38,10 @@ class Kind(str, enum.Enum):
     HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection
     SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes)
     SPAWNED = "spawned"  # master -> process: (kind, SpawnReply bytes)
+    PEER_EXIT = "peer-exit"  # process -> master: (kind, pid hex): how did it end?
+    # master -> process, once that process has exited: (kind, code, signal, reason); all
+    # None at once for a pid that is not one of the run's
+    PEER_EXITED = "peer-exited"
     OUTPUT = "output"  # monitor -> node: (kind, fd, data)
     EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
     FORK = "fork"  # node -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
