@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import os
 import pickle
 import socket
@@ -362,3 +363,23 @@ def test_a_lambda_keeps_its_file_name() -> None:
     function = loads_user(dumps_user(lambda parent, arg: arg, "function"))
     assert function.__code__.co_filename == __file__
     assert function(None, 5) == 5
+
+
+def test_the_source_lines_travel_where_the_file_is_not(fake_main: types.ModuleType) -> None:
+    # The sender has the script (linecache holds it as it would the file's lines); the
+    # receiving machine has no file at that path.
+    filename = "/nonexistent/bundle/job.py"
+    source = "import os\n\n\ndef late(parent, arg):\n    raise ValueError(arg)  # the line\n"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), fake_main.__dict__)
+    data = dumps_user(fake_main.late, "function")
+    del linecache.cache[filename]
+    try:
+        function = loads_user(data)
+        with pytest.raises(ValueError) as raised:
+            function(None, 7)
+        text = "".join(traceback.format_exception(raised.value))
+        assert f'File "{filename}", line 5, in late\n    raise ValueError(arg)  # the line\n' in text
+        assert linecache.getline(filename, 1) == ""  # only the function's own lines travelled
+    finally:
+        linecache.cache.pop(filename, None)

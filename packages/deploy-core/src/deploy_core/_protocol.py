@@ -15,12 +15,15 @@ user's code:
   travels by value with cloudpickle, which renames every code object it ships
   ``<dynamic-code>``; here code objects travel through ``marshal`` instead and keep their
   file name and line numbers (``marshal``, like cloudpickle's own code reducer, needs the
-  same Python version at both ends).
+  same Python version at both ends). The code's own source lines travel with it: where
+  the file is not at that path (another machine, the bundle unpacked elsewhere), they
+  are registered with ``linecache``, so the traceback still shows them.
 """
 
 from __future__ import annotations
 
 import io
+import linecache
 import marshal
 import os
 import pickle
@@ -68,8 +71,29 @@ def _in_main_at_init(obj: object) -> bool:
     return found is obj
 
 
+def _last_line(code: types.CodeType) -> int:
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
+    nested = (_last_line(const) for const in code.co_consts if isinstance(const, types.CodeType))
+    return max([last, *nested])
+
+
 def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
-    return marshal.loads, (marshal.dumps(code),)
+    first = code.co_firstlineno
+    source = linecache.getlines(code.co_filename)[first - 1 : _last_line(code)]
+    return _load_code, (marshal.dumps(code), first, source)
+
+
+def _load_code(data: bytes, first: int, source: list[str]) -> types.CodeType:
+    code: types.CodeType = marshal.loads(data)
+    filename = code.co_filename
+    if source and not os.path.exists(filename):
+        entry = linecache.cache.get(filename)
+        lines = list(entry[2]) if entry is not None and len(entry) == 4 else []  # 1-tuples: lazy
+        lines += [""] * max(0, first - 1 + len(source) - len(lines))
+        lines[first - 1 : first - 1 + len(source)] = source
+        # No mtime: linecache.checkcache keeps the entry instead of looking for the file.
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return code
 
 
 class _UserPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no annotations
