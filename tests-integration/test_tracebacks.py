@@ -100,3 +100,32 @@ def test_human_output_shows_the_same_traceback(tmp_path):
     text = result.stderr
     assert f'     File "{job}", line 4, in fail\n       raise RuntimeError("boom")\n   RuntimeError: boom\n' in text
     assert "deploy_fabric" not in text and "<dynamic-code>" not in text
+
+
+def test_a_channel_error_in_the_users_code_shows_one_frame_of_deploy(tmp_path):
+    job = write_script(
+        tmp_path,
+        """\
+        import deploy
+
+        def fail(parent, values):
+            deploy.Sender[float](parent).send(sum(values) / len(values))
+
+        if __name__ == "__main__":
+            deploy.init()
+            pid = deploy.spawn(fail, [])
+            print(deploy.Receiver[float](pid).recv())
+        """,
+    )
+    result = run(job)
+    assert result.code == 1
+    lines = [line.strip() for line in result.output(result.top, fd=2).decode().splitlines()]
+    child = result.children(result.top)[0][:7]
+    assert lines[:3] == [
+        "Traceback (most recent call last):",
+        f'File "{job}", line 9, in <module>',
+        "print(deploy.Receiver[float](pid).recv())",
+    ], lines
+    assert lines[-1] == f"deploy_core.PeerExited: peer {child} has exited with code 1", lines
+    frames = [line for line in lines if line.startswith("File ")]
+    assert len(frames) == 2 and frames[1].endswith(", in recv"), lines  # not the link's internals

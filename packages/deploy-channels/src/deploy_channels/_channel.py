@@ -7,7 +7,7 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from deploy_core import ChannelClosed, PeerExited, Pid
+from deploy_core import ChannelClosed, DeployError, PeerExited, Pid
 
 from ._default import default_endpoint
 from ._endpoint import Endpoint
@@ -136,10 +136,17 @@ class Sender(_Channel[T]):
             # Fast path: these never carry out-of-band buffers and fit one small frame.
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
-            link.push(frame, len(frame), None if timeout is None else deadline_after(timeout))
+            try:
+                link.push(frame, len(frame), None if timeout is None else deadline_after(timeout))
+            except (DeployError, TimeoutError) as error:
+                # A user's traceback ends here: the frames below are the link's.
+                raise error.with_traceback(None) from None
             return
         message, nbytes = encode_message(value)
-        link.push(message, nbytes, deadline_after(timeout))
+        try:
+            link.push(message, nbytes, deadline_after(timeout))
+        except (DeployError, TimeoutError) as error:
+            raise error.with_traceback(None) from None
 
     async def asend(self, value: T) -> None:
         """`send` for asyncio: waits for buffer space without blocking the event loop."""
@@ -177,7 +184,12 @@ class Receiver(_Channel[T]):
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Receiver from {self.pid} is closed")
-        return self._decode(link.take(deadline_after(timeout)))
+        try:
+            payload = link.take(deadline_after(timeout))
+        except (DeployError, TimeoutError) as error:  # PeerExited, PeerLost
+            # A user's traceback ends here: the frames below are the link's.
+            raise error.with_traceback(None) from None
+        return self._decode(payload)
 
     def recv_nowait(self) -> T:
         """The next message if one is waiting, else raise TimeoutError at once."""

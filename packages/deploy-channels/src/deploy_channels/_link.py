@@ -9,6 +9,7 @@ so order holds across closing and re-creating them.
 
 from __future__ import annotations
 
+import copy
 import os
 import select
 import threading
@@ -229,7 +230,7 @@ class Link:
                 self._death_error = known
             else:
                 self._death_error = PeerLost(self.pid, reason=why) if lost else PeerExited(self.pid, code)
-        return self._death_error
+        return copy.copy(self._death_error)  # a fresh one: each raise has its own traceback
 
     def closed_error(self) -> ChannelClosed:
         return ChannelClosed(f"the endpoint {self.endpoint.pid} is closed")

@@ -104,3 +104,18 @@ class FrameError(DeployError):
 
 class SerializationError(DeployError, TypeError):
     """A function or value could not be pickled to send it to another process."""
+
+
+# Tracebacks name an error by its module: users import these from deploy_core (or deploy).
+for _error in (
+    DeployError,
+    PeerExited,
+    PeerLost,
+    ChannelClosed,
+    ChannelExists,
+    NoCapacity,
+    AuthenticationError,
+    FrameError,
+    SerializationError,
+):
+    _error.__module__ = "deploy_core"
