@@ -27,6 +27,7 @@ from deploy_core import (
     DeployError,
     NoCapacity,
     PeerExited,
+    PeerLost,
     Pid,
     Resources,
     SpawnReply,
@@ -200,7 +201,7 @@ def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, 
     return reply.pid
 
 
-def _peer_status(peer: Pid) -> PeerExited | None:
+def _peer_status(peer: Pid) -> PeerExited | PeerLost | None:
     # The channels' question (Endpoint peer_status) for a peer gone without an exit code:
     # the master has every exit, or has it as soon as the peer's monitor reports.
     if _me is None:
@@ -209,6 +210,8 @@ def _peer_status(peer: Pid) -> PeerExited | None:
     if answer is None or len(answer) != 4 or answer[1:] == (None, None, None):
         return None
     _, code, signal_name, reason = answer
+    if reason == "node lost":  # DESIGN §3: reported exited, but its peers lost it
+        return PeerLost(peer, reason="node lost")
     return PeerExited(
         peer,
         code if isinstance(code, int) else None,
