@@ -23,7 +23,7 @@ def main() -> None:
     queue = list(TASKS)
     for sender in senders.values():  # one task in flight per worker
         sender.send(queue.pop())
-    squares = {}
+    squares: dict[int, int] = {}
     busy = dict(receivers)
     while busy:
         ready = deploy.select(*busy)
