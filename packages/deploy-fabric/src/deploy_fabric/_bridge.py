@@ -1,8 +1,11 @@
 """The bridge: collects every process's events, shows them, schedules spawns, ends the run.
 
 One thread and one selector. Connections arrive on the fabric port and must pass the
-handshake before anything they send is unpickled; then a user process says who it is and
-sends spawn requests. The zygote is reached over two socketpairs made before it was
+handshake (as a pid, wanting the bridge) before anything they send is decoded; then a
+user process says who it is (the pid it authenticated as) and sends spawn requests
+(whose parent must be that pid). Messages are plain values (see `_wire`); one that is
+malformed, or that claims another identity, or that fails in any way while handled,
+closes its connection with one log line, and the bridge goes on serving the others. The zygote is reached over two socketpairs made before it was
 forked: a stream that carries fork requests to it (written from this loop, never with a
 blocking write: the zygote forwards every process's output here and may be waiting for
 us to read it), and a packet socket that brings back each new process's pid together
@@ -45,6 +48,7 @@ class _Conn:
     handshake: Handshake | None
     reader: wire.MessageReader = field(default_factory=wire.MessageReader)
     role: str | None = None
+    peer: str | None = None  # the identity it authenticated as
     pid: str | None = None  # the process it speaks for
     outbox: bytearray = field(default_factory=bytearray)
     opened: float = field(default_factory=time.monotonic)
@@ -190,7 +194,7 @@ class Bridge:
                 conn.handshake.receive_data(data)
                 self._send(conn, conn.handshake.data_to_send())
                 if conn.handshake.done:
-                    conn.handshake = None
+                    conn.peer, conn.handshake = conn.handshake.peer, None
                 return
             data = conn.sock.recv(1 << 18)
         except (BlockingIOError, InterruptedError):
@@ -202,13 +206,12 @@ class Bridge:
         except OSError:
             data = b""
         try:
-            messages = conn.reader.feed(data)
-        except DeployError as error:
-            log.warning("dropped a connection that sent a bad frame: %s", error)
-            messages = []
-            data = b""
-        for message in messages:
-            self._handle(conn, message)
+            for message in conn.reader.feed(data):
+                self._handle(conn, message)
+        except Exception as error:  # anything a malformed message makes us raise
+            log.warning("dropped the control connection of %s: %s", _who(conn), _one_line(error))
+            self._lost(conn)
+            return
         if not data or conn.reader.closed:
             self._lost(conn)
 
@@ -238,19 +241,21 @@ class Bridge:
     # -- messages ---------------------------------------------------------------------
 
     def _handle(self, conn: _Conn, message: tuple) -> None:
+        """Act on one message; raises (and the caller drops the connection) on a bad one."""
         kind = message[0]
         if conn.role is None:
-            if kind == wire.HELLO_PROCESS and len(message) == 2:
-                conn.role, conn.pid = kind, Pid.parse(message[1]).hex
-            else:
-                log.warning("dropped a connection that did not introduce itself")
-                self._drop(conn)
-        elif conn.role == wire.HELLO_PROCESS and kind == wire.SPAWN:
+            if kind != wire.HELLO_PROCESS or len(message) != 2:
+                raise DeployError(f"it sent {kind!r} before introducing itself")
+            pid = Pid.parse(message[1])
+            if pid.hex != conn.peer:
+                raise DeployError(f"its hello names pid {pid}, but it authenticated as {conn.peer!r}")
+            conn.role, conn.pid = kind, pid.hex
+        elif conn.role == wire.HELLO_PROCESS and kind == wire.SPAWN and len(message) == 2:
             self._spawn_requested(conn, message[1])
         elif conn.role == wire.MONITOR and kind in (wire.OUTPUT, wire.EXIT):
             self._event(conn.pid, message)
         else:
-            log.warning("ignored an unexpected %r message", kind)
+            raise DeployError(f"unexpected {kind!r} message")
 
     def _event(self, pid: str, message: tuple) -> None:
         process = self._processes[pid]
@@ -281,6 +286,8 @@ class Bridge:
         except DeployError as error:
             self._reply(conn, SpawnReply(error=str(error)))
             return
+        if request.parent is None or request.parent.hex != conn.pid:
+            raise DeployError(f"its spawn request names parent {request.parent}, but it is process {conn.pid[:7]}")
         if self._interrupted is not None:
             self._reply(conn, SpawnReply(error="the run is being stopped"))
             return
@@ -419,6 +426,17 @@ class Bridge:
             conn.sock.shutdown(socket.SHUT_WR)  # the monitor's lifeline: it kills its process
         except OSError:
             pass
+
+
+def _who(conn: _Conn) -> str:
+    if conn.pid is not None:
+        return f"process {conn.pid[:7]}"
+    return repr(conn.peer) if conn.peer is not None else "an unauthenticated peer"
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _send_or_keep(sock: socket.socket, outbox: bytearray, data: bytes) -> bool:

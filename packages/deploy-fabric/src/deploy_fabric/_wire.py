@@ -1,10 +1,14 @@
 """The fabric's control messages: pickled tuples of plain values in deploy_channels frames.
 
-Every control connection (process -> bridge, monitor -> bridge) is a TCP connection that
-first passes deploy_core's handshake, so by the time a message is unpickled its sender
-has proven it knows the run's secret. Blocking helpers serve the simple clients (a
-process asking for a spawn, a monitor streaming events); the bridge reads the same
-frames without blocking through `MessageReader`.
+A process's control connection to the bridge is a TCP connection that first passes
+deploy_core's handshake, as the process's pid and wanting `BRIDGE`; the bridge then
+checks every claim a message makes (the pid a hello announces, a spawn request's
+parent) against that identity. Messages are decoded with `deploy_core.loads_plain`,
+which looks up no global, so a crafted message cannot call anything: a user's function
+and argument cross as opaque bytes and are only unpickled by the process that runs them.
+Blocking helpers serve the simple clients (a process asking for a spawn, a monitor
+streaming events); the bridge reads the same frames without blocking through
+`MessageReader`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import socket
 from typing import Any
 
 from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame
-from deploy_core import DeployError, authenticate
+from deploy_core import DeployError, authenticate, loads_plain
 
 __all__ = ["FrameDecoder", "MessageReader", "connect", "encode", "load", "recv_message", "send_message"]
 
@@ -82,7 +86,8 @@ def introduce(
 
 
 def load(frame: Any) -> tuple:
-    message = pickle.loads(frame)
+    """A control message from a frame; `DeployError` if it is not a tuple of plain values."""
+    message = loads_plain(frame)
     if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
         raise DeployError("malformed control message")
     return message
