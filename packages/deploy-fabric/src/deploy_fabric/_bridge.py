@@ -5,7 +5,14 @@ handshake (as a pid, wanting the bridge) before anything they send is decoded; t
 user process says who it is (the pid it authenticated as) and sends spawn requests
 (whose parent must be that pid). Messages are plain values (see `_wire`); one that is
 malformed, or that claims another identity, or that fails in any way while handled,
-closes its connection with one log line, and the bridge goes on serving the others. The zygote is reached over two socketpairs made before it was
+closes its connection with one log line, and the bridge goes on serving the others.
+
+At most `MAX_UNAUTHENTICATED` connections may be authenticating at once: a newcomer over
+the cap closes the oldest (an honest handshake takes one round trip; its hello usually
+arrives with the connection and is read at once). ``accept`` failing for lack of
+descriptors (EMFILE, ENFILE, ENOBUFS, ENOMEM) leaves the connection in the backlog and
+the listener readable, so accepting pauses for a back-off that doubles up to 1 s
+instead of spinning. The zygote is reached over two socketpairs made before it was
 forked: a stream that carries fork requests to it (written from this loop, never with a
 blocking write: the zygote forwards every process's output here and may be waiting for
 us to read it), and a packet socket that brings back each new process's pid together
@@ -40,6 +47,12 @@ log = logging.getLogger("deploy.fabric")
 # How long processes get to report their exit after Ctrl-C.
 _INTERRUPT_GRACE = 2.0
 _HANDSHAKE_TIMEOUT = 10.0
+#: Connections that may be authenticating at once (see the module comment).
+MAX_UNAUTHENTICATED = 128
+_ACCEPT_BATCH = 32
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
+_NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_EVICTION_LOG_EVERY = 10.0
 
 
 @dataclass
@@ -102,6 +115,10 @@ class Bridge:
         self._code: int | None = None
         self._interrupted: float | None = None
         self._wakeup_r, self._wakeup_w = socket.socketpair()
+        self._accept_backoff = 0.0
+        self._accept_paused_until: float | None = None
+        self._evicted = 0
+        self._evicted_logged = -_EVICTION_LOG_EVERY
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -147,6 +164,12 @@ class Bridge:
             if conn.handshake is not None and now - conn.opened > _HANDSHAKE_TIMEOUT:
                 log.warning("dropped a connection that did not authenticate in time")
                 self._drop(conn)
+        if self._accept_paused_until is not None:
+            if now >= self._accept_paused_until:
+                self._accept_paused_until = None
+                self._selector.register(self._listener, selectors.EVENT_READ, "accept")
+            else:
+                timeout = min(timeout, self._accept_paused_until - now)
         if self._interrupted is not None:
             timeout = min(timeout, 0.1)
         return timeout
@@ -171,21 +194,51 @@ class Bridge:
     # -- connections ------------------------------------------------------------------
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(_ACCEPT_BATCH):
             try:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                if error.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("cannot accept a connection: %s", error)
+                if error.errno in _NO_DESCRIPTORS:
+                    self._pause_accepting(error)
                     return
                 raise
+            if self._accept_backoff:
+                log.info("accepting connections again")
+                self._accept_backoff = 0.0
+            self._make_room(MAX_UNAUTHENTICATED)
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn = _Conn(sock, Handshake(self._secret, initiator=False, identity=wire.BRIDGE))
             self._conns[sock.fileno()] = conn
             self._selector.register(sock, selectors.EVENT_READ, conn)
+            self._read(conn)  # an honest process's hello usually came with the connection
+
+    def _make_room(self, cap: int) -> None:
+        """Close the oldest authenticating connections until fewer than ``cap`` remain."""
+        authenticating = [conn for conn in self._conns.values() if conn.handshake is not None]
+        for oldest in authenticating[: max(0, len(authenticating) - cap + 1)]:
+            self._evicted += 1
+            now = time.monotonic()
+            if now - self._evicted_logged >= _EVICTION_LOG_EVERY:
+                self._evicted_logged = now
+                log.warning(
+                    "over %d connections authenticating at once: closed the oldest (%d so far)",
+                    MAX_UNAUTHENTICATED,
+                    self._evicted,
+                )
+            self._drop(oldest)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        if not self._accept_backoff:
+            log.warning("cannot accept connections: %s; pausing", error)
+        self._accept_backoff = min(max(self._accept_backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+        authenticating = sum(1 for conn in self._conns.values() if conn.handshake is not None)
+        if authenticating:
+            self._make_room(authenticating)  # one descriptor back from a stranger
+        self._selector.unregister(self._listener)
+        self._accept_paused_until = time.monotonic() + self._accept_backoff
 
     def _read(self, conn: _Conn) -> None:
         try:
