@@ -16,7 +16,8 @@ import logging, os, pickle, socket, sys
 import deploy
 from deploy_channels.framing import encode_frame
 from deploy_core import Pid, Resources, SpawnRequest
-from deploy_fabric import _runtime, _wire as wire
+from deploy_fabric import _process as _runtime, _wire as wire
+from deploy_fabric._wire import Kind
 
 MARKER = sys.argv[1]
 
@@ -29,7 +30,7 @@ class Payload:
 
 def control(hello_pid=None):
     me = _runtime._me
-    hello = (wire.HELLO_PROCESS, (hello_pid or me.pid).format())
+    hello = (Kind.HELLO_PROCESS, (hello_pid or me.pid).format())
     return wire.connect(me.fabric, me.secret, me.pid.hex, hello)
 
 
@@ -65,12 +66,12 @@ def check_the_run_went_on(result, marker) -> str:
 
 
 MALFORMED = {
-    "global": "pickle.dumps((wire.SPAWN, Payload()))",
+    "global": "pickle.dumps((Kind.SPAWN.value, Payload()))",
     "global-in-hello": "pickle.dumps(Payload())",
     "not-a-pickle": "bytes(range(40))",
-    "truncated-pickle": "pickle.dumps((wire.SPAWN, b'x' * 100))[:30]",
+    "truncated-pickle": "pickle.dumps((Kind.SPAWN.value, b'x' * 100))[:30]",
     "not-a-tuple": "pickle.dumps({'spawn': 1})",
-    "wrong-shape": "pickle.dumps((wire.SPAWN, b'', b'', 3))",
+    "wrong-shape": "pickle.dumps((Kind.SPAWN.value, b'', b'', 3))",
     "unknown-kind": "pickle.dumps(('launch-missiles', 1))",
     "empty-frame": "b''",
 }
@@ -101,7 +102,7 @@ def test_a_malformed_hello_closes_the_connection(script, tmp_path):
     sock = socket.create_connection(me.fabric)
     from deploy_core import authenticate
     authenticate(sock, me.secret, initiator=True, identity=me.pid.hex, wanted=wire.BRIDGE)
-    closed = closed_by_the_bridge(sock, pickle.dumps((wire.HELLO_PROCESS, Payload())))
+    closed = closed_by_the_bridge(sock, pickle.dumps((Kind.HELLO_PROCESS.value, Payload())))
     pid = deploy.spawn(child, 41)
     print("closed" if closed else "still open", deploy.Receiver[int](pid).recv())
 """
@@ -127,7 +128,7 @@ def test_a_forged_parent_is_refused(script, tmp_path, case):
     assert deploy.Receiver[int](other).recv() == 1
     request = SpawnRequest.build(child, 99, Resources.default(), {FORGED[case]})
     sock = control()
-    closed = closed_by_the_bridge(sock, pickle.dumps((wire.SPAWN, request.encode()), protocol=5))
+    closed = closed_by_the_bridge(sock, pickle.dumps((Kind.SPAWN.value, request.encode()), protocol=5))
     pid = deploy.spawn(child, 41)
     print("closed" if closed else "still open", deploy.Receiver[int](pid).recv())
 """
@@ -147,7 +148,7 @@ def test_a_hello_naming_another_pid_is_refused(script, tmp_path):
     other = deploy.spawn(child, 0)
     assert deploy.Receiver[int](other).recv() == 1
     sock = control(hello_pid=other)  # authenticates as us, claims to be the child
-    closed = closed_by_the_bridge(sock, pickle.dumps((wire.SPAWN, b"")))
+    closed = closed_by_the_bridge(sock, pickle.dumps((Kind.SPAWN.value, b"")))
     pid = deploy.spawn(child, 41)
     print("closed" if closed else "still open", deploy.Receiver[int](pid).recv())
 """

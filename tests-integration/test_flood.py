@@ -50,7 +50,7 @@ if __name__ == "__main__":
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard))
     deploy.init()
-    from deploy_fabric import _runtime
+    from deploy_fabric import _process as _runtime
 
     me = _runtime._me
     bridge = psutil.Process(os.getppid()).parent()  # top <- zygote <- bridge
