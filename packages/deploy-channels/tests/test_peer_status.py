@@ -28,6 +28,7 @@ def test_peer_lost_says_how_the_connection_ended(make_endpoint, children):
         rx.recv(timeout=10)
     assert info.value.reason in ("connection reset", "the connection closed without a goodbye")
     assert str(info.value) == f"lost the connection to peer {rx.pid}: {info.value.reason}"
+    assert proc.wait(timeout=10) == -9
 
 
 def test_peer_status_tells_how_a_peer_gone_without_a_code_ended(make_endpoint):
