@@ -293,8 +293,8 @@ class Master:
             conn.pid = pid.hex
         elif kind == Kind.SPAWN and len(message) == 2:
             self._spawn_requested(conn, message[1])
-        elif kind == Kind.PEER_EXIT and len(message) == 2:
-            self._peer_exit_asked(conn, str(message[1]))
+        elif kind == Kind.PEER_EXIT and len(message) == 2 and isinstance(message[1], str):
+            self._peer_exit_asked(conn, message[1])
         else:
             raise DeployError(f"unexpected {kind.value!r} message")
 
