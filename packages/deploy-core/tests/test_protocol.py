@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import linecache
 import os
 import pickle
@@ -11,6 +12,7 @@ import textwrap
 import threading
 import traceback
 import types
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -421,3 +423,15 @@ def test_loads_plain_refuses_globals_and_garbage(data: bytes) -> None:
     with pytest.raises(DeployError, match="malformed message"):
         loads_plain(data)
     assert _called == []
+
+
+def test_the_snapshot_keeps_nothing_alive_but_functions_and_classes(fake_main: types.ModuleType) -> None:
+    class Data:
+        pass
+
+    fake_main.data = Data()
+    dropped = weakref.ref(fake_main.data)
+    snapshot_main()
+    del fake_main.data  # the script lets go of a big value after init()
+    gc.collect()
+    assert dropped() is None

@@ -48,7 +48,8 @@ _REQUEST = b"DSQ"
 _REPLY = b"DSR"
 
 
-# What __main__ held when snapshot_main() was called (at init()), by name.
+# The functions and classes __main__ held when snapshot_main() was called (at init()), by
+# name; only those, so that nothing else the script drops later is kept alive here.
 _main_at_init: dict[str, object] = {}
 
 
@@ -58,7 +59,9 @@ def snapshot_main() -> None:
     main = sys.modules.get("__main__")
     _main_at_init.clear()
     if main is not None:
-        _main_at_init.update(vars(main))
+        _main_at_init.update(
+            (name, obj) for name, obj in vars(main).items() if isinstance(obj, (types.FunctionType, type))
+        )
 
 
 def _in_main_at_init(obj: object) -> bool:
