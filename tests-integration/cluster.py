@@ -374,3 +374,48 @@ def running(root: Path, **options) -> Iterator[Cluster]:
         yield cluster
     finally:
         cluster.shutdown()
+
+
+# The producer streams numbers to the consumer; neither fits on a node beside the other.
+# The consumer reports how its producer ended, and when.
+STREAM = f"""
+import os, sys, time, deploy
+
+def producer(parent, consumer):
+    deploy.Sender[int](parent).send(os.getpid())
+    tx = deploy.Sender[int](consumer)
+    index = 0
+    while True:
+        tx.send(index)
+        index += 1
+        if index % 100 == 0:
+            time.sleep(0.01)
+
+def consumer(parent, _):
+    rx = deploy.Receiver[int](deploy.Receiver[deploy.Pid](parent).recv())
+    try:
+        while True:
+            rx.recv()
+    except deploy.PeerLost as error:
+        print(f"PeerLost at {{time.time():.3f}}: {{error}}", flush=True)
+        sys.exit(3)
+    except Exception as error:
+        print(f"{{type(error).__name__}} instead of PeerLost: {{error}}", flush=True)
+        sys.exit(4)
+
+if __name__ == "__main__":
+    deploy.init()
+    big = deploy.Resources(mem="{HOLDER_MEM}", cpu=0.1)
+    c = deploy.spawn(consumer, None, big)
+    p = deploy.spawn(producer, c, big)
+    deploy.Sender[deploy.Pid](c).send(p)
+    print("producer", deploy.Receiver[int](p).recv(), flush=True)
+"""
+
+
+def node_of(cluster: Cluster, os_pid: int) -> Daemon:
+    """The daemon whose process tree holds the process ``os_pid``."""
+    ancestors = {parent.pid for parent in psutil.Process(os_pid).parents()}
+    owners = [daemon for daemon in cluster.daemons if daemon.process.pid in ancestors]
+    assert len(owners) == 1, f"process {os_pid} is under {[d.name for d in owners]}"
+    return owners[0]
