@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ import psutil
 from deploy_core import AuthenticationError, DeployError, Pid, Resources, authenticate, env
 
 from . import _wire as wire
-from ._agent import Agent
+from ._agent import Agent, command, inside
 from ._bundle import BundleCache
 from ._master import Master
 from ._node import flush_kept, send_or_keep
@@ -49,6 +48,7 @@ __all__ = ["serve_master", "serve_worker"]
 
 log = logging.getLogger("deploy.fabric")
 
+CACHE = "DEPLOY_CACHE"  # a daemon's bundle cache directory
 PING_EVERY = 1.0
 LOST_AFTER = 5.0
 _RECCE_TIMEOUT = 60.0
@@ -94,6 +94,15 @@ def _daemon_setup() -> None:
         libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         pass
+
+
+def cache_directory() -> Path:
+    """Where a daemon keeps its bundles: DEPLOY_CACHE, else the user's cache directory."""
+    chosen = os.environ.get(CACHE)
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deploy" / "bundles"
 
 
 def kill_descendants() -> None:
@@ -287,6 +296,7 @@ class _NodeRecord:
     host: str
     up_since: float = field(default_factory=time.time)
     memory: dict[str, int] = field(default_factory=dict)
+    bundles_received: int = 0
 
 
 @dataclass
@@ -388,14 +398,15 @@ class _MasterDaemon:
         self.host = parse_addr(bind)[0]
         self.listener = listen(bind)
         self.bridge_listener = listen(bridge_bind) if bridge_bind else None
-        self.workdir = Path(tempfile.mkdtemp(prefix="deploy-master-"))
-        self.cache = BundleCache(self.workdir / "bundles")
+        self.cache = BundleCache(cache_directory())
         self.nodes: dict[str, _NodeRecord] = {}
         self.static: dict[str, Resources] = dict(workers)
         self.scheduler: Scheduler | None = None
         self.runs: dict[str, _ClusterRun] = {}
         self.bundles: dict[str, bytes] = {}
         self.next_ping = 0.0
+        # Status requests waiting for every node's fresh memory figures: (channel, nodes, deadline).
+        self.status_waiting: list[tuple[_Channel, set[str], float]] = []
         # The master's own node: an agent on a socketpair in this same loop.
         ours, theirs = socket.socketpair()
         self.own_agent = Agent(
@@ -494,11 +505,15 @@ class _MasterDaemon:
         kind = message[0]
         if kind == Kind.PONG:
             record.memory = {str(key): int(value) for key, value in dict(message[2]).items()}
+            for _, waiting, _ in self.status_waiting:
+                waiting.discard(record.node.name)
+            self._answer_status()
             return
         if kind == Kind.NEED_BUNDLE:
             data = self.bundles.get(message[1])
             if data is not None:
                 record.channel.send((Kind.BUNDLE, message[1], data))
+                record.bundles_received += 1
             return
         run = self.runs.get(message[1])
         if run is None or run.master is None:
@@ -535,7 +550,7 @@ class _MasterDaemon:
                     if message[1] != __version__:
                         channel.send((Kind.ERROR, _version_mismatch("status", message[1])))
                     else:
-                        channel.send((Kind.STATUS, self.status()))
+                        self._ask_status(channel)
                     return
                 if kind != Kind.PUSH:
                     channel.close()
@@ -555,6 +570,7 @@ class _MasterDaemon:
                 try:
                     self.cache.store(digest, bytes(message[2]))
                     self.bundles[digest] = bytes(message[2])  # for the nodes that lack it
+                    self.nodes[self.bind].bundles_received += 1  # the master's node shares its cache
                 except DeployError as error:
                     channel.send((Kind.ERROR, str(error)))
                     return
@@ -586,10 +602,10 @@ class _MasterDaemon:
     def _recce(self, channel: _Channel, state: dict) -> None:
         digest, program, args, environment, cwd = state["pending"]
         root = self.cache.path(digest)
-        directory = root / cwd if cwd and (root / cwd).is_dir() else root
+        directory = inside(root, cwd)
 
         def recce() -> None:
-            outcome = _run_recce(program, args, environment, directory)
+            outcome = _run_recce(root, program, args, environment, directory)
             self.loop.post(lambda: self._start_run(channel, state, outcome))
 
         threading.Thread(target=recce, daemon=True).start()
@@ -633,6 +649,22 @@ class _MasterDaemon:
         assert run.master is not None
         return run.master.addr
 
+    def _ask_status(self, channel: _Channel) -> None:
+        """Answer once every node has reported its processes' memory afresh (1 s at most)."""
+        for record in self.nodes.values():
+            record.channel.send((Kind.PING, time.time()))
+        self.status_waiting.append((channel, set(self.nodes), time.monotonic() + 1.0))
+        self._answer_status()
+
+    def _answer_status(self) -> None:
+        now = time.monotonic()
+        for entry in list(self.status_waiting):
+            channel, waiting, deadline = entry
+            waiting.intersection_update(self.nodes)
+            if not waiting or now > deadline:
+                self.status_waiting.remove(entry)
+                channel.send((Kind.STATUS, self.status()))
+
     def status(self) -> dict:
         now = time.time()
         nodes = [
@@ -642,6 +674,7 @@ class _MasterDaemon:
                 "used": record.node.used.to_dict(),
                 "free": record.node.free.to_dict(),
                 "up_since": record.up_since,
+                "bundles_received": record.bundles_received,
             }
             for record in self.nodes.values()
         ]
@@ -681,6 +714,7 @@ class _MasterDaemon:
                         record.channel.send((Kind.PING, time.time()))
                 self.own_agent.reap()
             timeout = min(0.2, max(0.0, self.next_ping - now))
+            self._answer_status()
             for run in list(self.runs.values()):
                 assert run.master is not None
                 run.master.housekeeping()
@@ -700,7 +734,6 @@ class _MasterDaemon:
             record.channel.close()
         time.sleep(0.1)
         kill_descendants()
-        _remove(self.workdir)
         return 0
 
     def _end(self, run: _ClusterRun) -> None:
@@ -716,7 +749,9 @@ def _version_mismatch(command: str, version: object) -> str:
     return f"deploy {command} is deploy-fabric {version}, the fabric runs {__version__}: use the same version on both"
 
 
-def _run_recce(program: list[str], args: list[str], environment: dict[str, str], directory: Path) -> Resources | str:
+def _run_recce(
+    root: Path, program: list[str], args: list[str], environment: dict[str, str], directory: Path
+) -> Resources | str:
     """The top process's resources, from ``python SCRIPT ARGS`` with DEPLOY_RECCE=1, or why not."""
     clean = {key: value for key, value in environment.items() if not key.startswith("DEPLOY_")}
     for key in ("PATH", "HOME", "SHELL", "TMPDIR"):
@@ -727,7 +762,7 @@ def _run_recce(program: list[str], args: list[str], environment: dict[str, str],
     shown = " ".join(program)
     try:
         done = subprocess.run(
-            [sys.executable, *program, *args],
+            command(root, program, args, clean),
             cwd=directory,
             env=clean,
             stdin=subprocess.DEVNULL,
@@ -749,12 +784,6 @@ def _run_recce(program: list[str], args: list[str], environment: dict[str, str],
     errors = [line.strip() for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
     why = errors[-1] if errors else f"it exited {done.returncode} without calling deploy.init()"
     return f"the recce run of {shown} failed: {why}"
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def serve_master(
@@ -780,8 +809,7 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
     loop = _Loop()
     host = parse_addr(bind)[0]
     listener = listen(bind)
-    workdir = Path(tempfile.mkdtemp(prefix="deploy-node-"))
-    cache = BundleCache(workdir / "bundles")
+    cache = BundleCache(cache_directory())
     agents: list[Agent] = []
     last_ping: dict[int, float] = {}
 
@@ -829,5 +857,4 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
         agent.close()
     time.sleep(0.1)
     kill_descendants()
-    _remove(workdir)
     return 0
