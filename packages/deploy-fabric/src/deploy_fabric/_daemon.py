@@ -49,6 +49,15 @@ __all__ = ["serve_master", "serve_worker"]
 log = logging.getLogger("deploy.fabric")
 
 CACHE = "DEPLOY_CACHE"  # a daemon's bundle cache directory
+
+# Identities in the handshake (deploy_core.Handshake): a worker's port accepts only the
+# master, the master's port only nodes, its bridge port only push and status. A joining
+# worker names itself "node:BIND".
+MASTER = "master"
+NODE = "node"
+BRIDGE = "bridge"
+PUSH = "push"
+STATUS = "status"
 PING_EVERY = 1.0
 LOST_AFTER = 5.0
 _RECCE_TIMEOUT = 60.0
@@ -232,15 +241,25 @@ class _Channel:
 
 
 def _accept_authenticated(
-    listener: socket.socket, secret: bytes, loop: _Loop, on_ready: Callable[[socket.socket], None]
+    listener: socket.socket,
+    secret: bytes,
+    identity: str,
+    peers: tuple[str, ...],
+    loop: _Loop,
+    on_ready: Callable[[socket.socket], None],
 ) -> None:
-    """Accept connections; each is authenticated on a thread of its own, then handed to the loop."""
+    """Accept connections as ``identity`` from peers whose identity starts with one of ``peers``;
+    each is authenticated on a thread of its own, then handed to the loop."""
 
     def handshake(sock: socket.socket) -> None:
         try:
-            authenticate(sock, secret, initiator=False, timeout=10.0)
+            peer = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0).peer
         except (AuthenticationError, OSError) as error:
             log.warning("dropped a connection that failed authentication: %s", error)
+            sock.close()
+            return
+        if not peer.startswith(peers):
+            log.warning("dropped a connection from %r, which has no business on the %s port", peer, identity)
             sock.close()
             return
         sock.settimeout(None)
@@ -262,8 +281,10 @@ def _accept_authenticated(
     loop.selector.register(listener, selectors.EVENT_READ, accept)
 
 
-def connect_authenticated(addr: str, secret: bytes, *, timeout: float = 10.0) -> socket.socket:
-    """A blocking, authenticated TCP connection to a fabric port."""
+def connect_authenticated(
+    addr: str, secret: bytes, identity: str, wanted: str, *, timeout: float = 10.0
+) -> socket.socket:
+    """A blocking TCP connection to a fabric port, authenticated as ``identity`` to ``wanted``."""
     host, port = parse_addr(addr)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -271,7 +292,7 @@ def connect_authenticated(addr: str, secret: bytes, *, timeout: float = 10.0) ->
         raise DeployError(f"cannot reach {addr}: {error.strerror or error}") from None
     keepalive(sock)
     try:
-        authenticate(sock, secret, initiator=True, timeout=timeout)
+        authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
     except AuthenticationError as error:
         sock.close()
         raise AuthenticationError(f"{addr} refused this secret ({error})") from None
@@ -418,9 +439,11 @@ class _MasterDaemon:
             cache=self.cache,
         )
         self._node_channel(ours, expected=(bind, capacity))
-        _accept_authenticated(self.listener, secret, self.loop, lambda sock: self._node_channel(sock, None))
+        _accept_authenticated(
+            self.listener, secret, MASTER, ("node:",), self.loop, lambda sock: self._node_channel(sock, None)
+        )
         if self.bridge_listener is not None:
-            _accept_authenticated(self.bridge_listener, secret, self.loop, self._client)
+            _accept_authenticated(self.bridge_listener, secret, BRIDGE, (PUSH, STATUS), self.loop, self._client)
         for addr in self.static:
             self._connect_worker(addr)
 
@@ -430,7 +453,7 @@ class _MasterDaemon:
         def attempt() -> None:
             while self.loop.stopping is None:
                 try:
-                    sock = connect_authenticated(addr, self.secret, timeout=5.0)
+                    sock = connect_authenticated(addr, self.secret, MASTER, NODE, timeout=5.0)
                 except DeployError as error:
                     log.info("worker %s: %s; retrying", addr, error)
                     time.sleep(_CONNECT_RETRY)
@@ -831,7 +854,7 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
         def attempt() -> None:
             while loop.stopping is None:
                 try:
-                    sock = connect_authenticated(join, secret, timeout=5.0)
+                    sock = connect_authenticated(join, secret, f"node:{bind}", MASTER, timeout=5.0)
                 except DeployError as error:
                     log.info("joining %s: %s; retrying", join, error)
                     time.sleep(_CONNECT_RETRY)
@@ -841,7 +864,7 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
 
         threading.Thread(target=attempt, daemon=True).start()
 
-    _accept_authenticated(listener, secret, loop, adopt)
+    _accept_authenticated(listener, secret, NODE, (MASTER,), loop, adopt)
     if join is not None:
         joining()
     loop.install_signals()

@@ -218,7 +218,7 @@ class Master:
                 raise
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = _Conn(sock, Handshake(self._secret, initiator=False))
+            conn = _Conn(sock, Handshake(self._secret, initiator=False, identity=wire.BRIDGE))
             conn.on_ready = functools.partial(self._ready, conn)
             self._conns[sock.fileno()] = conn
             self.selector.register(sock, selectors.EVENT_READ, conn.on_ready)

@@ -340,10 +340,14 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     request = SpawnRequest.decode(sample)
     _ = dict(os.environ) == request.env
     loads_user(request.function)(request.parent, loads_user(request.argument))
-    initiator, acceptor = Handshake(secret, initiator=True), Handshake(secret, initiator=False)
-    acceptor.receive_data(initiator.data_to_send())  # the initiator's nonce
-    initiator.receive_data(acceptor.data_to_send())  # the acceptor's nonce and proof
-    acceptor.receive_data(initiator.data_to_send())  # the initiator's proof
+    initiator = Handshake(secret, initiator=True, identity=request.parent.hex, wanted=wire.BRIDGE)
+    acceptor = Handshake(secret, initiator=False, identity=wire.BRIDGE)
+    for source, target in ((initiator, acceptor), (acceptor, initiator), (initiator, acceptor)):
+        data = source.data_to_send()  # the hello, the acceptor's answer, the proof
+        while data:
+            size = target.bytes_needed()
+            target.receive_data(data[:size])
+            data = data[size:]
     pickle.loads(pickle.dumps(0, protocol=5))  # as a message is
     deploy_channels.Sender[int], deploy_channels.Receiver[int]  # noqa: B018  (the typed classes are cached)
 

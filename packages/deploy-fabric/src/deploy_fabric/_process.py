@@ -189,7 +189,7 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
     connection = getattr(_control, "connection", None)
     if connection is None:
-        connection = wire.connect(me.fabric, me.secret, (Kind.HELLO_PROCESS, me.pid.format()))
+        connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
         wire.send_message(connection, (Kind.SPAWN, request.encode()))

@@ -28,6 +28,9 @@ __all__ = ["FrameDecoder", "Kind", "MessageReader", "connect", "encode", "load",
 # argument, so leave room for big arguments.
 MAX_MESSAGE = 1 << 30
 
+#: The bridge's identity in the handshake; a process's is its pid's hex.
+BRIDGE = "bridge"
+
 
 class Kind(str, enum.Enum):
     """What a control message is; its fields follow it in the tuple."""
@@ -93,11 +96,14 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
         decoder.feed(sock.recv(1 << 16))
 
 
-def connect(addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: float = 10.0) -> socket.socket:
-    """A blocking, authenticated control connection that has introduced itself."""
+def connect(
+    addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
+) -> socket.socket:
+    """A blocking control connection to the fabric, authenticated as ``identity``, that has
+    introduced itself."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        introduce(sock, addr, secret, hello, timeout=timeout)
+        introduce(sock, addr, secret, identity, hello, timeout=timeout)
     except BaseException:
         sock.close()
         raise
@@ -105,13 +111,13 @@ def connect(addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: floa
 
 
 def introduce(
-    sock: socket.socket, addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: float = 10.0
+    sock: socket.socket, addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
 ) -> None:
-    """Connect ``sock`` to ``addr``, authenticate and send ``hello``."""
+    """Connect ``sock`` to the fabric, authenticate as ``identity`` and send ``hello``."""
     sock.settimeout(timeout)
     sock.connect(addr)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    authenticate(sock, secret, initiator=True, timeout=timeout)
+    authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
     sock.settimeout(None)
     send_message(sock, hello)
 
