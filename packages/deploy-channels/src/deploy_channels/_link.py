@@ -244,6 +244,9 @@ class Link:
         """Queue (or write) one framed message; blocks while the buffer is over high water."""
         if self.out_bytes >= self.high_water:
             self._wait_tx(deadline)
+        if self.death is not None and not self.shut:
+            # Outside the lock: death_error may ask the runtime how the peer ended.
+            raise self.death_error()
         with self.out_lock:
             if self.shut:
                 raise self.closed_error()
