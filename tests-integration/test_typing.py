@@ -4,6 +4,7 @@ programs (all of them under --strict)."""
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 import subprocess
 import sys
@@ -105,3 +106,11 @@ def test_mypy_catches_mistakes_and_accepts_the_documented_programs(tmp_path: Pat
     assert 'Argument 1 to "send" of "Sender" has incompatible type "str"; expected "int"' in output
     assert 'expression has type "int", variable has type "str"' in output
     assert 'Argument 1 to "spawn" has incompatible type "Callable[[Pid, Job], None]"' in output
+
+
+@pytest.mark.parametrize(
+    "package", ["deploy", "deploy_core", "deploy_channels", "deploy_monitor", "deploy_fabric", "deploy_cli"]
+)
+def test_every_distribution_is_marked_typed(package: str) -> None:
+    # PEP 561: without the marker a type checker skips the package ("missing library stubs").
+    assert importlib.resources.files(package).joinpath("py.typed").is_file()
