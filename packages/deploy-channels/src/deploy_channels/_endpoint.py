@@ -39,6 +39,7 @@ OS facts relied on:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import threading
@@ -77,12 +78,20 @@ _ACCEPT_BATCH = 32
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
 _NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _EVICTION_LOG_EVERY = 10.0
+PROTECT_CHOICES = ("off", "remote", "all")
 
 
 class EndpointState:
     """Module-level registry of live endpoints (for atexit and fork)."""
 
     live: weakref.WeakSet = weakref.WeakSet()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -101,6 +110,12 @@ class Endpoint:
     ``Endpoint("127.0.0.1:0", secret=b"...")`` binds and listens; ``Endpoint(secret=...,
     sock=listening_socket, pid=pid)`` adopts a socket already bound and listening at
     ``pid.addr``. Every connection, in and out, must prove the same ``secret``.
+
+    ``protect`` says which connections carry a keyed MAC and a sequence number on every
+    record after the handshake (`deploy_core.ProtectedSocket`), so that frames cannot be
+    changed, injected or replayed: ``"off"`` (none), ``"remote"`` (those whose peer
+    address is not loopback: what cluster mode uses) or ``"all"``. Every endpoint of a
+    run must use the same setting.
     """
 
     def __init__(
@@ -113,9 +128,13 @@ class Endpoint:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         high_water: int = DEFAULT_HIGH_WATER,
         linger: float = DEFAULT_LINGER,
+        protect: str = "off",
     ):
         if not isinstance(secret, (bytes, bytearray)) or not secret:
             raise ValueError("secret must be non-empty bytes")
+        if protect not in PROTECT_CHOICES:
+            raise ValueError(f"protect must be one of {', '.join(PROTECT_CHOICES)}, not {protect!r}")
+        self._protect = protect
         self._secret = bytes(secret)
         self._max_frame_size = int(max_frame_size)
         self._high_water = int(high_water)
@@ -223,6 +242,12 @@ class Endpoint:
             raise DeployError("this endpoint belongs to the parent process (it was inherited through fork)")
         if self._closed:
             raise DeployError(f"the endpoint {self.pid} is closed")
+
+    def _protects(self, host: str) -> bool:
+        """Whether a connection with a peer at ``host`` carries protected frames."""
+        if self._protect == "off":
+            return False
+        return self._protect == "all" or not _is_loopback(host)
 
     # --- links (loop thread) --------------------------------------------------------------
 
