@@ -5,8 +5,11 @@ protected connection carries its byte stream in records; each direction has its 
 key and its own counter, starting at 0::
 
     record  = length (4 bytes, big-endian, 1..MAX_RECORD), data, tag (16 bytes)
-    tag     = BLAKE2b-128(key = direction key, seq (8 bytes) | length | data)
-    direction key = BLAKE2b-256(key = handshake key, "initiator->acceptor" or the reverse)
+    tag     = HMAC-SHA256(direction key, seq (8 bytes) | length | data), first 16 bytes
+    direction key = HMAC-SHA256(handshake key, "initiator->acceptor" or the reverse)
+
+(HMAC-SHA256 rather than keyed BLAKE2b: with the SHA extensions of current x86 and ARM
+CPUs, OpenSSL's SHA-256 hashes large records about twice as fast.)
 
 The counter is never sent: a receiver expects record ``n`` next, so a record that was
 changed, injected, dropped, reordered, replayed from earlier in the connection, taken
@@ -25,7 +28,6 @@ before anything else.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import socket
@@ -43,13 +45,14 @@ MAX_RECORD = 256 * 1024
 TAG = 16
 # What one send call seals at most: its unsent rest is copied, so keep it bounded.
 _MAX_BATCH = 4 * MAX_RECORD
+_JOIN_BELOW = 64 * 1024
 _LENGTH = struct.Struct(">I")
 _SEQ = struct.Struct(">Q")
 _LABELS = (b"initiator->acceptor", b"acceptor->initiator")
 
 
 def _direction_key(key: bytes, label: bytes) -> bytes:
-    return hashlib.blake2b(label, key=key, digest_size=32).digest()
+    return hmac.digest(key, label, "sha256")
 
 
 def _keys(key: bytes, initiator: bool) -> tuple[bytes, bytes]:
@@ -68,7 +71,7 @@ class Sealer:
     """Turns plain bytes into records, for one direction of one connection."""
 
     def __init__(self, key: bytes, *, initiator: bool):
-        self._key = _keys(key, initiator)[0]
+        self._mac = hmac.new(_keys(key, initiator)[0], digestmod="sha256")  # copied per record
         self._seq = 0
 
     def seal(self, chunks: Sequence[bytes | bytearray | memoryview]) -> list:
@@ -92,20 +95,20 @@ class Sealer:
 
     def _record(self, parts: list, size: int) -> list:
         header = _LENGTH.pack(size)
-        mac = hashlib.blake2b(key=self._key, digest_size=TAG)
+        mac = self._mac.copy()
         mac.update(_SEQ.pack(self._seq))
         mac.update(header)
         for part in parts:
             mac.update(part)
         self._seq += 1
-        return [header, *parts, mac.digest()]
+        return [header, *parts, mac.digest()[:TAG]]
 
 
 class Opener:
     """Checks records and returns the plain bytes they carry, for one direction."""
 
     def __init__(self, key: bytes, *, initiator: bool):
-        self._key = _keys(key, initiator)[1]
+        self._mac = hmac.new(_keys(key, initiator)[1], digestmod="sha256")  # copied per record
         self._seq = 0
         self._buf = bytearray()
 
@@ -119,33 +122,38 @@ class Opener:
         Raises `FrameError` for a record that fails its tag or announces a bad length;
         the connection must then be dropped (the counter no longer matches the peer's).
         """
-        buf = self._buf
-        buf += data
-        out = bytearray()
+        if self._buf:
+            self._buf += data
+            buf: bytes | bytearray | memoryview = self._buf
+        else:
+            buf = data  # the common case: parse the caller's bytes, copy only what is left
+        view = memoryview(buf).cast("B")
+        pieces: list = []
         pos = 0
-        view = memoryview(buf)
         try:
-            while len(buf) - pos >= _LENGTH.size:
-                (size,) = _LENGTH.unpack_from(buf, pos)
+            while view.nbytes - pos >= _LENGTH.size:
+                (size,) = _LENGTH.unpack_from(view, pos)
                 if not 0 < size <= MAX_RECORD:
                     raise FrameError(f"a protected record announces {size} bytes (at most {MAX_RECORD})")
                 end = pos + _LENGTH.size + size + TAG
-                if end > len(buf):
+                if end > view.nbytes:
                     break
-                mac = hashlib.blake2b(key=self._key, digest_size=TAG)
+                mac = self._mac.copy()
                 mac.update(_SEQ.pack(self._seq))
-                with view[pos : end - TAG] as body, view[end - TAG : end] as tag:
-                    mac.update(body)
-                    if not hmac.compare_digest(mac.digest(), tag):
-                        raise FrameError("a protected record failed its check (changed, injected or replayed)")
-                    with body[_LENGTH.size :] as payload:
-                        out += payload
+                mac.update(view[pos : end - TAG])
+                if not hmac.compare_digest(mac.digest()[:TAG], view[end - TAG : end]):
+                    raise FrameError("a protected record failed its check (changed, injected or replayed)")
+                pieces.append(view[pos + _LENGTH.size : end - TAG])
                 self._seq += 1
                 pos = end
+            plain = pieces[0].tobytes() if len(pieces) == 1 else b"".join(pieces)
+            rest = view[pos:].tobytes() if pos < view.nbytes else b""
         finally:
+            for piece in pieces:
+                piece.release()
             view.release()
-        del buf[:pos]
-        return bytes(out)
+        self._buf = bytearray(rest)
+        return plain
 
 
 class ProtectedSocket:
@@ -215,13 +223,20 @@ class ProtectedSocket:
                 return 0
             records = self._sealer.seal(taken)
             size = sum(memoryview(buffer).nbytes for buffer in records)
+            if size <= _JOIN_BELOW:
+                records = [b"".join(records)]  # one small buffer: cheaper than a gather
             try:
-                sent = self.raw.sendmsg(records)
+                sent = self.raw.send(records[0]) if len(records) == 1 else self.raw.sendmsg(records)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             if sent < size:
-                joined = b"".join(records)
-                self._out += memoryview(joined)[sent:]
+                for buffer in records:  # keep only what the kernel did not take
+                    part = memoryview(buffer).cast("B")
+                    if sent >= part.nbytes:
+                        sent -= part.nbytes
+                        continue
+                    self._out += part[sent:]
+                    sent = 0
             return total
 
     def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:
