@@ -46,7 +46,7 @@ def master():
 
         def serve() -> None:
             while not stop.is_set():
-                master._housekeeping()
+                master.housekeeping()
                 for key, mask in master.selector.select(0.05):
                     key.data(mask)
 
