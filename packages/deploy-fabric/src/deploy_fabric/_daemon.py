@@ -223,8 +223,10 @@ class _Channel:
                 return
             try:
                 self._on_message(self, message)
-            except (TypeError, ValueError, KeyError) as error:
-                log.warning("ignored a malformed %s message: %s", message[0].value, error)
+            except Exception as error:  # whatever a malformed message makes us raise
+                log.warning("dropped a connection after a bad %s message: %r", message[0].value, error)
+                self.close()
+                return
         if not data or self._reader.closed:
             self.close()
 
@@ -750,6 +752,9 @@ class _MasterDaemon:
                 if not self.runs or time.monotonic() - self.loop.stopping > _STOP_GRACE:
                     break
             self.loop.once(timeout)
+            for run in list(self.runs.values()):  # room another run's exits made
+                assert run.master is not None
+                run.master.place_queued()
         for run in list(self.runs.values()):
             self._end(run)
         self.own_agent.stop_all()
