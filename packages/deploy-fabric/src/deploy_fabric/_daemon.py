@@ -63,6 +63,7 @@ LOST_AFTER = 4.0
 _RECCE_TIMEOUT = 60.0
 _CONNECT_RETRY = 1.0
 _STOP_GRACE = 3.0
+_MAX_UNAUTHENTICATED = 128
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -251,7 +252,9 @@ def _accept_authenticated(
     on_ready: Callable[[socket.socket], None],
 ) -> None:
     """Accept connections as ``identity`` from peers whose identity starts with one of ``peers``;
-    each is authenticated on a thread of its own, then handed to the loop."""
+    each is authenticated on a thread of its own (at most `_MAX_UNAUTHENTICATED` at once,
+    each within 10 s), then handed to the loop. Out of descriptors, accepting pauses."""
+    pending = threading.BoundedSemaphore(_MAX_UNAUTHENTICATED)
 
     def handshake(sock: socket.socket) -> None:
         try:
@@ -260,6 +263,8 @@ def _accept_authenticated(
             log.warning("dropped a connection that failed authentication: %s", error)
             sock.close()
             return
+        finally:
+            pending.release()
         if not peer.startswith(peers):
             log.warning("dropped a connection from %r, which has no business on the %s port", peer, identity)
             sock.close()
@@ -267,15 +272,25 @@ def _accept_authenticated(
         sock.settimeout(None)
         loop.post(lambda: on_ready(sock))
 
+    def resume() -> None:
+        if listener.fileno() >= 0:
+            loop.selector.register(listener, selectors.EVENT_READ, accept)
+
     def accept(mask: int) -> None:
-        while True:
+        for _ in range(32):  # then let the loop serve the others
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                log.warning("cannot accept a connection: %s", error)
+                log.warning("cannot accept a connection (pausing for 1 s): %s", error)
+                loop.selector.unregister(listener)
+                threading.Timer(1.0, loop.post, args=(resume,)).start()
                 return
+            if not pending.acquire(blocking=False):
+                log.warning("dropped a connection: %d are already authenticating", _MAX_UNAUTHENTICATED)
+                sock.close()
+                continue
             keepalive(sock)
             threading.Thread(target=handshake, args=(sock,), daemon=True).start()
 
