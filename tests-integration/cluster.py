@@ -143,24 +143,33 @@ class Push:
                 self.lines.put(event)
         self.lines.put(None)
 
-    def wait_for_output(self, text: str, timeout: float = 30.0) -> dict:
-        """The first output event whose text contains ``text``, waiting for it."""
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
+        """The first complete line of stdout (of any process) containing ``text``, waiting for it.
+
+        Output events are chunks of bytes, not lines: a process's chunks are joined first.
+        """
         deadline = time.monotonic() + timeout
-        seen = [e for e in list(self.events) if e["event"] == "output" and text in e["text"]]
-        if seen:
-            return seen[0]
+        partial: dict[str, str] = {}
+        seen = 0
         while True:
+            while seen < len(self.events):
+                event = self.events[seen]
+                seen += 1
+                if event["event"] != "output" or event["fd"] != 1:
+                    continue
+                buffered = partial.get(event["pid"], "") + event["text"]
+                *lines, partial[event["pid"]] = buffered.split("\n")
+                for line in lines:
+                    if text in line:
+                        return line
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no output {text!r} within {timeout}s; events: {self.events[-10:]}")
             try:
-                event = self.lines.get(timeout=remaining)
+                if self.lines.get(timeout=min(remaining, 0.2)) is None and seen >= len(self.events):
+                    raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
             except queue.Empty:
                 continue
-            if event is None:
-                raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
-            if event["event"] == "output" and text in event["text"]:
-                return event
 
     def stderr_text(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")

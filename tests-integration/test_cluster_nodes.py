@@ -25,7 +25,7 @@ def expected_code(events: list[dict]) -> int | None:
 def test_a_worker_killed_mid_run_is_a_lost_node_and_comes_back(tmp_path):
     with running(tmp_path / "cluster") as cluster:
         push = cluster.start_push(project(tmp_path / "job", STREAM))
-        line = push.wait_for_output("producer ")["text"]
+        line = push.wait_for_output("producer ")
         victim = node_of(cluster, int(line.split()[1]))
         assert victim is not cluster.master
         killed_at = time.time()
@@ -98,7 +98,7 @@ def test_a_joining_worker_leaves_and_comes_back(tmp_path):
         script = project(tmp_path / "job", JOINER)
 
         push = cluster.start_push(script, str(release))
-        holder = int(push.wait_for_output("holder ")["text"].split()[1])
+        holder = int(push.wait_for_output("holder ").split()[1])
         assert node_of(cluster, holder) is joiner
         release.touch()
         assert push.finish(30).code == 0
@@ -120,7 +120,7 @@ def test_a_joining_worker_leaves_and_comes_back(tmp_path):
         joiner.start()
         cluster.wait_ready(2, timeout=30)
         push = cluster.start_push(script, str(release))
-        holder = int(push.wait_for_output("holder ")["text"].split()[1])
+        holder = int(push.wait_for_output("holder ").split()[1])
         assert node_of(cluster, holder) is joiner
         release.touch()
         assert push.finish(30).code == 0

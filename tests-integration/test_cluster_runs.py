@@ -109,7 +109,7 @@ def test_spawns_land_on_every_node_and_status_shows_the_busy_run(cluster, job, t
             used = sum(p["resources"]["mem"] for p in ours if p["node"] == node["addr"])
             assert node["used"]["mem"] == used
             assert node["free"]["mem"] == node["capacity"]["mem"] - used
-        assert all(p["memory"] > 0 and p["age"] >= 0 for p in ours)
+        assert all(p["memory"] > 0 and p["age"] >= 0 for p in ours), ours
         human = cluster.command("status", cluster.bridge)
         assert human.returncode == 0, human.stderr
         for daemon in cluster.daemons:
