@@ -195,7 +195,7 @@ class Agent:
     def _start(self, run: _Run) -> None:
         secret, digest, program, args, env, cwd, top, master = run.start
         root = self._cache.path(digest)
-        directory = root / cwd if cwd and (root / cwd).is_dir() else root
+        directory = inside(root, cwd)
         requests, replies = run.zygote_ends
         environment = {key: value for key, value in dict(env).items() if not key.startswith("DEPLOY_")}
         for key in _NODE_KEEPS:
@@ -219,7 +219,7 @@ class Agent:
         run.stderr = tempfile.TemporaryFile()
         try:
             run.process = subprocess.Popen(
-                [sys.executable, *program, *args],
+                command(root, program, args, environment),
                 cwd=directory,
                 env=environment,
                 pass_fds=(requests.fileno(), replies.fileno()),
@@ -338,6 +338,24 @@ class _RunEvents:
     def zygote_lost(self, link: ZygoteLink) -> None:
         if self.run is not None:
             self.agent.zygote_lost(self.run)
+
+
+def command(root: Path, program: list[str], args: list[str], environment: dict[str, str]) -> list[str]:
+    """``python SCRIPT ARGS`` (SCRIPT relative to the bundle's root), or ``python -m MODULE ARGS``
+    with the root on PYTHONPATH."""
+    if program[:1] == ["-m"]:
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), environment.get("PYTHONPATH")]))
+        return [sys.executable, *program, *args]
+    return [sys.executable, str(root / program[0]), *program[1:], *args]
+
+
+def inside(root: Path, cwd: str) -> Path:
+    """``root / cwd`` (made if the bundle holds no such directory) when it lies inside ``root``, else ``root``."""
+    directory = (root / cwd).resolve() if cwd else root
+    if directory != root.resolve() and root.resolve() not in directory.parents:
+        return root
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
 
 
 def _last_line(file: object) -> str:

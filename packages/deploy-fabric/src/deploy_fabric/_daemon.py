@@ -26,7 +26,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -37,7 +36,7 @@ import psutil
 from deploy_core import AuthenticationError, DeployError, Pid, Resources, authenticate, env
 
 from . import _wire as wire
-from ._agent import Agent
+from ._agent import Agent, command, inside
 from ._bundle import BundleCache
 from ._master import Master
 from ._node import flush_kept, send_or_keep
@@ -49,6 +48,16 @@ __all__ = ["serve_master", "serve_worker"]
 
 log = logging.getLogger("deploy.fabric")
 
+CACHE = "DEPLOY_CACHE"  # a daemon's bundle cache directory
+
+# Identities in the handshake (deploy_core.Handshake): a worker's port accepts only the
+# master, the master's port only nodes, its bridge port only push and status. A joining
+# worker names itself "node:BIND".
+MASTER = "master"
+NODE = "node"
+BRIDGE = "bridge"
+PUSH = "push"
+STATUS = "status"
 PING_EVERY = 1.0
 LOST_AFTER = 5.0
 _RECCE_TIMEOUT = 60.0
@@ -94,6 +103,15 @@ def _daemon_setup() -> None:
         libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     except (OSError, AttributeError):
         pass
+
+
+def cache_directory() -> Path:
+    """Where a daemon keeps its bundles: DEPLOY_CACHE, else the user's cache directory."""
+    chosen = os.environ.get(CACHE)
+    if chosen:
+        return Path(chosen)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "deploy" / "bundles"
 
 
 def kill_descendants() -> None:
@@ -223,15 +241,25 @@ class _Channel:
 
 
 def _accept_authenticated(
-    listener: socket.socket, secret: bytes, loop: _Loop, on_ready: Callable[[socket.socket], None]
+    listener: socket.socket,
+    secret: bytes,
+    identity: str,
+    peers: tuple[str, ...],
+    loop: _Loop,
+    on_ready: Callable[[socket.socket], None],
 ) -> None:
-    """Accept connections; each is authenticated on a thread of its own, then handed to the loop."""
+    """Accept connections as ``identity`` from peers whose identity starts with one of ``peers``;
+    each is authenticated on a thread of its own, then handed to the loop."""
 
     def handshake(sock: socket.socket) -> None:
         try:
-            authenticate(sock, secret, initiator=False, timeout=10.0)
+            peer = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0).peer
         except (AuthenticationError, OSError) as error:
             log.warning("dropped a connection that failed authentication: %s", error)
+            sock.close()
+            return
+        if not peer.startswith(peers):
+            log.warning("dropped a connection from %r, which has no business on the %s port", peer, identity)
             sock.close()
             return
         sock.settimeout(None)
@@ -253,8 +281,10 @@ def _accept_authenticated(
     loop.selector.register(listener, selectors.EVENT_READ, accept)
 
 
-def connect_authenticated(addr: str, secret: bytes, *, timeout: float = 10.0) -> socket.socket:
-    """A blocking, authenticated TCP connection to a fabric port."""
+def connect_authenticated(
+    addr: str, secret: bytes, identity: str, wanted: str, *, timeout: float = 10.0
+) -> socket.socket:
+    """A blocking TCP connection to a fabric port, authenticated as ``identity`` to ``wanted``."""
     host, port = parse_addr(addr)
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
@@ -262,7 +292,7 @@ def connect_authenticated(addr: str, secret: bytes, *, timeout: float = 10.0) ->
         raise DeployError(f"cannot reach {addr}: {error.strerror or error}") from None
     keepalive(sock)
     try:
-        authenticate(sock, secret, initiator=True, timeout=timeout)
+        authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
     except AuthenticationError as error:
         sock.close()
         raise AuthenticationError(f"{addr} refused this secret ({error})") from None
@@ -287,6 +317,7 @@ class _NodeRecord:
     host: str
     up_since: float = field(default_factory=time.time)
     memory: dict[str, int] = field(default_factory=dict)
+    bundles_received: int = 0
 
 
 @dataclass
@@ -388,14 +419,15 @@ class _MasterDaemon:
         self.host = parse_addr(bind)[0]
         self.listener = listen(bind)
         self.bridge_listener = listen(bridge_bind) if bridge_bind else None
-        self.workdir = Path(tempfile.mkdtemp(prefix="deploy-master-"))
-        self.cache = BundleCache(self.workdir / "bundles")
+        self.cache = BundleCache(cache_directory())
         self.nodes: dict[str, _NodeRecord] = {}
         self.static: dict[str, Resources] = dict(workers)
         self.scheduler: Scheduler | None = None
         self.runs: dict[str, _ClusterRun] = {}
         self.bundles: dict[str, bytes] = {}
         self.next_ping = 0.0
+        # Status requests waiting for every node's fresh memory figures: (channel, nodes, deadline).
+        self.status_waiting: list[tuple[_Channel, set[str], float]] = []
         # The master's own node: an agent on a socketpair in this same loop.
         ours, theirs = socket.socketpair()
         self.own_agent = Agent(
@@ -407,9 +439,11 @@ class _MasterDaemon:
             cache=self.cache,
         )
         self._node_channel(ours, expected=(bind, capacity))
-        _accept_authenticated(self.listener, secret, self.loop, lambda sock: self._node_channel(sock, None))
+        _accept_authenticated(
+            self.listener, secret, MASTER, ("node:",), self.loop, lambda sock: self._node_channel(sock, None)
+        )
         if self.bridge_listener is not None:
-            _accept_authenticated(self.bridge_listener, secret, self.loop, self._client)
+            _accept_authenticated(self.bridge_listener, secret, BRIDGE, (PUSH, STATUS), self.loop, self._client)
         for addr in self.static:
             self._connect_worker(addr)
 
@@ -419,7 +453,7 @@ class _MasterDaemon:
         def attempt() -> None:
             while self.loop.stopping is None:
                 try:
-                    sock = connect_authenticated(addr, self.secret, timeout=5.0)
+                    sock = connect_authenticated(addr, self.secret, MASTER, NODE, timeout=5.0)
                 except DeployError as error:
                     log.info("worker %s: %s; retrying", addr, error)
                     time.sleep(_CONNECT_RETRY)
@@ -494,11 +528,15 @@ class _MasterDaemon:
         kind = message[0]
         if kind == Kind.PONG:
             record.memory = {str(key): int(value) for key, value in dict(message[2]).items()}
+            for _, waiting, _ in self.status_waiting:
+                waiting.discard(record.node.name)
+            self._answer_status()
             return
         if kind == Kind.NEED_BUNDLE:
             data = self.bundles.get(message[1])
             if data is not None:
                 record.channel.send((Kind.BUNDLE, message[1], data))
+                record.bundles_received += 1
             return
         run = self.runs.get(message[1])
         if run is None or run.master is None:
@@ -535,7 +573,7 @@ class _MasterDaemon:
                     if message[1] != __version__:
                         channel.send((Kind.ERROR, _version_mismatch("status", message[1])))
                     else:
-                        channel.send((Kind.STATUS, self.status()))
+                        self._ask_status(channel)
                     return
                 if kind != Kind.PUSH:
                     channel.close()
@@ -555,6 +593,7 @@ class _MasterDaemon:
                 try:
                     self.cache.store(digest, bytes(message[2]))
                     self.bundles[digest] = bytes(message[2])  # for the nodes that lack it
+                    self.nodes[self.bind].bundles_received += 1  # the master's node shares its cache
                 except DeployError as error:
                     channel.send((Kind.ERROR, str(error)))
                     return
@@ -586,10 +625,10 @@ class _MasterDaemon:
     def _recce(self, channel: _Channel, state: dict) -> None:
         digest, program, args, environment, cwd = state["pending"]
         root = self.cache.path(digest)
-        directory = root / cwd if cwd and (root / cwd).is_dir() else root
+        directory = inside(root, cwd)
 
         def recce() -> None:
-            outcome = _run_recce(program, args, environment, directory)
+            outcome = _run_recce(root, program, args, environment, directory)
             self.loop.post(lambda: self._start_run(channel, state, outcome))
 
         threading.Thread(target=recce, daemon=True).start()
@@ -633,6 +672,22 @@ class _MasterDaemon:
         assert run.master is not None
         return run.master.addr
 
+    def _ask_status(self, channel: _Channel) -> None:
+        """Answer once every node has reported its processes' memory afresh (1 s at most)."""
+        for record in self.nodes.values():
+            record.channel.send((Kind.PING, time.time()))
+        self.status_waiting.append((channel, set(self.nodes), time.monotonic() + 1.0))
+        self._answer_status()
+
+    def _answer_status(self) -> None:
+        now = time.monotonic()
+        for entry in list(self.status_waiting):
+            channel, waiting, deadline = entry
+            waiting.intersection_update(self.nodes)
+            if not waiting or now > deadline:
+                self.status_waiting.remove(entry)
+                channel.send((Kind.STATUS, self.status()))
+
     def status(self) -> dict:
         now = time.time()
         nodes = [
@@ -642,6 +697,7 @@ class _MasterDaemon:
                 "used": record.node.used.to_dict(),
                 "free": record.node.free.to_dict(),
                 "up_since": record.up_since,
+                "bundles_received": record.bundles_received,
             }
             for record in self.nodes.values()
         ]
@@ -681,6 +737,7 @@ class _MasterDaemon:
                         record.channel.send((Kind.PING, time.time()))
                 self.own_agent.reap()
             timeout = min(0.2, max(0.0, self.next_ping - now))
+            self._answer_status()
             for run in list(self.runs.values()):
                 assert run.master is not None
                 run.master.housekeeping()
@@ -700,7 +757,6 @@ class _MasterDaemon:
             record.channel.close()
         time.sleep(0.1)
         kill_descendants()
-        _remove(self.workdir)
         return 0
 
     def _end(self, run: _ClusterRun) -> None:
@@ -716,7 +772,9 @@ def _version_mismatch(command: str, version: object) -> str:
     return f"deploy {command} is deploy-fabric {version}, the fabric runs {__version__}: use the same version on both"
 
 
-def _run_recce(program: list[str], args: list[str], environment: dict[str, str], directory: Path) -> Resources | str:
+def _run_recce(
+    root: Path, program: list[str], args: list[str], environment: dict[str, str], directory: Path
+) -> Resources | str:
     """The top process's resources, from ``python SCRIPT ARGS`` with DEPLOY_RECCE=1, or why not."""
     clean = {key: value for key, value in environment.items() if not key.startswith("DEPLOY_")}
     for key in ("PATH", "HOME", "SHELL", "TMPDIR"):
@@ -727,7 +785,7 @@ def _run_recce(program: list[str], args: list[str], environment: dict[str, str],
     shown = " ".join(program)
     try:
         done = subprocess.run(
-            [sys.executable, *program, *args],
+            command(root, program, args, clean),
             cwd=directory,
             env=clean,
             stdin=subprocess.DEVNULL,
@@ -749,12 +807,6 @@ def _run_recce(program: list[str], args: list[str], environment: dict[str, str],
     errors = [line.strip() for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
     why = errors[-1] if errors else f"it exited {done.returncode} without calling deploy.init()"
     return f"the recce run of {shown} failed: {why}"
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def serve_master(
@@ -780,8 +832,7 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
     loop = _Loop()
     host = parse_addr(bind)[0]
     listener = listen(bind)
-    workdir = Path(tempfile.mkdtemp(prefix="deploy-node-"))
-    cache = BundleCache(workdir / "bundles")
+    cache = BundleCache(cache_directory())
     agents: list[Agent] = []
     last_ping: dict[int, float] = {}
 
@@ -803,7 +854,7 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
         def attempt() -> None:
             while loop.stopping is None:
                 try:
-                    sock = connect_authenticated(join, secret, timeout=5.0)
+                    sock = connect_authenticated(join, secret, f"node:{bind}", MASTER, timeout=5.0)
                 except DeployError as error:
                     log.info("joining %s: %s; retrying", join, error)
                     time.sleep(_CONNECT_RETRY)
@@ -813,7 +864,7 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
 
         threading.Thread(target=attempt, daemon=True).start()
 
-    _accept_authenticated(listener, secret, loop, adopt)
+    _accept_authenticated(listener, secret, NODE, (MASTER,), loop, adopt)
     if join is not None:
         joining()
     loop.install_signals()
@@ -829,5 +880,4 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
         agent.close()
     time.sleep(0.1)
     kill_descendants()
-    _remove(workdir)
     return 0

@@ -156,7 +156,7 @@ class Master:
         """Report what is still silent and close; the run's exit code."""
         for process in self._processes.values():
             if not process.exited:  # still silent after Ctrl-C: its monitor has the lifeline
-                self.exited(process.pid, None, "SIGKILL", "run interrupted")
+                self.exited(process.pid, None, "SIGKILL", "interrupted")
         for conn in list(self._conns.values()):
             self._drop(conn)
         try:
@@ -308,7 +308,7 @@ class Master:
         if process is None or process.exited:
             return
         if self._interrupted is not None and reason in ("bridge lost", "its monitor died"):
-            reason = "run interrupted"
+            reason = "interrupted"
         process.exited = True
         self._bridge.exited(pid, code, signal_name, reason)
         assert self._scheduler is not None

@@ -44,6 +44,8 @@ ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": 
 ZYGOTE_FDS = "DEPLOY_ZYGOTE_FDS"  # "R,W": the request stream and the reply packet socket
 RUN_SECRET = "DEPLOY_RUN_SECRET"  # hex: the run's own secret
 NODE_HOST = "DEPLOY_NODE_HOST"  # the host the node's processes listen on
+# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds.
+PEER_LOST_AFTER = 5.0
 
 
 @dataclass
@@ -148,11 +150,12 @@ def _serve_cluster_node() -> None:
         socket.socket(fileno=replies_fd),
         secret,
         node_host,
-        functools.partial(start_endpoint, secret=secret),
+        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER),
         functools.partial(run_spawned, fabric=fabric, secret=secret),
         top=mode == "top",
     )
-    _become(top.pid, None, top.resources, fabric, secret, start_endpoint(top.pid, top.listener, secret=secret))
+    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER)
+    _become(top.pid, None, top.resources, fabric, secret, endpoint)
 
 
 def spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None = None) -> Pid:
@@ -206,9 +209,11 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     return reply.pid
 
 
-def start_endpoint(pid: Pid, listener: socket.socket, *, secret: bytes) -> deploy_channels.Endpoint:
+def start_endpoint(
+    pid: Pid, listener: socket.socket, *, secret: bytes, keepalive: float | None = None
+) -> deploy_channels.Endpoint:
     """This process's endpoint, on the port the zygote bound for it."""
-    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid)
+    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid, keepalive=keepalive)
     deploy_channels.set_default_endpoint(endpoint)
     return endpoint
 

@@ -23,7 +23,7 @@ from deploy_core import DeployError, Pid, Resources
 from . import _wire as wire
 from ._bridge import Bridge
 from ._bundle import Bundle
-from ._daemon import connect_authenticated
+from ._daemon import BRIDGE, PUSH, STATUS, connect_authenticated
 from ._output import HumanFormatter, JsonFormatter
 from ._version import __version__
 from ._wire import Kind
@@ -44,7 +44,7 @@ def push(
     """Run ``program`` from ``bundle`` on the cluster behind ``bridge``; the run's exit code."""
     if fmt not in ("human", "json"):
         raise DeployError(f"{fmt!r} is not a format: use 'human' or 'json'")
-    sock = connect_authenticated(bridge, secret)
+    sock = connect_authenticated(bridge, secret, PUSH, BRIDGE)
     lock = threading.Lock()
 
     def send(message: tuple) -> None:
@@ -135,7 +135,7 @@ def _forward_stdin(send: Any) -> None:
 
 def status(bridge: str, secret: bytes) -> dict:
     """The cluster's nodes, runs and running processes, as the master behind ``bridge`` sees them."""
-    sock = connect_authenticated(bridge, secret)
+    sock = connect_authenticated(bridge, secret, STATUS, BRIDGE)
     try:
         sock.sendall(wire.encode((Kind.STATUS, __version__)))
         sock.settimeout(10.0)
