@@ -85,6 +85,9 @@ if __name__ == "__main__":
     pids = [deploy.spawn(hold, index, deploy.Resources(mem=mem, cpu=0.1)) for index in range(count)]
     assert sorted(deploy.Receiver[int](pid).recv() for pid in pids) == list(range(count))
     print("all up", flush=True)
+    deadline = time.monotonic() + 60  # the top stays up with its holders
+    while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+        time.sleep(0.02)
 """
 
 
