@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import time
 import uuid
@@ -326,3 +327,19 @@ def test_the_top_process_gets_args_environment_stdin_and_directory(cluster, tmp_
     assert "top in sub True" in result.stdout
     assert "child in sub True argv ['a b', '--c']" in result.stdout
     assert_gone(lambda: survivors(tag), "processes of the run")
+
+
+def test_a_daemon_that_cannot_listen_says_so_in_one_line(cluster):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        for argv, code in (
+            (["fabric", busy, "--mem", "1GiB", "--cpu", "1"], 1),
+            (["fabric", "0.0.0.0:0"], 2),
+            (["fabric", "master", busy, "1GiB", "1", "bridge", f"127.0.0.1:{free_port()}"], 1),
+        ):
+            result = cluster.command(*argv, secret="" if argv[1] == "0.0.0.0:0" else None, timeout=30)
+            assert result.returncode == code, (argv, result.stderr)
+            assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("deploy fabric: "), result.stderr
+            assert "Traceback" not in result.stderr
