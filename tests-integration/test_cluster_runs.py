@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -343,3 +344,52 @@ def test_a_daemon_that_cannot_listen_says_so_in_one_line(cluster):
             assert result.returncode == code, (argv, result.stderr)
             assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("deploy fabric: "), result.stderr
             assert "Traceback" not in result.stderr
+
+
+# A deploy push of another version: the same CLI with the version it announces changed.
+OTHER_VERSION = """
+import sys
+import deploy_fabric._push
+from deploy_cli import main
+
+deploy_fabric._push.__version__ = "9.9.9"
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_push_of_another_version_is_refused_in_one_line(cluster, job, tmp_path):
+    script = job("import deploy\ndeploy.init()\nprint('should not run')\n")
+    other = tmp_path / "other_deploy.py"
+    other.write_text(OTHER_VERSION)
+    for argv in (["push", cluster.bridge, str(script)], ["status", cluster.bridge]):
+        result = subprocess.run(
+            [sys.executable, str(other), *argv], capture_output=True, text=True, timeout=30, env=cluster.env()
+        )
+        assert result.returncode == 1, result.stderr
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"deploy {argv[0]}: "), result.stderr
+        assert "9.9.9" in result.stderr, result.stderr
+        assert "should not run" not in result.stdout
+
+
+def test_push_of_a_module_runs_it_as_main_from_the_current_directory(cluster, tmp_path):
+    package = tmp_path / "modproj" / "tools"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "job.py").write_text(
+        "import sys, deploy\n\n"
+        "def child(parent, word):\n    print('child says', word)\n\n"
+        "if __name__ == '__main__':\n    deploy.init()\n    deploy.spawn(child, sys.argv[1])\n"
+    )
+    tag = uuid.uuid4().hex
+    cluster.push_tags.append(tag)
+    result = subprocess.run(
+        [*DEPLOY, "push", cluster.bridge, "-m", "tools.job", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path / "modproj",
+        env=cluster.env(**{TAG: tag}),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "child says hi" in result.stdout
+    assert_gone(lambda: survivors(tag), "processes of the run")
