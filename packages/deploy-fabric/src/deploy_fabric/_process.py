@@ -44,8 +44,9 @@ ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": 
 ZYGOTE_FDS = "DEPLOY_ZYGOTE_FDS"  # "R,W": the request stream and the reply packet socket
 RUN_SECRET = "DEPLOY_RUN_SECRET"  # hex: the run's own secret
 NODE_HOST = "DEPLOY_NODE_HOST"  # the host the node's processes listen on
-# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds.
-PEER_LOST_AFTER = 5.0
+# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
+# (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
+PEER_LOST_AFTER = 4.0
 
 
 @dataclass
