@@ -214,6 +214,7 @@ class Cluster:
     workers: list[Daemon]
     bridge: str
     push_tags: list[str] = field(default_factory=list)
+    pushes: list[Push] = field(default_factory=list)
     prefix: list[str] | None = None  # e.g. ["ip", "netns", "exec", NS] for pushes
 
     @property
@@ -259,7 +260,25 @@ class Cluster:
             cwd=script.parent,
             env=self.env(secret, **{TAG: tag}, **(env or {})),
         )
-        return Push(process, tag)
+        push = Push(process, tag)
+        self.pushes.append(push)
+        return push
+
+    def end_pushes(self) -> None:
+        """Stop every push a test left running (it failed half-way): Ctrl-C, then kill; and
+        wait until their runs are gone, so that the next test finds the cluster idle."""
+        left = [push for push in self.pushes if push.process.poll() is None]
+        self.pushes.clear()
+        for push in left:
+            push.process.send_signal(signal.SIGINT)
+        for push in left:
+            try:
+                push.process.wait(10)
+            except subprocess.TimeoutExpired:
+                push.process.kill()
+                push.process.wait(10)
+        if left:
+            wait_until(lambda: self.status()["runs"] == [], 15, "the runs of interrupted pushes to end")
 
     def push(self, script: Path, *args: str, timeout: float = 60.0, **options) -> Run:
         """Push ``script`` to completion; its processes must all be gone afterwards."""
@@ -305,6 +324,10 @@ class Cluster:
 
     def shutdown(self) -> dict[str, int | None]:
         """Terminate every daemon, wait, kill the stubborn; then nothing of the cluster may live."""
+        for push in self.pushes:
+            if push.process.poll() is None:
+                push.process.kill()
+                push.process.wait(10)
         codes = {}
         for daemon in self.daemons:
             if daemon.alive():

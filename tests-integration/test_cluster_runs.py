@@ -25,9 +25,16 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def shared_cluster(tmp_path_factory):
     with running(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def cluster(shared_cluster):
+    """The module's cluster; a push that a failed test left running is ended, not inherited."""
+    yield shared_cluster
+    shared_cluster.end_pushes()
 
 
 @pytest.fixture
