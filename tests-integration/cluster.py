@@ -134,7 +134,7 @@ class Daemon:
 
 @dataclass
 class Push:
-    """A ``deploy push`` still running: its JSON events arrive on a queue as they are printed."""
+    """A ``deploy push`` still running: its JSON events are collected as they are printed."""
 
     process: subprocess.Popen
     tag: str
@@ -143,6 +143,7 @@ class Push:
     stderr: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.ended = False  # stdout closed: every event is in self.events
         self.readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=lambda: self.stderr.append(self.process.stderr.read()), daemon=True),
@@ -156,6 +157,7 @@ class Push:
                 event = json.loads(line)
                 self.events.append(event)
                 self.lines.put(event)
+        self.ended = True
         self.lines.put(None)
 
     def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
@@ -177,14 +179,13 @@ class Push:
                 for line in lines:
                     if text in line:
                         return line
+            if self.ended and seen >= len(self.events):
+                raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no output {text!r} within {timeout}s; events: {self.events[-10:]}")
-            try:
-                if self.lines.get(timeout=min(remaining, 0.2)) is None and seen >= len(self.events):
-                    raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
-            except queue.Empty:
-                continue
+            with contextlib.suppress(queue.Empty):
+                self.lines.get(timeout=min(remaining, 0.2))  # wakes up on the next event
 
     def stderr_text(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")
