@@ -118,8 +118,8 @@ class Agent:
         for message in messages:
             try:
                 self._handle(message)
-            except (TypeError, ValueError) as error:
-                log.warning("ignored a malformed %s message: %s", message[0].value, error)
+            except Exception as error:  # whatever a malformed message makes us raise
+                log.warning("ignored a bad %s message from the master: %r", message[0].value, error)
         if not data or self._reader.closed:
             self.close()
 

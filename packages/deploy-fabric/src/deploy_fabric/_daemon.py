@@ -63,6 +63,7 @@ LOST_AFTER = 4.0
 _RECCE_TIMEOUT = 60.0
 _CONNECT_RETRY = 1.0
 _STOP_GRACE = 3.0
+_MAX_UNAUTHENTICATED = 128
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -223,8 +224,10 @@ class _Channel:
                 return
             try:
                 self._on_message(self, message)
-            except (TypeError, ValueError, KeyError) as error:
-                log.warning("ignored a malformed %s message: %s", message[0].value, error)
+            except Exception as error:  # whatever a malformed message makes us raise
+                log.warning("dropped a connection after a bad %s message: %r", message[0].value, error)
+                self.close()
+                return
         if not data or self._reader.closed:
             self.close()
 
@@ -249,7 +252,9 @@ def _accept_authenticated(
     on_ready: Callable[[socket.socket], None],
 ) -> None:
     """Accept connections as ``identity`` from peers whose identity starts with one of ``peers``;
-    each is authenticated on a thread of its own, then handed to the loop."""
+    each is authenticated on a thread of its own (at most `_MAX_UNAUTHENTICATED` at once,
+    each within 10 s), then handed to the loop. Out of descriptors, accepting pauses."""
+    pending = threading.BoundedSemaphore(_MAX_UNAUTHENTICATED)
 
     def handshake(sock: socket.socket) -> None:
         try:
@@ -258,6 +263,8 @@ def _accept_authenticated(
             log.warning("dropped a connection that failed authentication: %s", error)
             sock.close()
             return
+        finally:
+            pending.release()
         if not peer.startswith(peers):
             log.warning("dropped a connection from %r, which has no business on the %s port", peer, identity)
             sock.close()
@@ -265,15 +272,25 @@ def _accept_authenticated(
         sock.settimeout(None)
         loop.post(lambda: on_ready(sock))
 
+    def resume() -> None:
+        if listener.fileno() >= 0:
+            loop.selector.register(listener, selectors.EVENT_READ, accept)
+
     def accept(mask: int) -> None:
-        while True:
+        for _ in range(32):  # then let the loop serve the others
             try:
                 sock, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                log.warning("cannot accept a connection: %s", error)
+                log.warning("cannot accept a connection (pausing for 1 s): %s", error)
+                loop.selector.unregister(listener)
+                threading.Timer(1.0, loop.post, args=(resume,)).start()
                 return
+            if not pending.acquire(blocking=False):
+                log.warning("dropped a connection: %d are already authenticating", _MAX_UNAUTHENTICATED)
+                sock.close()
+                continue
             keepalive(sock)
             threading.Thread(target=handshake, args=(sock,), daemon=True).start()
 
@@ -750,6 +767,9 @@ class _MasterDaemon:
                 if not self.runs or time.monotonic() - self.loop.stopping > _STOP_GRACE:
                     break
             self.loop.once(timeout)
+            for run in list(self.runs.values()):  # room another run's exits made
+                assert run.master is not None
+                run.master.place_queued()
         for run in list(self.runs.values()):
             self._end(run)
         self.own_agent.stop_all()
