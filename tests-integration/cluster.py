@@ -379,6 +379,7 @@ def _boot_once(
     joiners: list[tuple[str, str]] | None = None,
     host: str = "127.0.0.1",
     wait: bool = True,
+    start_workers: bool = True,
 ) -> Cluster:
     workers = WORKER_SIZES if workers is None else workers
     joiners = joiners or []
@@ -416,13 +417,13 @@ def _boot_once(
     )
     cluster = Cluster(root, secret, tag, head, [*static, *joining], bridge)
     try:
-        for daemon in static:
+        for daemon in static if start_workers else []:
             daemon.start()
         head.start()
         for daemon in joining:
             daemon.start()
         if wait:
-            cluster.wait_ready()
+            cluster.wait_ready(None if start_workers else 1 + len(joining))
     except BaseException:
         cluster.shutdown()
         raise
