@@ -134,7 +134,7 @@ class Daemon:
 
 @dataclass
 class Push:
-    """A ``deploy push`` still running: its JSON events arrive on a queue as they are printed."""
+    """A ``deploy push`` still running: its JSON events are collected as they are printed."""
 
     process: subprocess.Popen
     tag: str
@@ -143,6 +143,7 @@ class Push:
     stderr: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.ended = False  # stdout closed: every event is in self.events
         self.readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=lambda: self.stderr.append(self.process.stderr.read()), daemon=True),
@@ -156,6 +157,7 @@ class Push:
                 event = json.loads(line)
                 self.events.append(event)
                 self.lines.put(event)
+        self.ended = True
         self.lines.put(None)
 
     def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
@@ -177,14 +179,13 @@ class Push:
                 for line in lines:
                     if text in line:
                         return line
+            if self.ended and seen >= len(self.events):
+                raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no output {text!r} within {timeout}s; events: {self.events[-10:]}")
-            try:
-                if self.lines.get(timeout=min(remaining, 0.2)) is None and seen >= len(self.events):
-                    raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
-            except queue.Empty:
-                continue
+            with contextlib.suppress(queue.Empty):
+                self.lines.get(timeout=min(remaining, 0.2))  # wakes up on the next event
 
     def stderr_text(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")
@@ -214,6 +215,7 @@ class Cluster:
     workers: list[Daemon]
     bridge: str
     push_tags: list[str] = field(default_factory=list)
+    pushes: list[Push] = field(default_factory=list)
     prefix: list[str] | None = None  # e.g. ["ip", "netns", "exec", NS] for pushes
 
     @property
@@ -259,7 +261,25 @@ class Cluster:
             cwd=script.parent,
             env=self.env(secret, **{TAG: tag}, **(env or {})),
         )
-        return Push(process, tag)
+        push = Push(process, tag)
+        self.pushes.append(push)
+        return push
+
+    def end_pushes(self) -> None:
+        """Stop every push a test left running (it failed half-way): Ctrl-C, then kill; and
+        wait until their runs are gone, so that the next test finds the cluster idle."""
+        left = [push for push in self.pushes if push.process.poll() is None]
+        self.pushes.clear()
+        for push in left:
+            push.process.send_signal(signal.SIGINT)
+        for push in left:
+            try:
+                push.process.wait(10)
+            except subprocess.TimeoutExpired:
+                push.process.kill()
+                push.process.wait(10)
+        if left:
+            wait_until(lambda: self.status()["runs"] == [], 15, "the runs of interrupted pushes to end")
 
     def push(self, script: Path, *args: str, timeout: float = 60.0, **options) -> Run:
         """Push ``script`` to completion; its processes must all be gone afterwards."""
@@ -305,6 +325,10 @@ class Cluster:
 
     def shutdown(self) -> dict[str, int | None]:
         """Terminate every daemon, wait, kill the stubborn; then nothing of the cluster may live."""
+        for push in self.pushes:
+            if push.process.poll() is None:
+                push.process.kill()
+                push.process.wait(10)
         codes = {}
         for daemon in self.daemons:
             if daemon.alive():
@@ -355,6 +379,7 @@ def _boot_once(
     joiners: list[tuple[str, str]] | None = None,
     host: str = "127.0.0.1",
     wait: bool = True,
+    start_workers: bool = True,
 ) -> Cluster:
     workers = WORKER_SIZES if workers is None else workers
     joiners = joiners or []
@@ -392,13 +417,13 @@ def _boot_once(
     )
     cluster = Cluster(root, secret, tag, head, [*static, *joining], bridge)
     try:
-        for daemon in static:
+        for daemon in static if start_workers else []:
             daemon.start()
         head.start()
         for daemon in joining:
             daemon.start()
         if wait:
-            cluster.wait_ready()
+            cluster.wait_ready(None if start_workers else 1 + len(joining))
     except BaseException:
         cluster.shutdown()
         raise

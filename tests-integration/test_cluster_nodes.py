@@ -198,3 +198,20 @@ def test_a_node_whose_disk_is_full_fails_the_push_in_one_line(tmp_path, tiny_dis
         assert list(tiny_disk.iterdir()) == []  # nothing half-unpacked
         small = cluster.push(project(tmp_path / "small", "import deploy\ndeploy.init()\nprint('fits')\n"))
         assert small.code == 0 and small.output(small.top) == b"fits\n", small.stderr
+
+
+def test_a_listed_worker_down_at_start_is_used_when_it_comes_up(tmp_path):
+    # Only the worker can hold the holder (the master's node has 1GiB): the push waits for it.
+    with running(tmp_path / "cluster", workers=[("2GiB", "2")], start_workers=False) as cluster:
+        worker = cluster.workers[0]
+        release = tmp_path / "release"
+        push = cluster.start_push(project(tmp_path / "job", JOINER), str(release))
+        with pytest.raises(AssertionError, match="no output"):
+            push.wait_for_output("holder ", timeout=2)  # nowhere to run it yet
+        worker.start()
+        holder = int(push.wait_for_output("holder ", timeout=70).split()[1])
+        assert node_of(cluster, holder) is worker
+        release.touch()
+        result = push.finish(30)
+        assert result.code == 0, result.stderr
+        result.check_tree()

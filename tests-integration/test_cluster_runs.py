@@ -25,9 +25,16 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def shared_cluster(tmp_path_factory):
     with running(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def cluster(shared_cluster):
+    """The module's cluster; a push that a failed test left running is ended, not inherited."""
+    yield shared_cluster
+    shared_cluster.end_pushes()
 
 
 @pytest.fixture
@@ -393,3 +400,48 @@ def test_push_of_a_module_runs_it_as_main_from_the_current_directory(cluster, tm
     assert result.returncode == 0, result.stderr
     assert "child says hi" in result.stdout
     assert_gone(lambda: survivors(tag), "processes of the run")
+
+
+LISTENER = """
+import os, sys, time, deploy
+
+def listen(parent, release):
+    deploy.Sender[str](parent).send(deploy.pid().format())
+    rx = deploy.Receiver[int](parent)
+    while not os.path.exists(release):
+        time.sleep(0.02)
+
+if __name__ == "__main__":
+    deploy.init()
+    pid = deploy.spawn(listen, sys.argv[1])
+    print("listening", deploy.Receiver[str](pid).recv(), flush=True)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.02)
+"""
+
+INTRUDER = """
+import sys, deploy
+
+if __name__ == "__main__":
+    deploy.init()
+    victim = deploy.Pid.parse(sys.argv[1])
+    try:
+        deploy.Sender[int](victim).send(1)
+        print("delivered?", deploy.Receiver[int](victim).recv(timeout=5))
+    except TimeoutError:
+        print("connected: the message was sent and no refusal came")
+    except (deploy.AuthenticationError, deploy.PeerLost) as error:
+        print("refused:", type(error).__name__, error)
+"""
+
+
+def test_a_process_of_one_run_cannot_reach_a_process_of_another(cluster, tmp_path):
+    release = tmp_path / "release"
+    listener = cluster.start_push(project(tmp_path / "a", LISTENER), str(release))
+    try:
+        victim = listener.wait_for_output("listening ").split()[1]
+        intruder = cluster.push(project(tmp_path / "b", INTRUDER), victim, timeout=60)
+        assert intruder.output(intruder.top).decode().startswith("refused: "), intruder.all_output()
+    finally:
+        release.touch()
+    assert listener.finish(30).code == 0
