@@ -179,14 +179,17 @@ class Master:
         return self.finish()
 
     def start(self, top: Resources) -> str | None:
-        """Place and start the top process; why it cannot be, or None."""
+        """Place and start the top process, or queue it until there is room; why no node
+        could ever hold it, or None."""
         assert self._scheduler is not None, "a master needs a node"
+        problem = self._scheduler.impossible(top)
+        if problem is not None:
+            return problem
         self._listener.setblocking(False)
         self.selector.register(self._listener, selectors.EVENT_READ, self._accept)
-        node = self._scheduler.place(top)
-        if node is None:
-            return self._scheduler.impossible(top) or "no capacity"
-        self._fork(_Pending(None, None, top, None, node))
+        pending = _Pending(None, None, top, None)
+        if not self._try_place(pending):
+            self._queue.append(pending)
         return None
 
     def finish(self) -> int:

@@ -9,6 +9,7 @@ connection per thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -44,8 +45,10 @@ ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": 
 ZYGOTE_FDS = "DEPLOY_ZYGOTE_FDS"  # "R,W": the request stream and the reply packet socket
 RUN_SECRET = "DEPLOY_RUN_SECRET"  # hex: the run's own secret
 NODE_HOST = "DEPLOY_NODE_HOST"  # the host the node's processes listen on
-# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds.
-PEER_LOST_AFTER = 5.0
+BUNDLE = "DEPLOY_BUNDLE"  # the unpacked bundle's root on this node (its name is the bundle's hash)
+# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
+# (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
+PEER_LOST_AFTER = 4.0
 
 
 @dataclass
@@ -59,6 +62,7 @@ class _Process:
 
 
 _me: _Process | None = None
+_bundle_root: str | None = None  # cluster mode: this node's copy of the run's bundle
 _init_called = False
 _control = threading.local()
 
@@ -143,6 +147,8 @@ def _serve_cluster_node() -> None:
     host, port = os.environ.pop(env.FABRIC).rsplit(":", 1)
     fabric = (host, int(port))
     node_host = os.environ.pop(NODE_HOST)
+    global _bundle_root
+    _bundle_root = os.environ.pop(BUNDLE, None)
     _configure_logging()
     flush_stdio()
     top = serve(
@@ -240,6 +246,8 @@ def run_spawned(
         os.environ.clear()
         os.environ.update(request.env)
     sys.argv[:] = list(request.argv)
+    if _bundle_root is not None and hasattr(request, "cwd"):
+        request = _localised(request, _bundle_root)
     _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
         function, argument = loads_user(request.function), loads_user(request.argument)
@@ -254,6 +262,24 @@ def run_spawned(
     assert _me is not None
     _me.endpoint.close(exit_code=code)
     return code
+
+
+def _localised(request: SpawnRequest, root: str) -> SpawnRequest:
+    """The spawner's directory and sys.path, which name places in its node's copy of the
+    bundle, as the same places in this node's copy (the copies' roots differ, their last
+    component, the bundle's hash, does not)."""
+    name = os.path.basename(root)
+
+    def here(path: str) -> str:
+        parts = path.split(os.sep)
+        if not path or name not in parts:
+            return path
+        return os.path.join(root, *parts[parts.index(name) + 1 :])
+
+    fields = {"cwd": here(request.cwd)}
+    if hasattr(request, "path"):
+        fields["path"] = tuple(here(entry) for entry in request.path)
+    return dataclasses.replace(request, **fields)
 
 
 def _machine() -> Resources:
