@@ -22,7 +22,7 @@ import psutil
 import pytest
 from conftest import MiB, Recorder, enforcement_of, gone, hog, own_memory_cgroup, wait_gone
 from deploy_core import Resources
-from deploy_monitor import Child, Exit, Output, Supervisor
+from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -392,6 +392,47 @@ def test_a_reused_cgroup_forgets_the_oom_kill_of_its_previous_child(how):
     assert killed_itself.exit == Exit(code=None, signal="SIGKILL", reason=None)
     assert normal.exit == Exit(code=0, signal=None, reason=None)
     assert not os.path.exists(group)
+
+
+def memory_charge() -> int:
+    """Bytes charged to the calling process's memory cgroup."""
+    name = "memory.usage_in_bytes" if detect_enforcement().kind == "cgroup1" else "memory.current"
+    with open(os.path.join(own_memory_cgroup(), name)) as file:
+        return int(file.read())
+
+
+# A file in /dev/shm (tmpfs) stays charged to the group that wrote it for as long as the file
+# exists, long after its writer exited: a group that still holds such a charge must not be
+# handed to the next process, which would start with it counted against its own limit.
+def test_a_reused_cgroup_does_not_carry_the_shared_memory_of_its_previous_child():
+    enforcement = enforcement_of("cgroup")
+    path = f"/dev/shm/deploy-test-{os.getpid()}-{time.monotonic_ns()}"
+    writer, user = Recorder(), Recorder()
+
+    def writes_shm() -> int:
+        with open(path, "wb") as file:
+            for _ in range(80):
+                file.write(b"x" * MiB)
+        return 0
+
+    def uses_40_mib() -> int:
+        print(memory_charge())
+        hoard = b"y" * (40 * MiB)
+        return len(hoard) // MiB - 40
+
+    try:
+        with closing(Supervisor(enforcement)) as supervisor:
+            limits = Resources(mem="100MiB", cpu=1)
+            one = supervisor.start(writes_shm, on_event=writer, resources=limits)
+            drive(supervisor, [one])
+            assert writer.exit == Exit(code=0, signal=None, reason=None)
+            two = supervisor.start(uses_40_mib, on_event=user, resources=limits)
+            drive(supervisor, [two])
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    assert user.exit == Exit(code=0, signal=None, reason=None)
+    assert int(user.output(1)) < 10 * MiB, "the second child started with its predecessor's charge"
 
 
 # The child is inside its group by then: lifting the limits must not remove the group (which
