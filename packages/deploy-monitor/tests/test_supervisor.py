@@ -8,6 +8,7 @@ their parent (reparented away, out of that check's sight) are checked with ``wai
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -20,7 +21,7 @@ from contextlib import closing
 import deploy_monitor._supervisor as supervisor_module
 import psutil
 import pytest
-from conftest import MiB, Recorder, enforcement_of, gone, hog, own_memory_cgroup, wait_gone
+from conftest import MiB, Recorder, enforcement_of, gone, hog, in_fork, own_memory_cgroup, wait_gone
 from deploy_core import Resources
 from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
@@ -506,6 +507,47 @@ def test_close_kills_and_reaps_running_children_without_reporting():
     assert psutil.Process().children(recursive=True) == []
     assert wait_gone(grandchild), f"grandchild {grandchild} outlived close()"
     assert set(os.listdir("/proc/self/fd")) == fds_before, "close() left descriptors open"
+
+
+# A monitor out of descriptors: the limits (a cgroup) are made before the pipes, and must go
+# when the pipes cannot be made, as must a pipe made before the other failed.
+@pytest.mark.parametrize("free", [1, 3])
+def test_a_start_that_runs_out_of_descriptors_leaves_no_cgroup_and_no_descriptor(free):
+    enforcement = enforcement_of("cgroup")
+    parents = [d for d in dict.fromkeys((enforcement.memory_dir, enforcement.cpu_dir)) if d is not None]
+
+    def ours() -> set[str]:
+        prefix = f"deploy-{os.getpid()}-"
+        return {name for parent in parents for name in os.listdir(parent) if name.startswith(prefix)}
+
+    def out_of_descriptors() -> tuple[str, set[str], list[str], list[str]]:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        filler = []
+        try:
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        for fd in filler[-free:]:  # room for the cgroup's files, not for both pipes
+            os.close(fd)
+        del filler[-free:]
+        fds_before = sorted(os.listdir("/proc/self/fd"))
+        with closing(Supervisor(enforcement)) as supervisor:
+            try:
+                supervisor.start(lambda: 0, on_event=Recorder(), resources=Resources(mem="50MiB", cpu=1))
+                error = "started"
+            except OSError as exc:
+                error = os.strerror(exc.errno or 0)
+        fds_after = sorted(os.listdir("/proc/self/fd"))
+        return error, ours(), fds_before, fds_after
+
+    # (Its empty group may wait in the pool for the next start; close() removes the pool.)
+    error, left, fds_before, fds_after = in_fork(out_of_descriptors)
+    assert error == os.strerror(errno.EMFILE)
+    assert left == set(), f"cgroups left behind by the failed start: {left}"
+    assert fds_after == fds_before, "the failed start left descriptors open"
 
 
 # --- 9. without pidfds -------------------------------------------------------------------------

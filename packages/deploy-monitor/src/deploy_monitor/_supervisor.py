@@ -58,13 +58,16 @@ _ALWAYS = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 def _pipe() -> tuple[int, int]:
     """A pipe whose ends are not 0, 1 or 2 (the monitor's own stdio may be closed)."""
-    ends = []
-    for fd in os.pipe():
-        if fd <= 2:
-            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    ends = list(os.pipe())
+    try:
+        for index, fd in enumerate(ends):
+            if fd <= 2:
+                ends[index] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                os.close(fd)
+    except OSError:
+        for fd in ends:
             os.close(fd)
-            fd = high
-        ends.append(fd)
+        raise
     return ends[0], ends[1]
 
 
@@ -277,15 +280,18 @@ class Supervisor:
         keep. With ``target=None`` this returns None in the child, wired up, like ``fork``.
         """
         limits = limits_for(resources, self.enforcement, later=limits_later, pool=self._cgroups)
-        out_r, out_w = _pipe()
-        err_r, err_w = _pipe()
-        load_libc()
-        flush_stdio()
-        monitor_pid = os.getpid()
+        made: list[int] = []
         try:
+            out_r, out_w = _pipe()
+            made += (out_r, out_w)
+            err_r, err_w = _pipe()
+            made += (err_r, err_w)
+            load_libc()
+            flush_stdio()
+            monitor_pid = os.getpid()
             pid = os.fork()
-        except BaseException:
-            for fd in (out_r, out_w, err_r, err_w):
+        except BaseException:  # out of descriptors or processes: nothing made for it stays
+            for fd in made:
                 os.close(fd)
             if limits is not None:
                 limits.close()
