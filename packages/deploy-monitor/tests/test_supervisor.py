@@ -594,3 +594,104 @@ def test_without_pidfds_children_are_still_reaped_and_reported(monkeypatch, supe
         assert recorder.output(1).startswith(f"child {n} grandchild ".encode())
     assert len(grandchildren) == count
     assert all(wait_gone(pid) for pid in grandchildren)
+
+
+# --- 10. a child's own subprocesses --------------------------------------------------------------
+
+
+def leaves_subprocesses(marker_dir: str) -> int:
+    """Start a plain subprocess and a setsid daemon (double fork), wait until both have said
+    they are up and written 100 KB each, print their pids and return, leaving them running."""
+    import subprocess
+    import sys
+
+    say = "import os, sys, time; sys.stdout.write({name!r} + ' up ' + 'x' * 100000 + '\\n'); sys.stdout.flush(); open({path!r}, 'w').close(); time.sleep(60)"
+    plain = subprocess.Popen([sys.executable, "-c", say.format(name="plain", path=os.path.join(marker_dir, "plain"))])
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:  # the daemon's parent: setsid, fork the daemon, tell its pid, exit
+        try:
+            os.setsid()
+            daemon = subprocess.Popen(
+                [sys.executable, "-c", say.format(name="daemon", path=os.path.join(marker_dir, "daemon"))]
+            )
+            os.write(write_end, b"%d" % daemon.pid)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    daemon = int(os.read(read_end, 64))
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(os.path.join(marker_dir, name)) for name in ("plain", "daemon")):
+        if time.monotonic() > deadline:
+            return 3
+        time.sleep(0.02)
+    print("pids", plain.pid, daemon)
+    return 0
+
+
+def kill_leftovers(marker_dir: object) -> list[int]:
+    """SIGKILL what `leaves_subprocesses` started there and is still running (a failed test)."""
+    killed = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(marker_dir) in part for part in process.info["cmdline"] or ()):
+            try:
+                process.kill()
+                killed.append(process.pid)
+            except psutil.NoSuchProcess:
+                pass
+    return killed
+
+
+# DESIGN §2: a process's subprocesses belong to it; they are killed when it exits, after their
+# output is drained, whatever the enforcement (polling too, where nothing but the subreaper
+# finds a setsid daemon whose parent exited).
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_a_childs_subprocesses_are_killed_when_it_exits_after_their_output(kind, tmp_path):
+    enforcement = enforcement_of(kind)
+
+    def monitor() -> tuple[Exit, bytes, list[int]]:
+        recorder = Recorder()
+        with closing(Supervisor(enforcement, subreaper=True)) as supervisor:
+            child = supervisor.start(
+                lambda: leaves_subprocesses(str(tmp_path)), on_event=recorder, resources=Resources(mem="200MiB", cpu=1)
+            )
+            drive(supervisor, [child], timeout=30)
+            pids = [int(word) for word in recorder.output(1).split(b"pids ")[-1].split()]
+            alive = [pid for pid in pids if not wait_gone(pid, timeout=0)]
+            return recorder.exit, recorder.output(1), alive
+
+    try:
+        exit, output, alive = in_fork(monitor, timeout=60)
+    finally:
+        left = kill_leftovers(tmp_path)
+    assert left == []
+    assert exit == Exit(code=0, signal=None, reason=None)
+    assert alive == [], f"subprocesses outlived their parent's exit: {alive}"
+    for name in (b"plain", b"daemon"):
+        assert name + b" up " + b"x" * 100000 + b"\n" in output, f"the {name.decode()} subprocess's output was lost"
+
+
+def test_subprocesses_of_a_killed_child_are_killed_and_reaped_too(tmp_path):
+    enforcement = enforcement_of("poll")
+
+    def killed() -> int:
+        leaves_subprocesses(str(tmp_path))
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    def monitor() -> tuple[Exit, list[int], list[int]]:
+        recorder = Recorder()
+        with closing(Supervisor(enforcement, subreaper=True)) as supervisor:
+            child = supervisor.start(killed, on_event=recorder, resources=Resources(mem="200MiB", cpu=1))
+            drive(supervisor, [child], timeout=30)
+            pids = [int(word) for word in recorder.output(1).split(b"pids ")[-1].split()]
+            poll_until(supervisor, lambda: all(wait_gone(pid, timeout=0) for pid in pids), what="orphans killed")
+            poll_until(supervisor, lambda: not psutil.Process().children(), what="orphans reaped")
+            return recorder.exit, pids, [p.pid for p in psutil.Process().children()]
+
+    try:
+        exit, pids, zombies = in_fork(monitor, timeout=60)
+    finally:
+        left = kill_leftovers(tmp_path)
+    assert left == []
+    assert exit == Exit(code=None, signal="SIGKILL", reason=None)
+    assert len(pids) == 2 and zombies == []
