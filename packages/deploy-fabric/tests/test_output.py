@@ -126,3 +126,25 @@ def test_json_events_are_exact(pipes):
     assert base64.b64decode(output["b64"]) == bytes(range(256))
     assert output["fd"] == 1 and output["pid"] == A.hex and isinstance(output["text"], str)
     assert exit_ == {"event": "exit", "pid": A.hex, "code": None, "signal": "SIGABRT", "reason": None}
+
+
+def test_json_text_is_exact_when_chunks_split_characters(pipes):
+    out_w, err_w, read = pipes
+    formatter = JsonFormatter(fd=out_w)
+    data = ("€" * 3000 + " 🐍\n").encode()
+    chunks = [data[:4097], data[4097:4098], data[4098:8191], data[8191:]]  # each cut inside a character
+    for chunk in chunks:
+        formatter.output(A, 1, chunk)
+    formatter.output(B, 2, b"ab\xe2\x82")  # a character its process never finished
+    formatter.exit(B, 0, None, None)
+    formatter.exit(A, 0, None, None)
+    out, _ = read()
+    events = [json.loads(line) for line in out.splitlines()]
+    outputs = [event for event in events if event["event"] == "output" and event["pid"] == A.hex]
+    assert "".join(event["text"] for event in outputs) == data.decode()
+    assert b"".join(base64.b64decode(event["b64"]) for event in outputs) == data
+    for event in outputs:
+        assert base64.b64decode(event["b64"]).decode() == event["text"]
+    of_b = [event for event in events if event["pid"] == B.hex]
+    assert [(e["event"], e.get("text")) for e in of_b] == [("output", "ab"), ("output", "\ufffd"), ("exit", None)]
+    assert b"".join(base64.b64decode(e["b64"]) for e in of_b[:2]) == b"ab\xe2\x82"

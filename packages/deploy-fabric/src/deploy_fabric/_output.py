@@ -2,11 +2,18 @@
 
 Both write with os.write straight to fds 1 and 2, so nothing sits in a Python buffer: a
 line a process prints reaches the terminal as soon as the bridge has it.
+
+Output arrives in chunks cut wherever a pipe read or a socket read happened to end, inside
+a UTF-8 character as readily as anywhere. JSON events are therefore cut at character
+boundaries: an incremental decoder per process and fd holds back the (at most three) bytes
+of a character not yet complete until the rest arrives, so each event's ``text`` is its
+``b64`` decoded, and together they are the exact bytes.
 """
 
 from __future__ import annotations
 
 import base64
+import codecs
 import json
 import os
 import time
@@ -58,6 +65,7 @@ class JsonFormatter:
 
     def __init__(self, fd: int = 1):
         self._fd = fd
+        self._decoders: dict[tuple[Pid, int], codecs.IncrementalDecoder] = {}
 
     def _emit(self, event: dict) -> None:
         _write(self._fd, (json.dumps(event, separators=(", ", ": ")) + "\n").encode())
@@ -74,17 +82,32 @@ class JsonFormatter:
         )
 
     def output(self, pid: Pid, fd: int, data: bytes) -> None:
-        self._emit(
-            {
-                "event": "output",
-                "pid": pid.hex,
-                "fd": fd,
-                "b64": base64.b64encode(data).decode("ascii"),
-                "text": data.decode("utf-8", "replace"),
-            }
-        )
+        decoder = self._decoders.get((pid, fd))
+        if decoder is None:
+            decoder = self._decoders[pid, fd] = codecs.getincrementaldecoder("utf-8")("replace")
+        held = decoder.getstate()[0]
+        text = decoder.decode(data)
+        whole = held + data
+        self._emit_output(pid, fd, whole[: len(whole) - len(decoder.getstate()[0])], text)
+
+    def _emit_output(self, pid: Pid, fd: int, data: bytes, text: str) -> None:
+        if data:
+            self._emit(
+                {
+                    "event": "output",
+                    "pid": pid.hex,
+                    "fd": fd,
+                    "b64": base64.b64encode(data).decode("ascii"),
+                    "text": text,
+                }
+            )
 
     def exit(self, pid: Pid, code: int | None, signal: str | None, reason: str | None) -> None:
+        for fd in (1, 2):  # a character its process never finished
+            decoder = self._decoders.pop((pid, fd), None)
+            if decoder is not None:
+                held = decoder.getstate()[0]
+                self._emit_output(pid, fd, held, decoder.decode(b"", final=True))
         self._emit({"event": "exit", "pid": pid.hex, "code": code, "signal": signal, "reason": reason})
 
     def tick(self) -> float | None:
