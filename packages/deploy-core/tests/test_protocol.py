@@ -80,6 +80,27 @@ def test_argv_and_environment_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
     assert decoded.env == request.env
 
 
+def test_working_directory_and_sys_path_snapshot(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    plugins = str(tmp_path / "plugins")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [*sys.path, plugins])
+    request = SpawnRequest.build(print, None, Resources(), PARENT)
+    monkeypatch.chdir("/")
+    sys.path.remove(plugins)
+    assert request.cwd == str(tmp_path)
+    assert request.path[-1] == plugins and plugins not in sys.path
+    decoded = round_trip(request)
+    assert (decoded.cwd, decoded.path) == (str(tmp_path), request.path)
+
+
+def test_a_removed_working_directory_is_sent_as_empty(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert round_trip(SpawnRequest.build(print, None, Resources(), PARENT)).cwd == ""
+
+
 @pytest.mark.parametrize("resources", [Resources(), Resources("1.5GiB", 0.25), Resources(0, 0), Resources(1, 64)])
 @pytest.mark.parametrize("parent", [PARENT, CHILD, None])
 def test_resources_and_parent_round_trip(resources: Resources, parent: Pid | None) -> None:
@@ -131,12 +152,14 @@ def test_decode_rejects_other_versions() -> None:
         valid_request()[4:-10],  # truncated
         pickle.dumps(["a", "list"]),
         pickle.dumps(("too", "few")),
-        pickle.dumps((b"f", b"a", (-1, 0.05), None, (), {}, True)),
-        pickle.dumps((b"f", b"a", (1, 1), "not a pid", (), {}, True)),
-        pickle.dumps((b"f", b"a", 5, None, (), {}, True)),
-        pickle.dumps((5, b"a", (1, 1), None, (), {}, True)),  # function must be bytes, not a length
-        pickle.dumps((b"f", "text", (1, 1), None, (), {}, True)),
-        pickle.dumps((b"f", b"a", (1, 1), None, 5, {}, True)),
+        pickle.dumps((b"f", b"a", (-1, 0.05), None, (), {}, True, "", ())),
+        pickle.dumps((b"f", b"a", (1, 1), "not a pid", (), {}, True, "", ())),
+        pickle.dumps((b"f", b"a", 5, None, (), {}, True, "", ())),
+        pickle.dumps((5, b"a", (1, 1), None, (), {}, True, "", ())),  # function must be bytes, not a length
+        pickle.dumps((b"f", "text", (1, 1), None, (), {}, True, "", ())),
+        pickle.dumps((b"f", b"a", (1, 1), None, 5, {}, True, "", ())),
+        pickle.dumps((b"f", b"a", (1, 1), None, (), {}, True, 5, ())),
+        pickle.dumps((b"f", b"a", (1, 1), None, (), {}, True, "", (5,))),
     ],
     ids=[
         "not-a-pickle",
@@ -149,11 +172,13 @@ def test_decode_rejects_other_versions() -> None:
         "function-int",
         "argument-str",
         "argv-int",
+        "cwd-int",
+        "path-int",
     ],
 )
 def test_decode_rejects_malformed_payloads(payload: bytes) -> None:
     with pytest.raises(DeployError, match="malformed spawn request"):
-        SpawnRequest.decode(b"DSQ\x01" + payload)
+        SpawnRequest.decode(b"DSQ\x02" + payload)
 
 
 CALLS: list[str] = []
@@ -171,11 +196,11 @@ class _Sneaky:
 
 def test_decode_never_calls_anything() -> None:
     CALLS.clear()
-    payload = pickle.dumps((_Sneaky(), b"a", (1, 1), None, (), {}, True))
+    payload = pickle.dumps((_Sneaky(), b"a", (1, 1), None, (), {}, True, "", ()))
     with pytest.raises(DeployError, match="malformed spawn request"):
-        SpawnRequest.decode(b"DSQ\x01" + payload)
+        SpawnRequest.decode(b"DSQ\x02" + payload)
     with pytest.raises(DeployError, match="malformed spawn reply"):
-        SpawnReply.decode(b"DSR\x01" + pickle.dumps((None, _Sneaky(), False)))
+        SpawnReply.decode(b"DSR\x02" + pickle.dumps((None, _Sneaky(), False)))
     assert CALLS == []
 
 
@@ -278,9 +303,9 @@ def test_spawn_reply_round_trips(reply: SpawnReply) -> None:
         (b"\x00\x01\x02\x03garbage", "not a spawn reply"),
         (valid_request(), "not a spawn reply"),
         (b"DSR\x07" + SpawnReply(CHILD).encode()[4:], "version 7"),
-        (b"DSR\x01" + pickle.dumps(("not a pid", None, False)), "malformed spawn reply"),
-        (b"DSR\x01" + pickle.dumps((None, None)), "malformed spawn reply"),
-        (b"DSR\x01" + b"\x80\x05junk", "malformed spawn reply"),
+        (b"DSR\x02" + pickle.dumps(("not a pid", None, False)), "malformed spawn reply"),
+        (b"DSR\x02" + pickle.dumps((None, None)), "malformed spawn reply"),
+        (b"DSR\x02" + b"\x80\x05junk", "malformed spawn reply"),
     ],
 )
 def test_spawn_reply_decode_rejects_bad_input(data: bytes, message: str) -> None:

@@ -25,7 +25,7 @@ from ._resources import Resources
 
 __all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_user"]
 
-VERSION = 1
+VERSION = 2  # 2: requests carry the working directory and sys.path
 _REQUEST = b"DSQ"
 _REPLY = b"DSR"
 
@@ -61,6 +61,19 @@ def _bytes(value: object) -> bytes:
     return bytes(value)
 
 
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected str, not {type(value).__name__}")
+    return value
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # removed since we entered it
+        return ""
+
+
 def _encode(magic: bytes, fields: tuple) -> bytes:
     return magic + bytes([VERSION]) + pickle.dumps(fields, protocol=5)
 
@@ -90,6 +103,8 @@ class SpawnRequest:
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     block: bool = True
+    cwd: str = ""  # "" when the spawner's working directory no longer exists
+    path: tuple[str, ...] = ()  # sys.path
 
     @classmethod
     def build(
@@ -101,7 +116,8 @@ class SpawnRequest:
         *,
         block: bool = True,
     ) -> SpawnRequest:
-        """A request for ``function(parent, argument)`` with this process's argv and environment."""
+        """A request for ``function(parent, argument)`` with this process's argv, environment,
+        working directory and ``sys.path`` as they are now."""
         if not callable(function):
             raise TypeError(f"spawn needs a callable, not {type(function).__name__}")
         if not isinstance(resources, Resources):
@@ -114,18 +130,23 @@ class SpawnRequest:
             argv=tuple(sys.argv),
             env=strip_deploy_vars(dict(os.environ)),
             block=block,
+            cwd=_cwd(),
+            path=tuple(str(entry) for entry in sys.path),
         )
 
     def encode(self) -> bytes:
         parent = self.parent.format() if self.parent is not None else None
         resources = (int(self.resources.mem), float(self.resources.cpu))
-        return _encode(_REQUEST, (self.function, self.argument, resources, parent, self.argv, self.env, self.block))
+        return _encode(
+            _REQUEST,
+            (self.function, self.argument, resources, parent, self.argv, self.env, self.block, self.cwd, self.path),
+        )
 
     @classmethod
     def decode(cls, data: bytes) -> SpawnRequest:
         fields = _decode(_REQUEST, data, "spawn request")
         try:
-            function, argument, (mem, cpu), parent, argv, env, block = fields
+            function, argument, (mem, cpu), parent, argv, env, block, cwd, path = fields
             return cls(
                 function=_bytes(function),
                 argument=_bytes(argument),
@@ -134,6 +155,8 @@ class SpawnRequest:
                 argv=tuple(str(arg) for arg in argv),
                 env={str(key): str(value) for key, value in dict(env).items()},
                 block=bool(block),
+                cwd=_str(cwd),
+                path=tuple(_str(entry) for entry in path),
             )
         except (TypeError, ValueError) as error:
             raise DeployError(f"malformed spawn request: {error}") from None
