@@ -20,7 +20,7 @@ from typing import Any
 
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
-from deploy_core import DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env, loads_user
+from deploy_core import DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env
 from deploy_monitor import exit_code, flush_stdio
 
 from . import _wire as wire
@@ -193,7 +193,7 @@ def run_spawned(
     sys.argv[:] = list(request.argv)
     _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
-        function, argument = loads_user(request.function), loads_user(request.argument)
+        function, argument = request.function_and_argument()
         function(request.parent, argument)
         code = 0
     except SystemExit as exit:

@@ -39,7 +39,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import deploy_channels
-from deploy_core import Handshake, Pid, Resources, SpawnRequest, loads_user
+from deploy_core import Handshake, Pid, Resources, SpawnRequest
 from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 from . import _wire as wire
@@ -308,7 +308,8 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     """Run, once, what a spawned process runs first (see the module's facts)."""
     request = SpawnRequest.decode(sample)
     _ = dict(os.environ) == request.env
-    loads_user(request.function)(request.parent, loads_user(request.argument))
+    function, argument = request.function_and_argument()
+    function(request.parent, argument)
     initiator, acceptor = Handshake(secret, initiator=True), Handshake(secret, initiator=False)
     acceptor.receive_data(initiator.data_to_send())  # the initiator's nonce
     initiator.receive_data(acceptor.data_to_send())  # the acceptor's nonce and proof
