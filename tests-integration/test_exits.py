@@ -66,6 +66,34 @@ def test_all_zero_exits_zero_and_a_signal_gives_128_plus_n(script):
     assert result.code == 128 + signal.SIGTERM
 
 
+def test_a_real_time_signal_is_reported_by_name_and_the_run_goes_on(script):
+    job = script(
+        """
+        import os, signal, time, deploy
+
+        def killed(parent, _):
+            os.kill(os.getpid(), signal.SIGRTMIN + 2)
+
+        def later(parent, _):
+            time.sleep(0.5)
+            print("still reported")
+
+        if __name__ == "__main__":
+            deploy.init()
+            deploy.spawn(later, None)
+            deploy.spawn(killed, None)
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    slow, killed = result.children(result.top)
+    exits = result.exits()
+    assert exits[killed]["signal"] == "SIGRTMIN+2" and exits[killed]["code"] is None
+    assert exits[slow]["code"] == 0 and result.output(slow) == b"still reported\n"
+    assert result.code == 128 + signal.SIGRTMIN + 2
+    assert "Traceback" not in result.stderr
+
+
 def test_a_child_outlives_its_parent_and_the_run_waits_for_it(script):
     job = script(
         """
