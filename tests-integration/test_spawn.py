@@ -125,3 +125,38 @@ def test_big_spawn_arguments_while_another_process_floods_its_output(script):
     assert result.output(result.top) == f"{[16 * 2**20] * 4}\n".encode()
     flooder = next(event["pid"] for event in result.spawns() if result.output(event["pid"]).startswith(b"x"))
     assert len(result.output(flooder)) == 30 * 1024 * 1024
+
+
+def test_try_spawn_says_why_while_a_blocking_spawn_waits(script):
+    job = script(
+        """
+        import os, threading, deploy
+
+        def holder(parent, _):
+            deploy.Receiver[str](parent).recv()  # holds its cores until told
+
+        def noop(parent, _):
+            pass
+
+        if __name__ == "__main__":
+            deploy.init(deploy.Resources(cpu=0.05))
+            cores = len(os.sched_getaffinity(0))
+            held = deploy.spawn(holder, None, deploy.Resources(cpu=cores - 0.5))  # 0.45 cores left
+            waiter = threading.Thread(target=deploy.spawn, args=(noop, None, deploy.Resources(cpu=1)))
+            waiter.start()  # blocks: 1 core is not free
+            while True:  # until the blocking spawn is queued, a small try_spawn fits
+                try:
+                    deploy.try_spawn(noop, None, deploy.Resources(cpu=0.1))
+                except deploy.NoCapacity as error:
+                    print(error)
+                    break
+            deploy.Sender[str](held).send("done")
+            waiter.join()
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    message = result.output(result.top).decode()
+    assert "no capacity for" in message and "0.1" in message
+    assert "1 blocking spawn is waiting ahead of it" in message, message
+    assert result.code == 0
