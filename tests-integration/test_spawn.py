@@ -160,3 +160,33 @@ def test_try_spawn_says_why_while_a_blocking_spawn_waits(script):
     assert "no capacity for" in message and "0.1" in message
     assert "1 blocking spawn is waiting ahead of it" in message, message
     assert result.code == 0
+
+
+def test_working_directory_and_sys_path_are_those_at_spawn_time(script, tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "greeter.py").write_text("def greet(parent, name):\n    print('hello', name)\n")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "input.txt").write_text("from the data folder\n")
+    job = script(
+        """
+        import os, sys, deploy
+
+        def reads(parent, _):
+            print(open("input.txt").read().strip(), os.getcwd().endswith("data"))
+
+        if __name__ == "__main__":
+            deploy.init()
+            sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), "plugins"))
+            import greeter
+
+            deploy.spawn(greeter.greet, "plugin")
+            os.chdir("data")
+            deploy.spawn(reads, None)
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    greeted, read = result.children(result.top)
+    assert result.output(greeted) == b"hello plugin\n", result.output(greeted, 2).decode()
+    assert result.output(read) == b"from the data folder True\n", result.output(read, 2).decode()
+    assert result.code == 0
