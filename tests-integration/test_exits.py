@@ -94,6 +94,40 @@ def test_a_real_time_signal_is_reported_by_name_and_the_run_goes_on(script):
     assert "Traceback" not in result.stderr
 
 
+def test_non_daemon_threads_finish_before_the_process_ends(script):
+    job = script(
+        """
+        import threading, time, deploy
+
+        def late(parent):
+            time.sleep(0.5)
+            print("thread printed after fn returned")
+            deploy.Sender[str](parent).send("sent from the thread")
+
+        def fails():
+            time.sleep(0.2)
+            raise ValueError("a thread's own error")
+
+        def child(parent, _):
+            threading.Thread(target=late, args=(parent,)).start()
+            threading.Thread(target=fails).start()
+            threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # not waited for
+
+        if __name__ == "__main__":
+            deploy.init()
+            pid = deploy.spawn(child, None)
+            print(deploy.Receiver[str](pid).recv(timeout=20))
+        """
+    )
+    result = run(job, timeout=40)
+    result.check_tree()
+    child = result.children(result.top)[0]
+    assert result.output(child) == b"thread printed after fn returned\n"
+    assert "ValueError: a thread's own error" in result.output(child, 2).decode()
+    assert result.exits()[child]["code"] == 0  # as in Python: a thread's exception is printed, not the exit code
+    assert result.output(result.top) == b"sent from the thread\n"
+
+
 def test_a_child_outlives_its_parent_and_the_run_waits_for_it(script):
     job = script(
         """

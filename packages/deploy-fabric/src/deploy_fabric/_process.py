@@ -220,7 +220,8 @@ def run_spawned(
 
 
 def _call(request: SpawnRequest) -> int:
-    """Run the request's function as a process's main: its exit code, as the interpreter gives it."""
+    """Run the request's function as a process's main, then wait for its non-daemon threads;
+    its exit code, as the interpreter gives it."""
     try:
         function, argument = request.function_and_argument()
         function(request.parent, argument)
@@ -230,7 +231,18 @@ def _call(request: SpawnRequest) -> int:
     except BaseException:
         traceback.print_exc()
         code = 1
+    _wait_for_threads()
     return code
+
+
+def _wait_for_threads() -> None:
+    """Join every non-daemon thread, those they start included, as the interpreter does at
+    exit (``threading._shutdown``); an exception in one is printed by ``threading.excepthook``
+    and leaves the exit code alone, as in plain Python."""
+    me = threading.current_thread()
+    while waiting := [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]:
+        for thread in waiting:
+            thread.join()
 
 
 def _enter(directory: str) -> None:
