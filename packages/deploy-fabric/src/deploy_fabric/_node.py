@@ -135,7 +135,9 @@ class _Zygote:
         self.host = host
         self.start = start
         self.run_process = run
-        self.supervisor = Supervisor()
+        # Every child of the zygote is a process it started: an orphan of one of them (a
+        # subprocess left running, a setsid daemon) is killed when that process exits.
+        self.supervisor = Supervisor(subreaper=True)
         self.reader = wire.MessageReader()
         self.spares: deque[_Process] = deque()
         # A request like those spawns carry, for the spares to warm up with.

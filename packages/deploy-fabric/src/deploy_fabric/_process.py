@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from typing import Any
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
 from deploy_core import DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env
-from deploy_monitor import exit_code, flush_stdio
+from deploy_monitor import OrphanReaper, become_subreaper, exit_code, flush_stdio
 
 from . import _wire as wire
 from ._bridge import Bridge
@@ -97,7 +98,9 @@ def init(resources: Resources | None = None) -> None:
     requests_out, requests_in = socket.socketpair()
     replies_in, replies_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     flush_stdio()
-    if os.fork() == 0:
+    become_subreaper()  # if the zygote dies, what its processes started comes to us (see _end_orphans)
+    zygote = os.fork()
+    if zygote == 0:
         for sock in (listener, requests_out, replies_in):
             sock.close()
         top = serve(
@@ -113,14 +116,33 @@ def init(resources: Resources | None = None) -> None:
     requests_in.close()
     replies_out.close()
     code = 1
+    link = None
     try:
         master = Master(listener, secret, Bridge(formatter))
-        master.add_node(Node("local", capacity), ZygoteLink(requests_out, replies_in, master.selector, master))
+        link = ZygoteLink(requests_out, replies_in, master.selector, master)
+        master.add_node(Node("local", capacity), link)
         code = master.run(resources)
     except BaseException:
         traceback.print_exc()
     finally:
-        os._exit(code)
+        try:
+            _end_orphans(zygote, lost=link is None or not link.alive)
+        finally:
+            os._exit(code)
+
+
+def _end_orphans(zygote: int, *, lost: bool, patience: float = 2.0) -> None:
+    """The run is over. If the zygote (every process's monitor, and their subreaper) died,
+    what its processes started was reparented to us, the next subreaper up: once the zygote
+    is gone for good, kill and reap all of that. (A living zygote ends its processes itself
+    when we exit.)"""
+    deadline = time.monotonic() + patience
+    if lost:  # its sockets are closed, but its children come to us only once it has exited
+        while not os.waitpid(zygote, os.WNOHANG)[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    reaper = OrphanReaper()
+    while reaper.sweep(() if lost else {zygote}) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None = None) -> Pid:

@@ -69,13 +69,16 @@ class OrphanReaper:
     def __init__(self) -> None:
         self.pending: set[int] = set()  # killed, not reaped yet
 
-    def sweep(self, known: Collection[int]) -> None:
-        """SIGKILL every child not in ``known`` (with its descendants) and reap what has died."""
-        for pid in children() - set(known):
+    def sweep(self, known: Collection[int]) -> int:
+        """SIGKILL every child not in ``known`` (with its descendants) and reap what has died;
+        how many such children are left (not dead yet, or reparented to us meanwhile)."""
+        known = set(known)
+        for pid in children() - known:
             if pid not in self.pending:
                 log.debug("monitor: killing pid %s, left behind by a process that exited", pid)
                 kill_tree(pid)
                 self.pending.add(pid)
+        reaped_any = False
         for pid in list(self.pending):
             try:
                 reaped, _ = os.waitpid(pid, os.WNOHANG)
@@ -83,3 +86,6 @@ class OrphanReaper:
                 reaped = pid
             if reaped:
                 self.pending.discard(pid)
+                reaped_any = True
+        # A reaped orphan's own children were reparented to us before it died.
+        return len(children() - known) if self.pending or reaped_any else 0
