@@ -656,7 +656,7 @@ def test_a_childs_subprocesses_are_killed_when_it_exits_after_their_output(kind,
             )
             drive(supervisor, [child], timeout=30)
             pids = [int(word) for word in recorder.output(1).split(b"pids ")[-1].split()]
-            alive = [pid for pid in pids if not wait_gone(pid, timeout=0)]
+            alive = [pid for pid in pids if not wait_gone(pid)]  # (SIGKILLed: dead a moment later)
             return recorder.exit, recorder.output(1), alive
 
     try:
@@ -666,8 +666,9 @@ def test_a_childs_subprocesses_are_killed_when_it_exits_after_their_output(kind,
     assert left == []
     assert exit == Exit(code=0, signal=None, reason=None)
     assert alive == [], f"subprocesses outlived their parent's exit: {alive}"
-    for name in (b"plain", b"daemon"):
-        assert name + b" up " + b"x" * 100000 + b"\n" in output, f"the {name.decode()} subprocess's output was lost"
+    # (Both write 100 KB at once to the same pipe: their bytes may interleave, none is lost.)
+    assert b"plain up " in output and b"daemon up " in output
+    assert output.count(b"x") == 200000, "the subprocesses' output was lost"
 
 
 def test_subprocesses_of_a_killed_child_are_killed_and_reaped_too(tmp_path):
