@@ -190,3 +190,30 @@ def test_working_directory_and_sys_path_are_those_at_spawn_time(script, tmp_path
     assert result.output(greeted) == b"hello plugin\n", result.output(greeted, 2).decode()
     assert result.output(read) == b"from the data folder True\n", result.output(read, 2).decode()
     assert result.code == 0
+
+
+# An argument of N bytes costs about N once on each side (pickled once, sent scatter-gather,
+# received into one buffer that is freed once unpickled), so with the default 100 MiB the
+# top process can send 20 MiB and a process can receive 40 MiB.
+def test_a_spawn_argument_costs_about_its_size_once_on_each_side(script):
+    job = script(
+        """
+        import deploy
+
+        def size(parent, blob):
+            deploy.Sender[int](parent).send(len(blob))
+
+        if __name__ == "__main__":
+            deploy.init()  # 100 MiB
+            for mib in (20, 40):
+                blob = b"b" * (mib * 2**20)
+                child = deploy.spawn(size, blob)  # 100 MiB too
+                del blob
+                print(mib, deploy.Receiver[int](child).recv() // 2**20)
+        """
+    )
+    result = run(job, timeout=60)
+    result.check_tree()
+    exits = result.exits()
+    assert all(exit["code"] == 0 for exit in exits.values()), exits
+    assert result.output(result.top) == b"20 20\n40 40\n"

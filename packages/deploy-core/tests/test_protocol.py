@@ -159,6 +159,24 @@ def test_a_big_argument_is_pickled_once_and_never_copied_again() -> None:
     assert loading < 21 * MiB  # the argument itself
 
 
+def test_a_received_request_lets_go_of_its_buffer_once_loaded() -> None:
+    import weakref
+
+    class Received(bytearray):  # (a bytearray cannot be weakly referenced; a subclass can)
+        pass
+
+    received = Received(SpawnRequest.build(len, b"z" * MiB, Resources(), PARENT).encode())
+    alive = weakref.ref(received)
+    request = SpawnRequest.decode(received)
+    del received
+    function, argument = request.function_and_argument(release=True)
+    assert function(argument) == MiB
+    assert alive() is None, "the request still holds the buffer it was received in"
+    assert request.function == request.argument == b""
+    assert SpawnRequest.recognise(SpawnRequest.build(len, 1, Resources(), PARENT).encode())
+    assert not SpawnRequest.recognise(pickle.dumps(("spawn", b"")))
+
+
 class Blob:
     """A value with a pickle-5 buffer of its own, as numpy arrays have."""
 

@@ -175,9 +175,24 @@ class SpawnRequest:
             buffers=tuple(buffers),
         )
 
-    def function_and_argument(self) -> tuple[Callable[..., Any], Any]:
-        """Unpickle the function and the argument (user code runs: only where it is to run)."""
-        return loads_user(self.function), loads_user(self.argument, self.buffers)
+    def function_and_argument(self, *, release: bool = False) -> tuple[Callable[..., Any], Any]:
+        """Unpickle the function and the argument (user code runs: only where it is to run).
+
+        ``release``: then let go of their pickles, so that the buffer they were received in
+        can be freed before the function runs (out-of-band buffers stay: the argument is
+        made of them). The request's ``function`` and ``argument`` are empty afterwards.
+        """
+        loaded = loads_user(self.function), loads_user(self.argument, self.buffers)
+        if release:
+            # Frozen for everyone else; the owner of a received request may drop its pickles.
+            object.__setattr__(self, "function", b"")
+            object.__setattr__(self, "argument", b"")
+        return loaded
+
+    @staticmethod
+    def recognise(data: Buffer) -> bool:
+        """Whether ``data`` starts as an encoded request does (a pickle never does)."""
+        return bytes(memoryview(data)[: len(_REQUEST)]) == _REQUEST
 
     def encode_parts(self) -> list[Buffer]:
         """The encoded request as pieces to write in order, the big ones not copied."""

@@ -23,7 +23,11 @@ Facts relied on:
   each page it writes next: it forks its spares in a batch, paying that once per batch.
 - SCM_RIGHTS over a unix socket hands the node its end of each process's event stream; a
   SOCK_SEQPACKET socket keeps each reply and its fd together in one message.
-- A pipe holds 64 KiB: a bigger job is written as the process reads it, from the loop.
+- A pipe holds 64 KiB: a bigger job is written as the process reads it, from the loop,
+  through memoryviews (slicing one copies nothing); the process reads it into one buffer
+  of the announced size, so a job of N bytes costs the process N, not a chunk list and
+  its join. The request decodes into views of that buffer, and it is let go of once the
+  function and argument are unpickled, before the function runs.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class _Process:
     events: socket.socket | None = None  # None until a spawn takes this spare
     backlog: list = field(default_factory=list)  # events from before that
     child: Child | None = None
-    job: bytes = b""  # what is still to be written to the process
+    job: list[memoryview] = field(default_factory=list)  # what is still to be written to the process
     job_fd: int = -1
 
     def on_event(self, event: Output | Exit) -> None:
@@ -226,10 +230,12 @@ class _Zygote:
         def target() -> int:
             endpoint = self.start(pid, listener)
             _warm_up(self.sample, self.secret)
-            request = _read_job(job_r)
-            if not request:
+            job = _read_job(job_r)
+            if job is None:
                 return 0  # a spare that never got a job
-            return self.run_process(SpawnRequest.decode(request), pid, endpoint)
+            request = SpawnRequest.decode(job)
+            del job  # (the request's views hold it, until it lets go of them)
+            return self.run_process(request, pid, endpoint)
 
         try:
             process.child = self.supervisor.start(
@@ -289,17 +295,21 @@ class _Zygote:
                 break
         spare.backlog.clear()
         spare.child.set_lifeline(events.fileno())
-        spare.job = _JOB_LENGTH.pack(len(request)) + request
+        spare.job = [memoryview(_JOB_LENGTH.pack(len(request))), memoryview(request)]
         self._write_job(spare)
 
     def _write_job(self, process: _Process, events: int = 0) -> None:
+        written = 0
         try:
-            written = os.write(process.job_fd, process.job)
+            written = os.writev(process.job_fd, process.job)
         except BlockingIOError:
-            written = 0
+            pass
         except OSError:
-            written = len(process.job)  # it died: its exit says so
-        process.job = process.job[written:]
+            process.job = []  # it died: its exit says so
+        while process.job and written >= len(process.job[0]):
+            written -= len(process.job.pop(0))
+        if process.job and written:
+            process.job[0] = process.job[0][written:]
         if process.job:
             if not events:
                 os.set_blocking(process.job_fd, False)
@@ -344,25 +354,27 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     deploy_channels.Sender[int], deploy_channels.Receiver[int]  # noqa: B018  (the typed classes are cached)
 
 
-def _read_job(fd: int) -> bytes:
-    """The spawn request the zygote writes: its length, then itself (b"" if none comes)."""
+def _read_job(fd: int) -> bytearray | None:
+    """The spawn request the zygote writes: its length, then itself (None if none comes)."""
     with open(fd, "rb", buffering=0, closefd=True) as pipe:
         head = _read_exactly(pipe, _JOB_LENGTH.size)
-        if len(head) < _JOB_LENGTH.size:
-            return b""
+        if head is None:
+            return None
         (length,) = _JOB_LENGTH.unpack(head)
         return _read_exactly(pipe, length)
 
 
-def _read_exactly(pipe, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = pipe.read(size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+def _read_exactly(pipe, size: int) -> bytearray | None:
+    """``size`` bytes read into one buffer of that size; None if the pipe ends before."""
+    buffer = bytearray(size)
+    with memoryview(buffer) as view:
+        done = 0
+        while done < size:
+            count = pipe.readinto(view[done:])
+            if not count:
+                return None
+            done += count
+    return buffer
 
 
 # --- the node's end of the zygote ---------------------------------------------------------

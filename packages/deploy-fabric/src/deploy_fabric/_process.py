@@ -179,7 +179,7 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
         connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
-        wire.send_message(connection, (Kind.SPAWN, request.encode()))
+        wire.send_parts(connection, request.encode_parts())  # (the argument is not copied again)
         message = wire.recv_message(connection, _control.decoder)
     except OSError as error:
         message = None
@@ -245,7 +245,7 @@ def _call(request: SpawnRequest) -> int:
     """Run the request's function as a process's main, then wait for its non-daemon threads;
     its exit code, as the interpreter gives it."""
     try:
-        function, argument = request.function_and_argument()
+        function, argument = request.function_and_argument(release=True)  # (the received job freed)
         function(request.parent, argument)
         code = 0
     except SystemExit as exit:
