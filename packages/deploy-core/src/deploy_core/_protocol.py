@@ -36,7 +36,7 @@ from ._errors import DeployError, SerializationError
 from ._pid import Pid
 from ._resources import Resources
 
-__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_user"]
+__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_plain", "loads_user"]
 
 # 2: requests carry the working directory and sys.path; 3: a request is a header and raw parts.
 VERSION = 3
@@ -79,6 +79,8 @@ def dumps_user(value: Any, what: str, buffers: list[memoryview] | None = None) -
 
 
 def loads_user(data: Buffer, buffers: tuple[Buffer, ...] = ()) -> Any:
+    """Unpickle a user's function or value (with its out-of-band ``buffers``): only in the
+    process that runs it."""
     return pickle.loads(data, buffers=buffers)
 
 
@@ -87,6 +89,18 @@ class _PlainUnpickler(pickle.Unpickler):
     # refusing globals keeps a crafted message from calling anything while decoding.
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message")
+
+
+def loads_plain(data: bytes | bytearray | memoryview) -> Any:
+    """Unpickle a message of plain values (bytes, str, numbers, None, tuples, lists,
+    dicts, sets) without looking up any global, so decoding never calls anything.
+
+    Raises `DeployError` for anything else or for malformed data.
+    """
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as error:
+        raise DeployError(f"malformed message: {error}") from None
 
 
 def _length(value: object) -> int:
@@ -123,7 +137,7 @@ def _decode(magic: bytes, data: bytes, name: str) -> tuple:
 def _decode_plain(data: memoryview, name: str) -> tuple:
     try:
         fields = _PlainUnpickler(io.BytesIO(data)).load()
-    except Exception as error:
+    except Exception as error:  # whatever a crafted pickle makes the unpickler raise
         raise DeployError(f"malformed {name} message: {error}") from None
     if not isinstance(fields, tuple):
         raise DeployError(f"malformed {name} message")
