@@ -217,3 +217,76 @@ def test_a_spawn_argument_costs_about_its_size_once_on_each_side(script):
     exits = result.exits()
     assert all(exit["code"] == 0 for exit in exits.values()), exits
     assert result.output(result.top) == b"20 20\n40 40\n"
+
+
+def test_spawn_out_of_descriptors_raises_a_deploy_error_and_works_after(script):
+    job = script(
+        """
+        import os, deploy
+
+        def hello(parent, _):
+            print("hello")
+
+        if __name__ == "__main__":
+            deploy.init()
+            held = []
+            try:
+                while True:
+                    held.append(os.open(os.devnull, os.O_RDONLY))
+            except OSError:
+                pass
+            try:
+                deploy.spawn(hello, None)
+            except deploy.DeployError as error:
+                print(type(error).__name__, error)
+            for fd in held:
+                os.close(fd)
+            deploy.spawn(hello, None)
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    assert result.output(result.top) == b"DeployError cannot connect to the fabric to spawn: Too many open files\n"
+    assert [result.output(pid) for pid in result.children(result.top)] == [b"hello\n"]
+    assert result.code == 0
+
+
+# The zygote out of descriptors fails the spawns it cannot make, and serves on.
+def test_a_zygote_out_of_descriptors_fails_those_spawns_and_serves_on(script):
+    job = script(
+        """
+        import os, psutil, deploy
+
+        def hello(parent, n):
+            deploy.Receiver[str](parent).recv()  # keeps the zygote's fds for it until then
+            print("hello", n)
+
+        if __name__ == "__main__":
+            deploy.init()
+            zygote = psutil.Process(os.getppid())
+            limits = zygote.rlimit(psutil.RLIMIT_NOFILE)
+            # A limit of the number of fds it has open leaves free only the numbers below it
+            # that are not in use (about as many as it has open above it); each process
+            # started then keeps some, until none is left.
+            zygote.rlimit(psutil.RLIMIT_NOFILE, (len(os.listdir(f"/proc/{zygote.pid}/fd")), limits[1]))
+            failures, started = [], []
+            for n in range(12):  # more than the spares it keeps forked ahead
+                try:
+                    started.append(deploy.spawn(hello, n))
+                except deploy.DeployError as error:
+                    failures.append(str(error))
+            zygote.rlimit(psutil.RLIMIT_NOFILE, limits)
+            for pid in started:
+                deploy.Sender[str](pid).send("go")
+            print(len(failures), "failed:", failures[0] if failures else None)
+            deploy.Sender[str](deploy.spawn(hello, "after")).send("go")
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    out = result.output(result.top).decode()
+    assert not out.startswith("0 failed"), out
+    assert "Too many open files" in out
+    assert all(exit["reason"] != "its monitor died" for exit in result.exits().values())
+    assert b"hello after\n" in [result.output(pid) for pid in result.children(result.top)]
+    assert result.code == 0

@@ -227,7 +227,12 @@ class _Zygote:
         except OSError as error:
             self.spare_error = f"cannot open a port for the new process: {error}"
             return
-        job_r, job_w = os.pipe()
+        try:
+            job_r, job_w = os.pipe()
+        except OSError as error:  # out of fds: this spawn fails, the zygote serves on
+            listener.close()
+            self.spare_error = f"cannot make a pipe for the new process: {error}"
+            return
         process = _Process(pid)
 
         def target() -> int:
@@ -287,7 +292,12 @@ class _Zygote:
         if spare is None or spare.child is None:
             self._reply(ticket, None, self.spare_error or "the fork server could not start the process", None)
             return
-        events, node_end = socket.socketpair()
+        try:
+            events, node_end = socket.socketpair()
+        except OSError as error:  # out of fds: this spawn fails, the spare waits for the next
+            self.spares.appendleft(spare)
+            self._reply(ticket, None, f"the fork server cannot connect the new process: {error}", None)
+            return
         self._reply(ticket, spare.pid, None, node_end, spare.child.pid)
         spare.child.set_limits(Resources(**resources))  # (before the job: user code runs limited)
         spare.events = events

@@ -24,7 +24,7 @@ from typing import Any
 
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
-from deploy_core import DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env
+from deploy_core import AuthenticationError, DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env
 from deploy_monitor import OrphanReaper, become_subreaper, exit_code, flush_stdio
 
 from . import _wire as wire
@@ -211,7 +211,11 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
     connection = getattr(_control, "connection", None)
     if connection is None:
-        connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        try:
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        except (OSError, AuthenticationError) as error:  # out of fds here or there; the fabric gone
+            why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise DeployError(f"cannot connect to the fabric to spawn: {why}") from None
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
         wire.send_parts(connection, request.encode_parts())  # (the argument is not copied again)
