@@ -14,6 +14,7 @@ def test_public_surface_is_pinned():
         "Supervisor",
         "__version__",
         "become_subreaper",
+        "child_pids",
         "detect_enforcement",
         "exit_code",
         "flush_stdio",

@@ -25,7 +25,7 @@ from typing import Any
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
 from deploy_core import AuthenticationError, DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env
-from deploy_monitor import OrphanReaper, become_subreaper, exit_code, flush_stdio
+from deploy_monitor import OrphanReaper, become_subreaper, child_pids, exit_code, flush_stdio
 
 from . import _wire as wire
 from ._bridge import Bridge
@@ -111,6 +111,7 @@ def init(resources: Resources | None = None) -> None:
     replies_in, replies_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     flush_stdio()
     become_subreaper()  # if the zygote dies, what its processes started comes to us (see _end_orphans)
+    before = child_pids()  # the script's own, from before init(): not the run's to end
     zygote = os.fork()
     if zygote == 0:
         for sock in (listener, requests_out, replies_in):
@@ -138,12 +139,12 @@ def init(resources: Resources | None = None) -> None:
         traceback.print_exc()
     finally:
         try:
-            _end_orphans(zygote, lost=link is None or not link.alive)
+            _end_orphans(zygote, before, lost=link is None or not link.alive)
         finally:
             os._exit(code)
 
 
-def _end_orphans(zygote: int, *, lost: bool, patience: float = 2.0) -> None:
+def _end_orphans(zygote: int, before: set[int], *, lost: bool, patience: float = 2.0) -> None:
     """The run is over. If the zygote (every process's monitor, and their subreaper) died,
     what its processes started was reparented to us, the next subreaper up: once the zygote
     is gone for good, kill and reap all of that. (A living zygote ends its processes itself
@@ -153,7 +154,7 @@ def _end_orphans(zygote: int, *, lost: bool, patience: float = 2.0) -> None:
         while not os.waitpid(zygote, os.WNOHANG)[0] and time.monotonic() < deadline:
             time.sleep(0.01)
     reaper = OrphanReaper()
-    while reaper.sweep(() if lost else {zygote}) and time.monotonic() < deadline:
+    while reaper.sweep(before if lost else {zygote, *before}) and time.monotonic() < deadline:
         time.sleep(0.01)
 
 

@@ -27,7 +27,7 @@ import psutil
 from ._child import load_libc
 from ._limits import kill_tree
 
-__all__ = ["OrphanReaper", "become_subreaper", "children"]
+__all__ = ["OrphanReaper", "become_subreaper", "child_pids"]
 
 log = logging.getLogger("deploy.monitor")
 
@@ -43,7 +43,7 @@ def become_subreaper() -> bool:
     return True
 
 
-def children() -> set[int]:
+def child_pids() -> set[int]:
     """The pids of this process's direct children, zombies included."""
     found: set[int] = set()
     try:
@@ -73,7 +73,7 @@ class OrphanReaper:
         """SIGKILL every child not in ``known`` (with its descendants) and reap what has died;
         how many such children are left (not dead yet, or reparented to us meanwhile)."""
         known = set(known)
-        for pid in children() - known:
+        for pid in child_pids() - known:
             if pid not in self.pending:
                 log.debug("monitor: killing pid %s, left behind by a process that exited", pid)
                 kill_tree(pid)
@@ -88,4 +88,4 @@ class OrphanReaper:
                 self.pending.discard(pid)
                 reaped_any = True
         # A reaped orphan's own children were reparented to us before it died.
-        return len(children() - known) if self.pending or reaped_any else 0
+        return len(child_pids() - known) if self.pending or reaped_any else 0
