@@ -2,6 +2,8 @@
 
 ``DEPLOY_RELIABILITY=full`` runs every scenario at the size issue 9 names (1,000
 processes, 2,000 spawns, 30 s stalls, ...); anything else runs the bounded CI size.
+``DEPLOY_RELIABILITY_MESSAGES`` sets the messages per producer of the order-and-integrity
+scenario (scripts/soak.py --messages).
 Each scenario records its figures with `record`; when ``DEPLOY_RELIABILITY_FIGURES``
 names a file, they are appended to it as JSON lines (scripts/soak.py prints them).
 """

@@ -148,7 +148,7 @@ def test_out_of_fds_connections_waiting_to_be_accepted_are_served_after(out_of_f
 
 @pytest.mark.xfail(
     strict=True,
-    reason="deploy-fabric: _runtime._spawn lets the OSError (EMFILE) of wire.connect escape instead of "
+    reason="deploy-fabric: _process._spawn lets the OSError (EMFILE) of wire.connect escape instead of "
     "a DeployError in one sentence",
 )
 def test_out_of_fds_a_spawn_fails_with_a_deploy_error_and_works_after(out_of_fds):
@@ -225,7 +225,7 @@ if __name__ == "__main__":
             "zygote",
             marks=pytest.mark.xfail(
                 strict=True,
-                reason="deploy-fabric: _Zygote._fork_spare lets os.pipe()'s EMFILE escape run(): the zygote dies "
+                reason="deploy-fabric: _node._Zygote._fork_spare lets os.pipe()'s EMFILE escape run(): the zygote dies "
                 "and takes every process of the run with it (killed: SIGKILL (its monitor died))",
             ),
         ),

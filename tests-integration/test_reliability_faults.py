@@ -278,7 +278,7 @@ def test_a_receiver_that_stops_reading_blocks_its_sender_with_flat_memory(script
 
 
 def test_no_message_duplicated_reordered_or_corrupted_across_channel_re_creation(script):
-    count = scaled(3_000, 100_000)
+    count = int(os.environ.get("DEPLOY_RELIABILITY_MESSAGES") or scaled(3_000, 100_000))  # per producer
     job = script(
         """
         import os, random, sys, zlib, deploy

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import deploy_channels
+import deploy_core._auth
 import psutil
 import pytest
 from conftest import TAG, assert_no_survivors
@@ -34,6 +35,8 @@ from reliability import listening_ports, record, scaled, wait_for
 pytestmark = [pytest.mark.reliability, pytest.mark.timeout(180)]
 
 MAGIC = b"DPLY"
+# The hello starts MAGIC, version byte; both the first version and the current one are tried.
+VERSIONS = sorted({1, getattr(deploy_core._auth, "VERSION", 1)})
 
 
 class Trap:
@@ -46,7 +49,7 @@ class Trap:
         return (open, (self.path, "w"))
 
 
-def _handshake(sock: socket.socket, secret: bytes, wanted: str | None) -> None:
+def _handshake(sock: socket.socket, secret: bytes, wanted: str) -> None:
     """The initiator's side of deploy_core's handshake, whichever signature main has."""
     params = inspect.signature(authenticate).parameters
     extra = {"identity": "f" * 32, "wanted": wanted} if "identity" in params else {}
@@ -130,11 +133,18 @@ def assault(
     jobs += [
         (attempt, "2^63 length", struct.pack(">Q", 2**63) + b"\0" * 64),
         (attempt, "largest 4-byte length", b"\xff\xff\xff\xff" + b"\0" * 64),
-        (attempt, "hello with a 2^63 length after it", MAGIC + b"\x01" + os.urandom(32) + struct.pack(">Q", 2**63)),
-        (attempt, "half a handshake then silence", MAGIC + b"\x01" + os.urandom(10)),
         (attempt, "a pickle instead of a handshake", trap),
         (attempt, "a framed pickle instead of a handshake", framed_trap),
-        (attempt, "a hello then a pickle", MAGIC + b"\x01" + os.urandom(32) + framed_trap * 4),
+    ]
+    for version in VERSIONS:
+        hello = MAGIC + bytes([version]) + os.urandom(32)
+        jobs += [
+            (attempt, f"v{version} hello with a 2^63 length after it", hello + struct.pack(">Q", 2**63) * 4),
+            (attempt, f"v{version} hello with the largest lengths", hello + b"\xff" * 600),
+            (attempt, f"v{version} half a handshake then silence", hello[:15]),
+            (attempt, f"v{version} hello then a pickle", hello + framed_trap * 4),
+        ]
+    jobs += [
         (wrong_secret, "wrong secret then a pickle", framed_trap),
     ]
     with ThreadPoolExecutor(len(jobs)) as pool:
@@ -242,7 +252,7 @@ def serve_forever(stop):
 
 if __name__ == "__main__":
     deploy.init()
-    print("top at", deploy.pid().addr[1], flush=True)
+    print("top at", deploy.pid().hex, deploy.pid().addr[1], flush=True)
     stop = threading.Event()
     server = threading.Thread(target=serve_forever, args=(stop,))
     server.start()
@@ -282,17 +292,16 @@ def test_the_fabric_port_and_a_process_endpoint_of_a_run_survive_hostile_input(t
         return sum(1 for line in list(lines) if line.strip().startswith("served"))
 
     try:
-        top_port = int(
-            wait_for(lambda: [line for line in lines if "top at" in line], 30, "the top's port")[0].split()[-1]
-        )
+        top_line = wait_for(lambda: [line for line in lines if "top at" in line], 30, "the top's port")[0]
+        top_hex, top_port = top_line.split()[-2], int(top_line.split()[-1])
         wait_for(lambda: served() > 2, 30, "the first spawns")
         bridge = psutil.Process(process.pid)
         (fabric_port,) = listening_ports(process.pid)
         baseline_fds = bridge.num_fds()
         figures = {}
-        for name, port in (("fabric port", fabric_port), ("process endpoint", top_port)):
+        for name, port, identity in (("fabric port", fabric_port, "bridge"), ("process endpoint", top_port, top_hex)):
             before = served()
-            result = assault(("127.0.0.1", port), marker, None, scaled(2000, 2000), scaled(1000, 1000))
+            result = assault(("127.0.0.1", port), marker, identity, scaled(2000, 2000), scaled(1000, 1000))
             wait_for(lambda before=before: served() > before + 3, 60, f"spawns to go on with the {name} assaulted")
             release(result["held"])
             failures = [attack for attack, closed in result["outcomes"].items() if not closed]

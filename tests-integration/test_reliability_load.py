@@ -250,9 +250,10 @@ def test_output_storm_loses_and_splits_no_line_and_starves_nobody(script):
     while reader.is_alive():
         try:
             samples.append(bridge.memory_info().rss)
-        except psutil.NoSuchProcess:
+        except psutil.NoSuchProcess:  # exited (a zombie until communicate reaps it)
             break
         reader.join(0.2)
+    reader.join()
     assert_no_survivors(tag)
     assert process.returncode == 0, collected["err"][-3000:]
     err = collected["err"].decode()
