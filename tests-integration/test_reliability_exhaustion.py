@@ -112,8 +112,9 @@ if __name__ == "__main__":
 
 
 def _findings(result) -> dict:
-    line = next(line for line in result.all_output().splitlines() if line.startswith("findings "))
-    return json.loads(line.split(" ", 1)[1])
+    lines = [line for line in result.all_output().splitlines() if line.startswith("findings ")]
+    assert lines, f"the run printed no findings (exit {result.code}):\n{result.all_output(2)[-3000:]}"
+    return json.loads(lines[0].split(" ", 1)[1])
 
 
 @pytest.fixture(scope="module")
