@@ -6,21 +6,24 @@ refuses every global, so a control message can never make its reader call anythi
 kind travels as its string value and comes back as a `Kind`.
 
 Every control connection over TCP (a process asking its master for spawns) first passes
-deploy_core's handshake, so by the time a message is decoded its sender has proven it
-knows the run's secret. Blocking helpers serve the simple clients; loops read the same
-frames without blocking through `MessageReader`.
+deploy_core's handshake, as the process's pid's hex wanting `BRIDGE`, so by the time a
+message is decoded its sender has proven it knows the run's secret, and the master
+checks every claim a message makes against that identity. Decoding is
+`deploy_core.loads_plain` (the one restricted unpickler): a user's function and argument
+cross as opaque bytes and are only unpickled by the process that runs them. Blocking
+helpers serve the simple clients; loops read the same frames without blocking through
+`MessageReader`.
 """
 
 from __future__ import annotations
 
 import enum
-import io
 import pickle
 import socket
 from typing import Any
 
 from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame
-from deploy_core import DeployError, authenticate
+from deploy_core import DeployError, authenticate, loads_plain
 
 __all__ = ["FrameDecoder", "Kind", "MessageReader", "connect", "encode", "load", "recv_message", "send_message"]
 
@@ -41,12 +44,30 @@ class Kind(str, enum.Enum):
     OUTPUT = "output"  # monitor -> node: (kind, fd, data)
     EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
     FORK = "fork"  # node -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
-    FORKED = "forked"  # zygote -> node, one packet with the monitor's fd: (kind, ticket, pid_text | None, error)
+    # zygote -> node, one packet with the monitor's fd: (kind, ticket, pid_text | None, error, os pid | None)
+    FORKED = "forked"
 
+    # Cluster mode. Between the master and a node (fields after the kind; `run` is the run's id):
+    NODE_HELLO = "node-hello"  # node -> master: (name, capacity dict, version)
+    RUN = "run"  # master -> node: (run, secret hex, digest, program, args, env, cwd, top, master addr)
+    NEED_BUNDLE = "need-bundle"  # node -> master: (digest,)
+    BUNDLE = "bundle"  # master -> node, push -> master: (digest, data)
+    STOP = "stop"  # master -> node: (run,)
+    STDIN = "stdin"  # push -> master: (data,); master -> node: (run, data); b"" is the end
+    PING = "ping"  # master -> node: (sent,)
+    PONG = "pong"  # node -> master: (sent, {pid hex: memory bytes})
+    RUN_FAILED = "run-failed"  # node -> master: (run, why): its zygote is gone
+    # FORK/FORKED/OUTPUT/EXIT between master and node carry (run, ...) before their fields.
 
-class _PlainUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a control message")
+    # Between `deploy push`/`deploy status` and the master's bridge port:
+    PUSH = "push"  # (version, digest, program, args, env, cwd)
+    BUNDLE_WANTED = "bundle-wanted"  # master -> push: (wanted: bool)
+    STARTED = "started"  # master -> push: (pid, parent | None, resources dict)
+    FAILED = "failed"  # master -> push: (code,)
+    END = "end"  # master -> push: (code,)
+    ERROR = "error"  # master -> push/status: (sentence,)
+    INTERRUPT = "interrupt"  # push -> master: ()
+    STATUS = "status"  # status -> master: (version,); master -> status: (report dict,)
 
 
 def dumps(message: tuple) -> bytes:
@@ -101,10 +122,7 @@ def introduce(
 
 def load(frame: Any) -> tuple:
     """Decode one message; DeployError for anything but a tuple of plain values led by a kind."""
-    try:
-        message = _PlainUnpickler(io.BytesIO(frame)).load()
-    except Exception as error:
-        raise DeployError(f"malformed control message: {error}") from None
+    message = loads_plain(frame)  # DeployError if it is not plain values
     if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
         raise DeployError("malformed control message")
     try:
