@@ -346,11 +346,6 @@ def test_no_message_duplicated_reordered_or_corrupted_across_channel_re_creation
     record("order and integrity", messages=int(messages), mib=int(total) >> 20, seconds=round(elapsed, 1))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploy-fabric: after Ctrl-C the bridge reports every process 'killed: SIGKILL (its monitor died)', "
-    "not '(interrupted)' as DESIGN §5 says: the zygote is killed first and its processes die of PDEATHSIG",
-)
 def test_ctrl_c_reports_every_process_interrupted(script):
     live = _live(script(CHATTER))
     try:

@@ -16,12 +16,14 @@ import logging
 import os
 import pickle
 import random
+import re
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import deploy_channels
@@ -211,7 +213,12 @@ def test_a_standalone_endpoint_survives_hostile_input(tmp_path, caplog):
         # The server's fds return to what they were (the endpoints are in this process).
         wait_for(lambda: _fds() <= baseline + 4, 30, f"fds back to {baseline} (now {_fds()})")
         warnings = [r for r in caplog.records if r.name == "deploy.channels" and r.levelno >= logging.WARNING]
-        assert len(warnings) <= result["bad"], [r.getMessage() for r in warnings[:10]]
+        kinds = Counter(re.sub(r"127\.0\.0\.1:\d+", "ADDR", r.getMessage()) for r in warnings)
+        # One line per bad connection, and one for the cap on connections authenticating at once
+        # (the 1,000 idle ones pass it), which counts instead of logging each.
+        assert len(warnings) <= result["bad"] + 1, (
+            f"{len(warnings)} warnings for {result['bad']} bad connections: {kinds}"
+        )
         record(
             "hostile input: standalone endpoint",
             attacks=len(result["outcomes"]) - 1,
