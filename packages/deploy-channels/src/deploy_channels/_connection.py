@@ -325,6 +325,8 @@ class Connection:
     # --- writing --------------------------------------------------------------------------
 
     def send_setup(self, frame: bytes) -> None:
+        # Only while no data frame can be partly written on this connection (set-up, or
+        # the link's writers stopped with nothing queued): pre_out goes out before data.
         self.pre_out += frame
         self._write_pre()
 
@@ -337,7 +339,11 @@ class Connection:
             self.endpoint._connection_failed(self, error)
             return
         del self.pre_out[:sent]
-        self.want_write(bool(self.pre_out))
+        # `writing` belongs to the link's flush: queued data still wants the socket once
+        # the set-up or control bytes are out.
+        if self.state != "closed":
+            with self.mask_lock:
+                self._apply_mask()
 
     def write_now(self, frame: bytes | list) -> int:
         """User thread, under the link's out_lock, nothing queued: try the socket directly."""

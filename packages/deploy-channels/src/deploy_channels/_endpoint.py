@@ -396,32 +396,61 @@ class Endpoint:
     def _is_idle(self, link: Link) -> bool:
         return not (link.has_sender or link.has_receiver or link.inbox or link.out or link.pending)
 
+    def _stop_writers(self, link: Link) -> bool:
+        """Stop user threads writing to the link's connection, if nothing is queued (then
+        no data frame is partly written and a control frame may go out at once)."""
+        with link.out_lock:
+            if link.out:
+                return False
+            link.wconn = None
+        return True
+
+    def _send_control(self, conn: Connection, kind: int) -> None:
+        # Never inside a data frame: behind whatever is queued, or at once when writers
+        # cannot use this connection and nothing waits.
+        link = conn.link
+        frame = _wire.control_frame(kind)
+        with link.out_lock:
+            now = link.wconn is not conn and not link.out
+            if not now:
+                link.out.append(frame)
+                link.out_bytes += len(frame)
+        if now:
+            conn.send_setup(frame)
+        else:
+            link.flush()
+
     def _linger_over(self, link: Link, token: int) -> None:
         if token != link.idle_token or link.has_sender or link.has_receiver or link.death is not None:
             return
         if self._maybe_forget(link):
             return
-        if self._is_idle(link) and link.conn is not None and not link.closing:
+        conn = link.conn
+        # A frame partly received is a message on its way: not idle.
+        if (
+            self._is_idle(link)
+            and conn is not None
+            and not link.closing
+            and not conn.decoder.buffered()
+            and conn.held is None
+            and self._stop_writers(link)
+        ):
             link.closing = True
-            with link.out_lock:
-                link.wconn = None
             log.debug("deploy.channels: asking %s to close the idle connection", link.pid)
-            link.conn.send_setup(_wire.control_frame(_wire.CLOSE_REQUEST))
+            conn.send_setup(_wire.control_frame(_wire.CLOSE_REQUEST))
             return
         # Still flushing, or unread messages wait for a Receiver: look again later.
         self._loop.call_later(self._linger, self._linger_over, link, token)
 
     def _close_request(self, conn: Connection) -> None:
         link = conn.link
-        if self._is_idle(link) and not self._draining:
+        if self._is_idle(link) and not self._draining and self._stop_writers(link):
             link.closing = True
             conn.agreed_close = True
-            with link.out_lock:
-                link.wconn = None
             # We wait for the requester to close: it has then read all we ever sent.
             conn.send_setup(_wire.control_frame(_wire.CLOSE_OK))
         else:
-            conn.send_setup(_wire.control_frame(_wire.CLOSE_NO))
+            self._send_control(conn, _wire.CLOSE_NO)
 
     def _close_ok(self, conn: Connection) -> None:
         link = conn.link

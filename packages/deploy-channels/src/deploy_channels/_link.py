@@ -248,7 +248,7 @@ class Link:
                     return
             else:
                 conn = self.wconn
-                if conn is not None and not self.flush_scheduled:
+                if conn is not None and not self.flush_scheduled and not conn.pre_out:
                     now = time.perf_counter()
                     direct = now - self.last_direct > _STREAMING_GAP
                     self.last_direct = now
@@ -294,6 +294,8 @@ class Link:
             if conn is None or not out:
                 self.flush_scheduled = False
                 more = False
+            elif conn.pre_out:
+                more = True  # a control frame goes first; the next write event flushes
             else:
                 sock = conn.sock
                 while out:
