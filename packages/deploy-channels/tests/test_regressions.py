@@ -3,10 +3,13 @@ section per defect, each reproduced with real endpoints as a user would meet it.
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 
 import pytest
-from deploy_channels import Receiver, Sender, _wire
+from deploy_channels import Receiver, Sender, _wire, aselect, select
+from deploy_core import ChannelClosed
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -60,3 +63,77 @@ def test_idle_close_request_during_a_large_message_loses_nothing(make_endpoint, 
     tx.send(b"after")
     assert rx.recv(timeout=10) == b"after"
     assert a._links[b.pid].death is None and b._links[a.pid].death is None
+
+
+# --- 2. closing a channel wakes every thread and task blocked on it ----------------------
+
+
+def in_thread(fn):
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(fn())
+        except BaseException as error:  # reported by the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.mark.parametrize("how", ["recv", "select"])
+def test_closing_a_receiver_wakes_a_blocked_thread(pair, how):
+    a, b = pair
+    tx = Sender(b.pid, endpoint=a)
+    rx = Receiver(a.pid, endpoint=b)
+    tx.send("hello")
+    assert rx.recv(timeout=10) == "hello"
+    wait = rx.recv if how == "recv" else lambda: select(rx)
+    thread, outcome = in_thread(wait)
+    time.sleep(0.2)  # let it block (nothing to wait for: a bare sleep only gives it time)
+    assert not outcome
+    rx.close()
+    thread.join(5)
+    assert outcome and isinstance(outcome[0], ChannelClosed), outcome
+    # The closed Receiver's waiter took nothing: the next message goes to the next one.
+    tx.send("next")
+    assert Receiver(a.pid, endpoint=b).recv(timeout=5) == "next"
+
+
+@pytest.mark.parametrize("how", ["arecv", "aselect"])
+def test_closing_a_receiver_wakes_a_blocked_task(pair, how):
+    a, b = pair
+    Sender(b.pid, endpoint=a)
+    rx = Receiver(a.pid, endpoint=b)
+
+    async def main():
+        task = asyncio.ensure_future(rx.arecv() if how == "arecv" else aselect(rx))
+        await asyncio.sleep(0.2)
+        assert not task.done()
+        rx.close()
+        return await asyncio.wait_for(task, 5)
+
+    with pytest.raises(ChannelClosed):
+        asyncio.run(main())
+
+
+def test_closing_a_sender_wakes_a_send_blocked_by_backpressure(make_endpoint):
+    a, b = make_endpoint(high_water=1 << 16), make_endpoint(high_water=1 << 16)
+    rx = Receiver(a.pid, endpoint=b)  # never read: B stops reading, the kernel buffers fill
+    tx = Sender(b.pid, endpoint=a)
+    chunk = bytes(1 << 16)
+
+    def pump():
+        while True:
+            tx.send(chunk)
+
+    thread, outcome = in_thread(pump)
+    link = a._links[b.pid]
+    wait_until(lambda: link.tx_watchers and b._links[a.pid].paused)
+    time.sleep(0.2)
+    assert link.tx_watchers and not outcome  # blocked for good, not just for a moment
+    tx.close()
+    thread.join(5)
+    assert outcome and isinstance(outcome[0], ChannelClosed), outcome
+    rx.close()

@@ -83,9 +83,12 @@ class _Channel(Generic[T]):
     def close(self) -> None:
         """Release the channel (idempotent). Messages already sent are still delivered;
         messages not yet received stay queued for the next Receiver from that pid."""
-        if self._link is not None:
+        link = self._link
+        if link is not None:
             self._link = None
             self.endpoint._close_channel(self._kind, self.pid, self._ref)
+            # Threads and tasks blocked on this channel look again and find it closed.
+            link.wake_all()
 
     def __enter__(self):
         return self
@@ -96,8 +99,13 @@ class _Channel(Generic[T]):
     def _live_link(self) -> Link:
         link = self._link
         if link is None:
-            raise ChannelClosed(f"this {type(self).__name__} to {self.pid} is closed")
+            raise self._closed_error()
         return link
+
+    def _closed_error(self) -> ChannelClosed:
+        return ChannelClosed(
+            f"this {type(self).__name__} {'to' if self._kind == 'sender' else 'from'} {self.pid} is closed"
+        )
 
     def _ready(self) -> bool:
         raise NotImplementedError
@@ -131,10 +139,10 @@ class Sender(_Channel[T]):
             # Fast path: these never carry out-of-band buffers and fit one small frame.
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
-            link.push(frame, len(frame), None if timeout is None else deadline_after(timeout))
+            link.push(frame, len(frame), None if timeout is None else deadline_after(timeout), self)
             return
         frame, nbytes = encode_message(value)
-        link.push(frame, nbytes, deadline_after(timeout))
+        link.push(frame, nbytes, deadline_after(timeout), self)
 
     async def asend(self, value: T) -> None:
         """`send` for asyncio: waits for buffer space without blocking the event loop."""
@@ -172,7 +180,7 @@ class Receiver(_Channel[T]):
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Receiver from {self.pid} is closed")
-        return self._decode(link.take(deadline_after(timeout)))
+        return self._decode(link.take(deadline_after(timeout), self))
 
     def recv_nowait(self) -> T:
         """The next message if one is waiting, else raise TimeoutError at once."""

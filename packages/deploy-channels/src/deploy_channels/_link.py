@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid
 
 if TYPE_CHECKING:
+    from ._channel import _Channel
     from ._connection import Connection
     from ._endpoint import Endpoint
 
@@ -229,11 +230,14 @@ class Link:
     def tx_ready(self) -> bool:
         return self.out_bytes < self.high_water or self.death is not None or self.shut
 
-    def push(self, frame: bytes | list, nbytes: int, deadline: float | None) -> None:
-        """Queue (or write) one framed message; blocks while the buffer is over high water."""
+    def push(self, frame: bytes | list, nbytes: int, deadline: float | None, channel: _Channel) -> None:
+        """Queue (or write) one framed message of ``channel``; blocks while the buffer is
+        over high water (raising `ChannelClosed` if the channel is closed meanwhile)."""
         if self.out_bytes >= self.high_water:
-            self._wait_tx(deadline)
+            self._wait_tx(deadline, channel)
         with self.out_lock:
+            if channel._link is None:
+                raise channel._closed_error()
             if self.shut:
                 raise self.closed_error()
             if self.death is not None:
@@ -275,11 +279,11 @@ class Link:
             self.out_bytes += len(frame)
         self.flush()
 
-    def _wait_tx(self, deadline: float | None) -> None:
+    def _wait_tx(self, deadline: float | None, channel: _Channel) -> None:
         waiter = Waiter()
         self.tx_watchers.add(waiter)
         try:
-            while not self.tx_ready():
+            while not self.tx_ready() and channel._link is not None:
                 waiter.wait(remaining(deadline))
         finally:
             self.tx_watchers.discard(waiter)
@@ -344,14 +348,15 @@ class Link:
     def rx_ready(self) -> bool:
         return bool(self.inbox) or self.death is not None or self.shut
 
-    def take(self, deadline: float | None) -> bytes:
-        """The next message's payload; blocks until one arrives, the peer dies or the deadline."""
+    def take(self, deadline: float | None, channel: _Channel) -> bytes:
+        """The next message's payload for ``channel``; blocks until one arrives, the peer
+        dies, the deadline passes or the channel is closed (`ChannelClosed`)."""
         inbox = self.inbox
         try:
             # (Checked first: raising IndexError on every blocking recv costs a microsecond.)
-            payload = inbox.popleft() if inbox else self._wait_rx(deadline)
+            payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel)
         except IndexError:  # another thread took it
-            payload = self._wait_rx(deadline)
+            payload = self._wait_rx(deadline, channel)
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
             self.loop.call_soon(self.endpoint._resume_reading, self)
@@ -371,11 +376,13 @@ class Link:
             self.loop.call_soon(self.endpoint._resume_reading, self)
         return payload
 
-    def _wait_rx(self, deadline: float | None) -> bytes:
+    def _wait_rx(self, deadline: float | None, channel: _Channel) -> bytes:
         waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)
         try:
             while True:
+                if channel._link is None:
+                    raise channel._closed_error()
                 conn = self.conn
                 if conn is not None and not self.inbox:
                     # Read the socket ourselves rather than wait for the loop to hand us
@@ -384,6 +391,8 @@ class Link:
                     if type(payload) is bytes:
                         return payload
                     if payload is not None:  # woken: look again
+                        if channel._link is None:
+                            raise channel._closed_error()
                         payload = self.take_nowait()
                         if payload is not None:
                             return payload
