@@ -406,12 +406,13 @@ class Endpoint:
         return True
 
     def _send_control(self, conn: Connection, kind: int) -> None:
-        # Never inside a data frame: behind whatever is queued, or at once when writers
-        # cannot use this connection and nothing waits.
+        # Never inside a data frame: behind what is queued while writers use this
+        # connection, else at once (writers were stopped with nothing queued, see
+        # `_stop_writers`, so nothing queued since was partly written here).
         link = conn.link
         frame = _wire.control_frame(kind)
         with link.out_lock:
-            now = link.wconn is not conn and not link.out
+            now = link.wconn is not conn
             if not now:
                 link.out.append(frame)
                 link.out_bytes += len(frame)
