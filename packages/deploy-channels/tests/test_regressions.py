@@ -4,12 +4,15 @@ section per defect, each reproduced with real endpoints as a user would meet it.
 from __future__ import annotations
 
 import asyncio
+import os
+import random
+import signal
 import threading
 import time
 
 import pytest
 from deploy_channels import Receiver, Sender, _wire, aselect, select
-from deploy_core import ChannelClosed
+from deploy_core import ChannelClosed, Pid
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -137,3 +140,81 @@ def test_closing_a_sender_wakes_a_send_blocked_by_backpressure(make_endpoint):
     thread.join(5)
     assert outcome and isinstance(outcome[0], ChannelClosed), outcome
     rx.close()
+
+
+# --- 4. Ctrl-C in a thread blocked in recv leaves the stream intact -----------------------
+
+INTERRUPTED_RECEIVER = """
+import signal
+ep = dc.Endpoint("127.0.0.1:0", secret=SECRET)
+parent = Pid.parse(sys.argv[1])
+count = int(sys.argv[2])
+rx = dc.Receiver[int](parent, endpoint=ep)
+expected = interrupts = 0
+armed = False
+
+def on_sigint(signum, frame):
+    # Raise only inside receive_all(): a KeyboardInterrupt at this script's own loop
+    # would end it, which is not what the test is about.
+    if armed:
+        raise KeyboardInterrupt
+
+def receive_all():
+    global expected
+    while expected < count:
+        value = rx.recv(timeout=15)
+        if value != expected:
+            print("got", value, "expected", expected, flush=True)
+            os._exit(1)
+        expected += 1
+
+signal.signal(signal.SIGINT, on_sigint)
+print(ep.pid.format(), flush=True)
+while True:
+    try:
+        armed = True
+        receive_all()
+        armed = False
+        break
+    except KeyboardInterrupt:
+        armed = False
+        interrupts += 1
+    except Exception as error:
+        print("failed after", expected, "messages:", repr(error), flush=True)
+        os._exit(1)
+print("ok", interrupts, flush=True)
+ep.close()
+"""
+
+
+def test_keyboard_interrupt_in_recv_loses_no_message_and_no_lock(make_endpoint, children):
+    ep = make_endpoint()
+    count = 30_000
+    proc = children.run(INTERRUPTED_RECEIVER, ep.pid.format(), str(count))
+    peer = Pid.parse(proc.stdout.readline())
+    tx = Sender[int](peer, endpoint=ep)
+    rng = random.Random(12)
+
+    def pump():
+        # Bursts (the inbox has messages) and gaps (the receiver waits on the socket).
+        for i in range(count):
+            tx.send(i)
+            if i % 50 == 0:
+                time.sleep(rng.random() * 0.002)
+
+    thread, outcome = in_thread(pump)
+    try:
+        signals = 0
+        while thread.is_alive() and signals < 2000:
+            os.kill(proc.pid, signal.SIGINT)
+            signals += 1
+            time.sleep(rng.random() * 0.001)
+        thread.join(60)
+        line = proc.stdout.readline().split()
+        assert line[:1] == ["ok"], line
+        assert int(line[1]) > 50  # the interrupts did land in recv
+        assert outcome == [None]
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

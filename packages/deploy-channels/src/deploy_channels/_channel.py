@@ -11,7 +11,8 @@ from deploy_core import ChannelClosed, PeerExited, Pid
 
 from ._default import default_endpoint
 from ._endpoint import Endpoint
-from ._link import AsyncWaiter, Link, deadline_after
+from ._interrupts import DeferredInterrupt, Interrupted
+from ._link import AsyncWaiter, FdWaiter, Link, deadline_after
 from ._typecheck import type_checker, type_name
 from ._wire import decode_message, encode_message
 
@@ -176,11 +177,86 @@ class Receiver(_Channel[T]):
     _kind = "receiver"
 
     def recv(self, timeout: float | None = None) -> T:
-        """The next message; TimeoutError after ``timeout`` seconds without one."""
+        """The next message; TimeoutError after ``timeout`` seconds without one.
+
+        A KeyboardInterrupt (Ctrl-C) that ends a `recv` takes no message: the next `recv`
+        returns the message this one would have.
+        """
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Receiver from {self.pid} is closed")
-        return self._decode(link.take(deadline_after(timeout), self))
+        inbox = link.inbox
+        while inbox:
+            # Decode the first message, then take it, so that a KeyboardInterrupt raised
+            # between two steps leaves it queued: `remove` (of the very object, found at
+            # once) is the commit, and nothing between it and the return runs a handler.
+            try:
+                payload = inbox[0]
+            except IndexError:
+                break
+            try:
+                value = self._decode(payload)
+            except Exception:
+                link.discard(payload)  # a message that cannot be received is consumed
+                raise
+            try:
+                inbox.remove(payload)
+            except ValueError:
+                continue  # another thread received it first
+            except KeyboardInterrupt:
+                inbox.appendleft(payload)  # raised just after the removal
+                raise
+            if link.paused:
+                try:
+                    link.resume_if_due()
+                except KeyboardInterrupt:
+                    inbox.appendleft(payload)
+                    raise
+            return value
+        deadline = deadline_after(timeout)
+        deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
+        if deferred is None:  # no signal handler can raise in this thread
+            return self._decode(link.take(deadline, self))
+        return self._recv_deferring(link, deadline, deferred)
+
+    def _recv_deferring(self, link: Link, deadline: float | None, deferred: DeferredInterrupt) -> T:
+        # The main thread waits with SIGINT deferred (see _interrupts): a signal ends the
+        # wait at a safe point, and a message already in hand goes back to the inbox.
+        while True:
+            payload = None
+            try:
+                payload = link.take(deadline, self, deferred)
+                value = self._decode(payload)
+            except Interrupted:
+                pass
+            except BaseException:
+                pending = deferred.uninstall()
+                if pending is not None:
+                    deferred.deliver(pending)
+                raise
+            if payload is not None and deferred.pending is not None:
+                # Put back while the signal is still deferred: once the user's handler is
+                # back, any Python call may raise.
+                link.put_back(payload, direct=deferred.direct)
+                payload = None
+            try:
+                pending = deferred.uninstall()
+            except BaseException:
+                # The user's handler ran the moment it was back (a signal that came just
+                # then): the message is not delivered, so it stays queued.
+                if payload is not None:
+                    link.put_back(payload, direct=deferred.direct)
+                raise
+            if pending is None:
+                return value
+            if payload is not None:
+                link.put_back(payload, direct=deferred.direct)
+            deferred.deliver(pending)
+            # The user's handler returned instead of raising: wait again.
+            again = DeferredInterrupt.install(FdWaiter.for_this_thread())
+            if again is None:
+                return self._decode(link.take(deadline, self))
+            deferred = again
 
     def recv_nowait(self) -> T:
         """The next message if one is waiting, else raise TimeoutError at once."""

@@ -19,10 +19,13 @@ from typing import TYPE_CHECKING
 
 from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid
 
+from ._interrupts import Interrupted
+
 if TYPE_CHECKING:
     from ._channel import _Channel
     from ._connection import Connection
     from ._endpoint import Endpoint
+    from ._interrupts import DeferredInterrupt
 
 __all__ = ["AsyncWaiter", "FdWaiter", "Link", "Waiter", "deadline_after", "remaining"]
 
@@ -348,19 +351,46 @@ class Link:
     def rx_ready(self) -> bool:
         return bool(self.inbox) or self.death is not None or self.shut
 
-    def take(self, deadline: float | None, channel: _Channel) -> bytes:
+    def take(self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None = None) -> bytes:
         """The next message's payload for ``channel``; blocks until one arrives, the peer
         dies, the deadline passes or the channel is closed (`ChannelClosed`)."""
         inbox = self.inbox
         try:
             # (Checked first: raising IndexError on every blocking recv costs a microsecond.)
-            payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel)
+            payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel, deferred)
         except IndexError:  # another thread took it
-            payload = self._wait_rx(deadline, channel)
+            payload = self._wait_rx(deadline, channel, deferred)
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
             self.loop.call_soon(self.endpoint._resume_reading, self)
         return payload
+
+    def resume_if_due(self) -> None:
+        """A user thread took a message: ask the loop to read again once few are left."""
+        if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
+            self.resume_requested = True
+            try:
+                self.loop.call_soon(self.endpoint._resume_reading, self)
+            except BaseException:
+                self.resume_requested = False  # (a KeyboardInterrupt) the next take asks again
+                raise
+
+    def discard(self, payload: bytes) -> None:
+        """Drop a message that could not be received (it failed to decode)."""
+        try:
+            self.inbox.remove(payload)
+        except ValueError:
+            pass
+
+    def put_back(self, payload: bytes, *, direct: bool) -> None:
+        """Return a taken message to the front of the inbox (its recv was interrupted);
+        ``direct`` if it was read off the socket and never counted in."""
+        self.inbox.appendleft(payload)  # first: a KeyboardInterrupt after it loses nothing
+        if direct:
+            with self.in_lock:
+                self.total_in += 1
+                self.total_in_bytes += len(payload)
+        self.wake_rx()
 
     def take_nowait(self) -> bytes | None:
         try:
@@ -376,23 +406,29 @@ class Link:
             self.loop.call_soon(self.endpoint._resume_reading, self)
         return payload
 
-    def _wait_rx(self, deadline: float | None, channel: _Channel) -> bytes:
+    def _wait_rx(self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None) -> bytes:
         waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)
         try:
             while True:
                 if channel._link is None:
                     raise channel._closed_error()
+                if deferred is not None and deferred.pending is not None:
+                    raise Interrupted
                 conn = self.conn
                 if conn is not None and not self.inbox:
                     # Read the socket ourselves rather than wait for the loop to hand us
                     # the message (see _connection's module comment).
                     payload = conn.read_direct(self, deadline, waiter)
                     if type(payload) is bytes:
+                        if deferred is not None:
+                            deferred.direct = True
                         return payload
                     if payload is not None:  # woken: look again
                         if channel._link is None:
                             raise channel._closed_error()
+                        if deferred is not None and deferred.pending is not None:
+                            raise Interrupted
                         payload = self.take_nowait()
                         if payload is not None:
                             return payload
