@@ -12,7 +12,7 @@ import time
 
 import pytest
 from deploy_channels import Receiver, Sender, _wire, aselect, select
-from deploy_core import ChannelClosed, Pid
+from deploy_core import ChannelClosed, Pid, SerializationError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -218,3 +218,24 @@ def test_keyboard_interrupt_in_recv_loses_no_message_and_no_lock(make_endpoint, 
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# --- 10. a message over max_frame_size is refused by send(); the link lives on -------------
+
+
+@pytest.mark.parametrize("size", [300, 3 * 2**20], ids=["small-path", "large-path"])
+def test_oversized_message_is_refused_at_send_and_the_link_lives_on(make_endpoint, size):
+    limit = 200 if size < 1000 else 2**20
+    a, b = make_endpoint(max_frame_size=limit), make_endpoint(max_frame_size=limit)
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    tx.send(b"before")
+    assert rx.recv(timeout=10) == b"before"
+    with pytest.raises(SerializationError, match="exceeds the maximum"):
+        tx.send(bytes(size))
+    tx.send(b"after")
+    assert rx.recv(timeout=10) == b"after"
+    tx.close()
+    rx.close()
+    with Sender(b.pid, endpoint=a) as tx2, Receiver(a.pid, endpoint=b) as rx2:
+        tx2.send(b"fresh")
+        assert rx2.recv(timeout=10) == b"fresh"

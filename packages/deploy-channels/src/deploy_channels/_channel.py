@@ -126,8 +126,9 @@ class Sender(_Channel[T]):
 
     def send(self, value: T, timeout: float | None = None) -> None:
         """Send ``value``; raises `PeerExited`/`PeerLost` if the peer is gone, TypeError on
-        a value that is not a ``T`` (nothing is sent), TimeoutError if still blocked by
-        back-pressure after ``timeout`` seconds."""
+        a value that is not a ``T``, `SerializationError` on one that cannot be pickled or
+        whose pickle exceeds the endpoint's ``max_frame_size`` (nothing is sent then),
+        TimeoutError if still blocked by back-pressure after ``timeout`` seconds."""
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Sender to {self.pid} is closed")

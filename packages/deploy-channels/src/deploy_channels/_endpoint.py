@@ -79,6 +79,8 @@ class Endpoint:
     ``Endpoint("127.0.0.1:0", secret=b"...")`` binds and listens; ``Endpoint(secret=...,
     sock=listening_socket, pid=pid)`` adopts a socket already bound and listening at
     ``pid.addr``. Every connection, in and out, must prove the same ``secret``.
+    ``max_frame_size`` bounds one message: `Sender.send` refuses a bigger one, and a
+    bigger frame from a peer drops its connection, so peers should use the same value.
     """
 
     def __init__(

@@ -17,9 +17,10 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
-from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid
+from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid, SerializationError
 
 from ._interrupts import Interrupted
+from .framing import HEADER_SIZE
 
 if TYPE_CHECKING:
     from ._channel import _Channel
@@ -182,6 +183,7 @@ class Link:
         self.pid = pid
         self.loop = endpoint._loop
         self.high_water = endpoint._high_water
+        self.max_frame = endpoint._max_frame_size + HEADER_SIZE  # a whole frame, header included
         # Outgoing; guarded by out_lock. `wconn` is the connection writers may use now
         # (open and not closing); the loop sets it under the lock.
         self.out_lock = threading.Lock()
@@ -236,6 +238,12 @@ class Link:
     def push(self, frame: bytes | list, nbytes: int, deadline: float | None, channel: _Channel) -> None:
         """Queue (or write) one framed message of ``channel``; blocks while the buffer is
         over high water (raising `ChannelClosed` if the channel is closed meanwhile)."""
+        if nbytes > self.max_frame:
+            # The peer would drop the connection on reading its header (and lose what follows).
+            raise SerializationError(
+                f"cannot send a message of {nbytes - HEADER_SIZE} bytes to {self.pid}: it exceeds "
+                f"the maximum frame size of {self.max_frame - HEADER_SIZE} bytes (Endpoint max_frame_size)"
+            )
         if self.out_bytes >= self.high_water:
             self._wait_tx(deadline, channel)
         with self.out_lock:
