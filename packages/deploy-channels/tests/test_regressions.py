@@ -12,7 +12,7 @@ import time
 
 import pytest
 from deploy_channels import Receiver, Sender, _wire, aselect, select
-from deploy_core import ChannelClosed, Pid, SerializationError
+from deploy_core import ChannelClosed, PeerLost, Pid, SerializationError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -239,3 +239,24 @@ def test_oversized_message_is_refused_at_send_and_the_link_lives_on(make_endpoin
     with Sender(b.pid, endpoint=a) as tx2, Receiver(a.pid, endpoint=b) as rx2:
         tx2.send(b"fresh")
         assert rx2.recv(timeout=10) == b"fresh"
+
+
+# --- 5. a pid whose host does not resolve is lost at once, with the reason ----------------
+
+
+def test_peer_whose_host_does_not_resolve_is_lost_with_the_reason(make_endpoint, caplog):
+    ep = make_endpoint()
+    ghost = Pid("0123456789abcdef0123456789abcdef", "no-such-host.invalid", 4242)
+    start = time.monotonic()
+    tx = Sender(ghost, endpoint=ep)
+    rx = Receiver(ghost, endpoint=ep)
+    with pytest.raises(PeerLost) as info:
+        rx.recv(timeout=10)
+    assert time.monotonic() - start < 5
+    assert "no-such-host.invalid" in str(info.value) or "resolve" in str(info.value) or "Name" in str(info.value)
+    with pytest.raises(PeerLost):
+        tx.send("anyone?")
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]
+    start = time.monotonic()
+    ep.close()
+    assert time.monotonic() - start < 1.0

@@ -116,7 +116,14 @@ class Connection:
     # --- set-up -------------------------------------------------------------------------
 
     def start_connect(self) -> None:
-        err = self.sock.connect_ex(tuple(self.link.pid.addr))
+        try:
+            # (A host name is resolved here, in the loop thread.)
+            err = self.sock.connect_ex(tuple(self.link.pid.addr))
+        except OSError as error:  # socket.gaierror: the host does not resolve
+            self.endpoint._connection_failed(
+                self, OSError(f"cannot connect to {_address(self.link.pid.addr)}: {error}")
+            )
+            return
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=True)
             return

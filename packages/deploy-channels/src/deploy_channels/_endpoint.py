@@ -128,7 +128,7 @@ class Endpoint:
         self._links: dict[Pid, Link] = {}
         self._senders: dict[Pid, weakref.ref] = {}
         self._receivers: dict[Pid, weakref.ref] = {}
-        self._exited: OrderedDict[Pid, tuple[int | None, bool]] = OrderedDict()
+        self._exited: OrderedDict[Pid, tuple[int | None, bool, str | None]] = OrderedDict()
         self._conns: set[Connection] = set()
         self._closed = False
         self._draining = False
@@ -313,7 +313,7 @@ class Endpoint:
             link.pending = None
             if link.conn is None:
                 log.debug("deploy.channels: connecting to %s failed: %s", link.pid, error)
-                self._set_dead(link, None, lost=not refused)
+                self._set_dead(link, None, lost=not refused, reason=str(error))
         elif link.conn is conn:
             link.conn = None
             with link.out_lock:
@@ -322,7 +322,7 @@ class Endpoint:
                 self._after_close(link)
             else:
                 log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
-                self._set_dead(link, None, lost=True)
+                self._set_dead(link, None, lost=True, reason=str(error))
 
     def _goodbye(self, conn: Connection, code: int | None) -> None:
         link = conn.link
@@ -331,10 +331,10 @@ class Endpoint:
             link.conn = None
         self._set_dead(link, code, lost=False)
 
-    def _set_dead(self, link: Link, code: int | None, *, lost: bool) -> None:
+    def _set_dead(self, link: Link, code: int | None, *, lost: bool, reason: str | None = None) -> None:
         if link.death is not None:
             return
-        link.death = (code, lost)
+        link.death = (code, lost, reason)
         with link.out_lock:
             link.wconn = None
         link.discard_output()

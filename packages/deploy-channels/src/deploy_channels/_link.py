@@ -213,8 +213,8 @@ class Link:
         self.resume_requested = False
         self.rx_watchers: set = set()
         self.tx_watchers: set = set()
-        # (code, lost) once the peer is gone; checked after the inbox is empty.
-        self.death: tuple[int | None, bool] | None = None
+        # (code, lost, reason) once the peer is gone; checked after the inbox is empty.
+        self.death: tuple[int | None, bool, str | None] | None = None
         self.has_sender = False
         self.has_receiver = False
 
@@ -224,8 +224,10 @@ class Link:
     # --- errors -------------------------------------------------------------------------
 
     def death_error(self) -> Exception:
-        code, lost = self.death
-        return PeerLost(self.pid) if lost else PeerExited(self.pid, code)
+        code, lost, reason = self.death
+        if not lost:
+            return PeerExited(self.pid, code)
+        return PeerLost(self.pid, f"lost the connection to peer {self.pid}: {reason}" if reason else None)
 
     def closed_error(self) -> ChannelClosed:
         return ChannelClosed(f"the endpoint {self.endpoint.pid} is closed")
