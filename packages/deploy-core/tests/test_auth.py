@@ -1,4 +1,4 @@
-"""The HMAC handshake: sans-IO in memory, then `authenticate` over real sockets."""
+"""The identity-bound HMAC handshake: sans-IO in memory, then `authenticate` over real sockets."""
 
 from __future__ import annotations
 
@@ -14,11 +14,33 @@ import pytest
 from deploy_core import AuthenticationError, Handshake, authenticate
 
 SECRET = b"correct horse battery staple"
-HELLO = 37  # MAGIC, VERSION, nonce
-CHALLENGE = 69  # MAGIC, VERSION, nonce, proof
+ME = "3fe0c1a2b3c4d5e6f708192a3b4c5d6e"  # the initiator's identity (a pid's hex)
+YOU = "bridge"  # the acceptor it wants
+HELLO = 5 + 34 + len(ME) + len(YOU)  # MAGIC, VERSION, nonce, two lengths, both identities
+CHALLENGE = HELLO + 32  # the same shape from the acceptor, plus its proof
 PROOF = 32
 TIMEOUT = 0.5
 MARGIN = 1.0
+
+
+def initiator(secret: bytes = SECRET, identity: str = ME, wanted: str = YOU) -> Handshake:
+    return Handshake(secret, initiator=True, identity=identity, wanted=wanted)
+
+
+def acceptor(secret: bytes = SECRET, identity: str = YOU) -> Handshake:
+    return Handshake(secret, initiator=False, identity=identity)
+
+
+def hello_of(nonce: bytes, identity: bytes, wanted: bytes, version: int = 2) -> bytes:
+    return b"DPLY" + bytes([version]) + nonce + bytes([len(identity), len(wanted)]) + identity + wanted
+
+
+def transcript(nonce_i: bytes, nonce_a: bytes, id_i: bytes, id_a: bytes) -> bytes:
+    return b"deploy-auth-v2" + nonce_i + nonce_a + bytes([len(id_i)]) + id_i + bytes([len(id_a)]) + id_a
+
+
+def mac(secret: bytes, label: bytes, t: bytes) -> bytes:
+    return hmac.new(secret, label + t, hashlib.sha256).digest()
 
 
 # ---------------------------------------------------------------------------- in memory
@@ -51,88 +73,160 @@ def pump(initiator: Handshake, acceptor: Handshake, chunk: int | None = None) ->
     return sent
 
 
-def test_same_secret_completes_both_sides() -> None:
-    initiator = Handshake(SECRET, initiator=True)
-    acceptor = Handshake(SECRET, initiator=False)
-    assert not initiator.done and not acceptor.done
-    sent = pump(initiator, acceptor)
-    assert initiator.done and acceptor.done
-    assert initiator.bytes_needed() == acceptor.bytes_needed() == 0
+def test_same_secret_completes_both_sides_with_identities_and_one_key() -> None:
+    i, a = initiator(), acceptor()
+    assert not i.done and not a.done
+    sent = pump(i, a)
+    assert i.done and a.done
+    assert i.bytes_needed() == a.bytes_needed() == 0
     assert [len(message) for message in sent["initiator"]] == [HELLO, PROOF]
     assert [len(message) for message in sent["acceptor"]] == [CHALLENGE]
-    assert initiator.data_to_send() == acceptor.data_to_send() == b""
+    assert i.data_to_send() == a.data_to_send() == b""
+    assert i.peer == YOU and a.peer == ME
+    assert len(i.key) == 32 and i.key == a.key
+
+
+def test_every_connection_gets_its_own_key() -> None:
+    keys = set()
+    for _ in range(20):
+        i, a = initiator(), acceptor()
+        pump(i, a)
+        keys.add(i.key)
+    assert len(keys) == 20
+
+
+def test_peer_and_key_need_a_finished_handshake() -> None:
+    i = initiator()
+    with pytest.raises(AuthenticationError, match="not complete"):
+        i.peer  # noqa: B018
+    with pytest.raises(AuthenticationError, match="not complete"):
+        i.key  # noqa: B018
 
 
 def test_bytes_needed_and_first_message() -> None:
-    initiator = Handshake(SECRET, initiator=True)
-    acceptor = Handshake(SECRET, initiator=False)
-    assert initiator.bytes_needed() == CHALLENGE
-    assert acceptor.bytes_needed() == HELLO
-    assert acceptor.data_to_send() == b""  # the acceptor speaks second
-    hello = initiator.data_to_send()
-    assert hello[:5] == b"DPLY\x01" and len(hello) == HELLO
-    assert initiator.data_to_send() == b""  # drained
-    acceptor.receive_data(hello[:10])
-    assert acceptor.bytes_needed() == HELLO - 10
+    i, a = initiator(), acceptor()
+    assert i.bytes_needed() == 5  # the version is read and checked first
+    assert a.bytes_needed() == 5
+    assert a.data_to_send() == b""  # the acceptor speaks second
+    hello = i.data_to_send()
+    assert hello[:5] == b"DPLY\x02" and len(hello) == HELLO
+    assert hello.endswith(ME.encode() + YOU.encode())
+    assert i.data_to_send() == b""  # drained
+    a.receive_data(hello[:3])
+    assert a.bytes_needed() == 2
+    a.receive_data(hello[3:5])
+    assert a.bytes_needed() == 34
+    a.receive_data(hello[5:39])
+    assert a.bytes_needed() == len(ME) + len(YOU)
 
 
 def test_bytearray_secret_works() -> None:
-    initiator = Handshake(bytearray(SECRET), initiator=True)
-    acceptor = Handshake(SECRET, initiator=False)
-    pump(initiator, acceptor)
-    assert initiator.done and acceptor.done
+    i, a = initiator(bytearray(SECRET)), acceptor()
+    pump(i, a)
+    assert i.done and a.done
 
 
 def test_one_byte_at_a_time() -> None:
-    initiator = Handshake(SECRET, initiator=True)
-    acceptor = Handshake(SECRET, initiator=False)
-    pump(initiator, acceptor, chunk=1)
-    assert initiator.done and acceptor.done
+    i, a = initiator(), acceptor()
+    pump(i, a, chunk=1)
+    assert i.done and a.done and i.key == a.key
 
 
 def test_fresh_nonces_every_time() -> None:
-    hellos = {Handshake(SECRET, initiator=True).data_to_send() for _ in range(50)}
+    hellos = {initiator().data_to_send() for _ in range(50)}
     assert len(hellos) == 50
 
 
 def test_wrong_secret_is_rejected_by_the_initiator() -> None:
-    initiator = Handshake(b"one secret", initiator=True)
-    acceptor = Handshake(b"another secret", initiator=False)
-    acceptor.receive_data(initiator.data_to_send())
+    i, a = initiator(b"one secret"), acceptor(b"another secret")
+    deliver(i.data_to_send(), a)
     with pytest.raises(AuthenticationError, match="shared secret"):
-        initiator.receive_data(acceptor.data_to_send())
-    assert not initiator.done
-    assert initiator.data_to_send() == b""  # no proof goes out after a failed check
-
-
-def initiator_proof(secret: bytes, hello: bytes, challenge: bytes) -> bytes:
-    """The initiator's proof as the module docstring specifies it."""
-    nonce_i, nonce_a = hello[5:HELLO], challenge[5:HELLO]
-    return hmac.new(secret, b"deploy-auth-v1 initiator" + nonce_a + nonce_i, hashlib.sha256).digest()
+        deliver(a.data_to_send(), i)
+    assert not i.done
+    assert i.data_to_send() == b""  # no proof goes out after a failed check
+    with pytest.raises(AuthenticationError, match="already failed"):
+        i.receive_data(b"x")
 
 
 @pytest.mark.parametrize(("secret", "accepted"), [(SECRET, True), (b"another secret", False)])
 def test_acceptor_checks_the_initiators_proof(secret: bytes, accepted: bool) -> None:
     # A well-formed proof made with the wrong secret (an initiator that skipped its own
     # check of the acceptor) is refused; the same construction with the right one passes.
-    hello = Handshake(secret, initiator=True).data_to_send()
-    acceptor = Handshake(SECRET, initiator=False)
-    acceptor.receive_data(hello)
-    proof = initiator_proof(secret, hello, acceptor.data_to_send())
+    hello = initiator(secret).data_to_send()
+    a = acceptor()
+    deliver(hello, a)
+    challenge = a.data_to_send()
+    t = transcript(hello[5:37], challenge[5:37], ME.encode(), YOU.encode())
+    proof = mac(secret, b"initiator ", t)
     if accepted:
-        acceptor.receive_data(proof)
-        assert acceptor.done
+        a.receive_data(proof)
+        assert a.done and a.key == mac(SECRET, b"key ", t)
     else:
         with pytest.raises(AuthenticationError, match="shared secret"):
-            acceptor.receive_data(proof)
-        assert not acceptor.done
+            a.receive_data(proof)
+        assert not a.done
+
+
+# --- relays: the attack of issue 13 -------------------------------------------------------
+
+
+def test_hello_relayed_to_a_different_acceptor_is_refused() -> None:
+    # The initiator wants the process whose port the attacker now holds; the attacker
+    # relays the hello to the bridge.
+    i = initiator(wanted="a" * 32)
+    bridge = acceptor(identity="bridge")
+    with pytest.raises(AuthenticationError, match="wants 'aaaa"):
+        deliver(i.data_to_send(), bridge)
+    assert bridge.data_to_send() == b""
+
+
+def test_relay_with_a_rewritten_wanted_identity_fails_at_the_initiator() -> None:
+    # The attacker rewrites `wanted` (the hello carries no MAC) so the bridge answers;
+    # the answer names the bridge and is refused by the initiator.
+    wanted = "a" * 32
+    i = initiator(wanted=wanted)
+    hello = i.data_to_send()
+    bridge = acceptor(identity="bridge")
+    deliver(hello_of(hello[5:37], ME.encode(), b"bridge"), bridge)
+    challenge = bridge.data_to_send()
+    with pytest.raises(AuthenticationError, match="not 'aaaa"):
+        deliver(challenge, i)
+    # Renaming the bridge in its answer breaks its MAC instead.
+    i = initiator(wanted=wanted)
+    hello = i.data_to_send()
+    bridge = acceptor(identity="bridge")
+    deliver(hello_of(hello[5:37], ME.encode(), b"bridge"), bridge)
+    challenge = bridge.data_to_send()
+    forged = challenge[:37] + bytes([len(wanted), len(ME)]) + wanted.encode() + ME.encode() + challenge[-32:]
+    with pytest.raises(AuthenticationError, match="shared secret"):
+        deliver(forged, i)
+    assert i.data_to_send() == b""
+
+
+def test_relay_with_a_rewritten_initiator_identity_fails() -> None:
+    # The attacker renames the initiator in the hello (to be accepted as someone else):
+    # the acceptor's answer names that identity and the initiator refuses it; repairing
+    # the name breaks the acceptor's MAC.
+    i, a = initiator(), acceptor()
+    hello = i.data_to_send()
+    deliver(hello_of(hello[5:37], b"f" * 32, YOU.encode()), a)
+    challenge = a.data_to_send()
+    with pytest.raises(AuthenticationError, match="answered"):
+        deliver(challenge, i)
+    i, a = initiator(), acceptor()
+    hello = i.data_to_send()
+    deliver(hello_of(hello[5:37], b"f" * 32, YOU.encode()), a)
+    challenge = a.data_to_send()
+    repaired = challenge[:37] + bytes([len(YOU), len(ME)]) + YOU.encode() + ME.encode() + challenge[-32:]
+    with pytest.raises(AuthenticationError, match="shared secret"):
+        deliver(repaired, i)
 
 
 def test_replayed_initiator_transcript_is_rejected() -> None:
-    sent = pump(Handshake(SECRET, initiator=True), Handshake(SECRET, initiator=False))
+    sent = pump(initiator(), acceptor())
     hello, proof = sent["initiator"]
-    fresh = Handshake(SECRET, initiator=False)
-    fresh.receive_data(hello)  # a hello alone proves nothing; the acceptor answers
+    fresh = acceptor()
+    deliver(hello, fresh)  # a hello alone proves nothing; the acceptor answers
     assert len(fresh.data_to_send()) == CHALLENGE
     with pytest.raises(AuthenticationError, match="shared secret"):
         fresh.receive_data(proof)
@@ -140,60 +234,106 @@ def test_replayed_initiator_transcript_is_rejected() -> None:
 
 
 def test_replayed_acceptor_transcript_is_rejected() -> None:
-    sent = pump(Handshake(SECRET, initiator=True), Handshake(SECRET, initiator=False))
+    sent = pump(initiator(), acceptor())
     (challenge,) = sent["acceptor"]
-    fresh = Handshake(SECRET, initiator=True)
+    fresh = initiator()
     fresh.data_to_send()
-    with pytest.raises(AuthenticationError, match="shared secret"):
-        fresh.receive_data(challenge)
+    with pytest.raises(AuthenticationError):
+        deliver(challenge, fresh)
 
 
-def test_reflected_nonce_is_rejected() -> None:
-    initiator = Handshake(SECRET, initiator=True)
-    hello = initiator.data_to_send()
+def test_reflected_hello_is_rejected() -> None:
+    i = initiator()
+    hello = i.data_to_send()
     with pytest.raises(AuthenticationError, match="nonce"):
-        initiator.receive_data(hello + b"\0" * PROOF)
+        deliver(hello, i)
+
+
+def test_reflected_proof_is_rejected() -> None:
+    # The attacker, without the secret, gets acceptor A's proof over a transcript and
+    # offers it back to A as the initiator's proof: the role labels differ.
+    a = acceptor()
+    deliver(hello_of(b"\x11" * 32, ME.encode(), YOU.encode()), a)
+    challenge = a.data_to_send()
+    with pytest.raises(AuthenticationError, match="shared secret"):
+        a.receive_data(challenge[-32:])
+    assert not a.done
 
 
 def test_reflected_proof_from_a_second_session_is_rejected() -> None:
     # An attacker without the secret talks to acceptor A, then opens a second session
     # to B with A's nonce as its own, hoping B's proof answers A's challenge.
-    a = Handshake(SECRET, initiator=False)
-    b = Handshake(SECRET, initiator=False)
-    a.receive_data(b"DPLY\x01" + b"\x11" * 32)
+    a, b = acceptor(), acceptor()
+    deliver(hello_of(b"\x11" * 32, ME.encode(), YOU.encode()), a)
     challenge_a = a.data_to_send()
-    b.receive_data(b"DPLY\x01" + challenge_a[5:HELLO])
+    deliver(hello_of(challenge_a[5:37], ME.encode(), YOU.encode()), b)
     challenge_b = b.data_to_send()
     with pytest.raises(AuthenticationError):
-        a.receive_data(challenge_b[HELLO:])
+        a.receive_data(challenge_b[-32:])
     assert not a.done
 
 
+# --- malformed input ----------------------------------------------------------------------
+
+
 def test_more_than_bytes_needed_is_rejected() -> None:
-    initiator = Handshake(SECRET, initiator=True)
-    acceptor = Handshake(SECRET, initiator=False)
+    i, a = initiator(), acceptor()
     with pytest.raises(AuthenticationError, match="more than"):
-        acceptor.receive_data(initiator.data_to_send() + b"x")
-    initiator = Handshake(SECRET, initiator=True)
+        a.receive_data(i.data_to_send())  # the whole hello at once, when 5 bytes are wanted
     with pytest.raises(AuthenticationError, match="more than"):
-        initiator.receive_data(b"\0" * (CHALLENGE + 1))
+        initiator().receive_data(b"\0" * (CHALLENGE + 1))
+
+
+def test_oversized_input_is_never_buffered() -> None:
+    # The largest lengths the hello can announce bound what is read: 255 each.
+    a = acceptor()
+    deliver(b"DPLY\x02" + b"\x07" * 32 + b"\xff\xff", a)
+    assert a.bytes_needed() == 510
+    with pytest.raises(AuthenticationError, match="more than"):
+        a.receive_data(b"x" * 511)
 
 
 def test_data_after_completion_is_rejected() -> None:
-    initiator = Handshake(SECRET, initiator=True)
-    acceptor = Handshake(SECRET, initiator=False)
-    pump(initiator, acceptor)
+    i, a = initiator(), acceptor()
+    pump(i, a)
     with pytest.raises(AuthenticationError):
-        acceptor.receive_data(b"x")
+        a.receive_data(b"x")
     with pytest.raises(AuthenticationError):
-        initiator.receive_data(b"x")
+        i.receive_data(b"x")
 
 
 def test_eof_mid_handshake_is_rejected() -> None:
-    acceptor = Handshake(SECRET, initiator=False)
-    acceptor.receive_data(b"DPLY")
+    a = acceptor()
+    a.receive_data(b"DPLY")
     with pytest.raises(AuthenticationError, match="closed"):
-        acceptor.receive_data(b"")
+        a.receive_data(b"")
+
+
+@pytest.mark.parametrize("cut", [1, 5, 20, 39, HELLO - 1])
+def test_truncated_hello_never_completes(cut: int) -> None:
+    a = acceptor()
+    deliver(initiator().data_to_send()[:cut], a)
+    assert not a.done and a.bytes_needed() > 0 and a.data_to_send() == b""
+
+
+@pytest.mark.parametrize("cut", [1, 5, 39, CHALLENGE - 1])
+def test_truncated_challenge_never_completes(cut: int) -> None:
+    i, a = initiator(), acceptor()
+    deliver(i.data_to_send(), a)
+    deliver(a.data_to_send()[:cut], i)
+    assert not i.done and i.bytes_needed() > 0 and i.data_to_send() == b""
+
+
+def test_empty_identity_in_a_hello_is_rejected() -> None:
+    a = acceptor()
+    with pytest.raises(AuthenticationError, match="empty identity"):
+        deliver(b"DPLY\x02" + b"\x07" * 32 + b"\x00\x06", a)
+
+
+def test_non_ascii_identity_in_a_hello_is_rejected() -> None:
+    a = acceptor()
+    with pytest.raises(AuthenticationError, match="ASCII"):
+        deliver(hello_of(b"\x07" * 32, "é".encode(), YOU.encode()), a)
 
 
 @pytest.mark.parametrize(
@@ -202,30 +342,45 @@ def test_eof_mid_handshake_is_rejected() -> None:
         b"GET / HTTP/1.1\r\nHost: 127.0.0.1:80\r\n\r\n",
         bytes(random.Random(1).randrange(256) for _ in range(HELLO)),
         b"\0" * HELLO,
-        b"dply\x01" + b"\0" * 32,  # magic is case-sensitive
+        b"dply\x02" + b"\0" * 32,  # magic is case-sensitive
     ],
     ids=["http", "random", "zeros", "lowercase-magic"],
 )
 def test_garbage_hello_is_rejected(hello: bytes) -> None:
-    acceptor = Handshake(SECRET, initiator=False)
+    a = acceptor()
     with pytest.raises(AuthenticationError, match="not speaking the deploy protocol"):
-        deliver(hello[:HELLO], acceptor)
-    assert acceptor.data_to_send() == b""
+        deliver(hello[:5], a)
+    assert a.data_to_send() == b""
 
 
-def test_other_version_is_rejected() -> None:
-    acceptor = Handshake(SECRET, initiator=False)
-    with pytest.raises(AuthenticationError, match="version 2"):
-        acceptor.receive_data(b"DPLY\x02" + b"\0" * 32)
+def test_version_1_peer_is_told_both_versions() -> None:
+    a = acceptor()
+    with pytest.raises(AuthenticationError, match="version 1, this side version 2"):
+        a.receive_data(b"DPLY\x01")  # checked before the rest of a v1 hello is read
 
 
 @pytest.mark.parametrize("secret", [b"", bytearray(), "text secret", None, 42])
 def test_secret_must_be_non_empty_bytes(secret: object) -> None:
     with pytest.raises(ValueError, match="secret"):
-        Handshake(secret, initiator=True)  # type: ignore[arg-type]
+        initiator(secret)  # type: ignore[arg-type]
     a, b = socket.socketpair()
     with a, b, pytest.raises(ValueError, match="secret"):
-        authenticate(a, secret, initiator=True, timeout=TIMEOUT)  # type: ignore[arg-type]
+        authenticate(a, secret, initiator=True, identity=ME, wanted=YOU, timeout=TIMEOUT)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("identity", ["", "x" * 256, "pid-é", None, b"bytes"])
+def test_identities_must_be_short_ascii(identity: object) -> None:
+    with pytest.raises(ValueError, match="identity"):
+        Handshake(SECRET, initiator=False, identity=identity)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="identity"):
+        Handshake(SECRET, initiator=True, identity=ME, wanted=identity)  # type: ignore[arg-type]
+
+
+def test_initiator_must_name_whom_it_wants_and_acceptor_must_not() -> None:
+    with pytest.raises(ValueError, match="wanted"):
+        Handshake(SECRET, initiator=True, identity=ME)
+    with pytest.raises(ValueError, match="only the initiator"):
+        Handshake(SECRET, initiator=False, identity=YOU, wanted=ME)
 
 
 # ---------------------------------------------------------------------------- sockets
@@ -241,10 +396,12 @@ def recv_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def side(sock: socket.socket, secret: bytes, *, initiator: bool, timeout: float = 5.0) -> None:
-    """`authenticate`, closing the socket on failure as a real server would."""
+def side(sock: socket.socket, secret: bytes, *, initiator: bool, timeout: float = 5.0) -> Handshake:
+    """`authenticate` as ME (initiator) or YOU, closing the socket on failure as a real server would."""
     try:
-        authenticate(sock, secret, initiator=initiator, timeout=timeout)
+        if initiator:
+            return authenticate(sock, secret, initiator=True, identity=ME, wanted=YOU, timeout=timeout)
+        return authenticate(sock, secret, initiator=False, identity=YOU, timeout=timeout)
     except BaseException:
         sock.close()
         raise
@@ -282,11 +439,12 @@ def test_right_secret_passes_both_ways_and_leaves_payload(connected, background)
         server.sendall(b"from the acceptor")
         return recv_exactly(server, len(b"from the initiator"))
 
-    acceptor = background(accept)
-    side(client, SECRET, initiator=True)
+    server_side = background(accept)
+    mine = side(client, SECRET, initiator=True)
     client.sendall(b"from the initiator")
+    assert mine.peer == YOU and len(mine.key) == 32
     assert recv_exactly(client, len(b"from the acceptor")) == b"from the acceptor"
-    assert acceptor.result() == b"from the initiator"
+    assert server_side.result() == b"from the initiator"
 
 
 @pytest.mark.timeout(10)
@@ -294,13 +452,13 @@ def test_payload_sent_with_the_proof_stays_in_the_socket(connected, background) 
     # The initiator writes its proof and the first payload in one send; the acceptor
     # must read only the proof.
     client, server = connected
-    acceptor = background(lambda: (side(server, SECRET, initiator=False), recv_exactly(server, 7))[1])
-    handshake = Handshake(SECRET, initiator=True)
+    server_side = background(lambda: (side(server, SECRET, initiator=False), recv_exactly(server, 7))[1])
+    handshake = initiator()
     client.sendall(handshake.data_to_send())
-    handshake.receive_data(recv_exactly(client, CHALLENGE))
+    deliver(recv_exactly(client, CHALLENGE), handshake)
     assert handshake.done
     client.sendall(handshake.data_to_send() + b"payload")
-    assert acceptor.result() == b"payload"
+    assert server_side.result() == b"payload"
 
 
 @pytest.mark.timeout(10)
@@ -309,9 +467,9 @@ def test_socket_timeout_is_restored(pair, background, previous: float | None) ->
     a, b = pair
     a.settimeout(previous)
     b.settimeout(previous)
-    acceptor = background(lambda: authenticate(b, SECRET, initiator=False, timeout=5))
-    authenticate(a, SECRET, initiator=True, timeout=5)
-    acceptor.result()
+    server_side = background(lambda: authenticate(b, SECRET, initiator=False, identity=YOU, timeout=5))
+    authenticate(a, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=5)
+    server_side.result()
     assert a.gettimeout() == previous
     assert b.gettimeout() == previous
 
@@ -319,22 +477,22 @@ def test_socket_timeout_is_restored(pair, background, previous: float | None) ->
 @pytest.mark.timeout(10)
 def test_wrong_secret_rejected_on_both_sides(connected, background) -> None:
     client, server = connected
-    acceptor = background(lambda: side(server, b"the acceptor's secret", initiator=False))
+    server_side = background(lambda: side(server, b"the acceptor's secret", initiator=False))
     with pytest.raises(AuthenticationError):
         side(client, b"the initiator's secret", initiator=True)
     with pytest.raises(AuthenticationError):
-        acceptor.result()
+        server_side.result()
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("sent", [b"", b"DPLY\x01" + b"\x22" * 10])
+@pytest.mark.parametrize("sent", [b"", b"DPLY\x02" + b"\x22" * 10])
 def test_initiator_closing_mid_handshake_is_rejected(connected, sent: bytes) -> None:
     client, server = connected
     client.sendall(sent)
     client.shutdown(socket.SHUT_WR)
     start = time.monotonic()
     with pytest.raises(AuthenticationError, match="closed"):
-        authenticate(server, SECRET, initiator=False, timeout=5)
+        authenticate(server, SECRET, initiator=False, identity=YOU, timeout=5)
     assert time.monotonic() - start < 2
 
 
@@ -344,12 +502,12 @@ def test_acceptor_closing_mid_handshake_is_rejected(connected, background) -> No
 
     def truncated_acceptor() -> None:
         assert len(recv_exactly(server, HELLO)) == HELLO
-        server.sendall(b"DPLY\x01" + b"\x33" * 20)
+        server.sendall(b"DPLY\x02" + b"\x33" * 20)
         server.shutdown(socket.SHUT_WR)
 
     fake = background(truncated_acceptor)
     with pytest.raises(AuthenticationError, match="closed"):
-        authenticate(client, SECRET, initiator=True, timeout=5)
+        authenticate(client, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=5)
     fake.result()
 
 
@@ -366,7 +524,7 @@ def test_garbage_rejected_by_acceptor(connected, garbage: bytes) -> None:
     client, server = connected
     client.sendall(garbage)
     with pytest.raises(AuthenticationError, match="not speaking the deploy protocol"):
-        authenticate(server, SECRET, initiator=False, timeout=5)
+        authenticate(server, SECRET, initiator=False, identity=YOU, timeout=5)
 
 
 @pytest.mark.timeout(10)
@@ -379,21 +537,21 @@ def test_garbage_rejected_by_initiator(connected, background) -> None:
 
     fake = background(http_server)
     with pytest.raises(AuthenticationError, match="not speaking the deploy protocol"):
-        authenticate(client, SECRET, initiator=True, timeout=5)
+        authenticate(client, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=5)
     fake.result()
 
 
 @pytest.mark.timeout(10)
 def test_replayed_transcript_rejected_over_a_socket(connected, background) -> None:
-    sent = pump(Handshake(SECRET, initiator=True), Handshake(SECRET, initiator=False))
+    sent = pump(initiator(), acceptor())
     hello, proof = sent["initiator"]
     client, server = connected
-    acceptor = background(lambda: side(server, SECRET, initiator=False))
+    server_side = background(lambda: side(server, SECRET, initiator=False))
     client.sendall(hello)
     assert len(recv_exactly(client, CHALLENGE)) == CHALLENGE
     client.sendall(proof)
     with pytest.raises(AuthenticationError, match="shared secret"):
-        acceptor.result()
+        server_side.result()
 
 
 @pytest.mark.timeout(10)
@@ -406,24 +564,24 @@ def test_reflected_nonce_rejected_over_a_socket(connected, background) -> None:
 
     fake = background(mirror)
     with pytest.raises(AuthenticationError, match="nonce"):
-        authenticate(client, SECRET, initiator=True, timeout=5)
+        authenticate(client, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=5)
     fake.result()
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("sent", [b"", b"DPLY\x01" + b"\x44" * 10], ids=["silent", "half"])
+@pytest.mark.parametrize("sent", [b"", b"DPLY\x02" + b"\x44" * 10], ids=["silent", "half"])
 def test_stalling_initiator_times_out(connected, sent: bytes) -> None:
     client, server = connected
     client.sendall(sent)
     start = time.monotonic()
     with pytest.raises(AuthenticationError, match="within 0.5s"):
-        authenticate(server, SECRET, initiator=False, timeout=TIMEOUT)
+        authenticate(server, SECRET, initiator=False, identity=YOU, timeout=TIMEOUT)
     elapsed = time.monotonic() - start
     assert TIMEOUT * 0.9 <= elapsed < TIMEOUT + MARGIN
 
 
 @pytest.mark.timeout(10)
-@pytest.mark.parametrize("sent", [b"", b"DPLY\x01" + b"\x55" * 40], ids=["silent", "half"])
+@pytest.mark.parametrize("sent", [b"", b"DPLY\x02" + b"\x55" * 40], ids=["silent", "half"])
 def test_stalling_acceptor_times_out(connected, background, sent: bytes) -> None:
     client, server = connected
 
@@ -434,7 +592,7 @@ def test_stalling_acceptor_times_out(connected, background, sent: bytes) -> None
     fake = background(stall)
     start = time.monotonic()
     with pytest.raises(AuthenticationError, match="within"):
-        authenticate(client, SECRET, initiator=True, timeout=TIMEOUT)
+        authenticate(client, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=TIMEOUT)
     assert time.monotonic() - start < TIMEOUT + MARGIN
     fake.result()
 
@@ -443,7 +601,7 @@ def test_stalling_acceptor_times_out(connected, background, sent: bytes) -> None
 def test_trickling_peer_cannot_extend_the_deadline(connected, background) -> None:
     # A byte every 0.1 s keeps every recv busy, but the deadline covers the whole handshake.
     client, server = connected
-    hello = Handshake(SECRET, initiator=True).data_to_send()
+    hello = initiator().data_to_send()
     stop = threading.Event()
 
     def trickle() -> None:
@@ -456,7 +614,7 @@ def test_trickling_peer_cannot_extend_the_deadline(connected, background) -> Non
     start = time.monotonic()
     try:
         with pytest.raises(AuthenticationError, match="within"):
-            authenticate(server, SECRET, initiator=False, timeout=TIMEOUT)
+            authenticate(server, SECRET, initiator=False, identity=YOU, timeout=TIMEOUT)
         assert time.monotonic() - start < TIMEOUT + MARGIN
     finally:
         stop.set()
@@ -466,9 +624,9 @@ def test_trickling_peer_cannot_extend_the_deadline(connected, background) -> Non
 @pytest.mark.timeout(10)
 def test_two_initiators_do_not_authenticate(pair, background) -> None:
     a, b = pair
-    other = background(lambda: authenticate(b, SECRET, initiator=True, timeout=TIMEOUT))
+    other = background(lambda: authenticate(b, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=TIMEOUT))
     with pytest.raises(AuthenticationError):
-        authenticate(a, SECRET, initiator=True, timeout=TIMEOUT)
+        authenticate(a, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=TIMEOUT)
     with pytest.raises(AuthenticationError):
         other.result()
 
@@ -478,4 +636,4 @@ def test_closed_socket_is_an_authentication_error(pair) -> None:
     a, b = pair
     b.close()
     with pytest.raises(AuthenticationError):
-        authenticate(a, SECRET, initiator=True, timeout=TIMEOUT)
+        authenticate(a, SECRET, initiator=True, identity=ME, wanted=YOU, timeout=TIMEOUT)

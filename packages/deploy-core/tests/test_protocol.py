@@ -292,3 +292,41 @@ def test_dumps_and_loads_user_round_trip() -> None:
     data = dumps_user(lambda x: x + 1, "function")
     assert isinstance(data, bytes)
     assert loads_user(data)(1) == 2
+
+
+# ---------------------------------------------------------------------------- loads_plain
+
+
+def test_loads_plain_reads_plain_values() -> None:
+    from deploy_core import loads_plain
+
+    value = ("spawn", b"bytes", "text", 1, 2.5, None, True, [1, 2], {"a": (3,)}, {4}, frozenset({5}))
+    assert loads_plain(pickle.dumps(value, protocol=5)) == value
+
+
+class _Calls:
+    def __reduce__(self):
+        return (_called.append, ("called",))
+
+
+_called: list = []
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pickle.dumps(_Calls()),
+        pickle.dumps(("ok", _Calls())),
+        pickle.dumps(Resources.default()),
+        b"",
+        b"\x80\x05junk",
+        pickle.dumps(("truncated", b"x" * 50))[:20],
+    ],
+    ids=["global", "nested-global", "dataclass", "empty", "junk", "truncated"],
+)
+def test_loads_plain_refuses_globals_and_garbage(data: bytes) -> None:
+    from deploy_core import loads_plain
+
+    with pytest.raises(DeployError, match="malformed message"):
+        loads_plain(data)
+    assert _called == []

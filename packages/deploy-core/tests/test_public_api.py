@@ -32,6 +32,7 @@ EXPECTED = {
     "authenticate",
     "dumps_user",
     "env",
+    "loads_plain",
     "loads_user",
 }
 

@@ -1,5 +1,8 @@
 """One TCP connection between two endpoints: connect, authenticate, exchange pids, frames.
 
+The handshake names both pids (ours, and the one we connect to), so the pid a hello
+frame announces must be the one the peer authenticated as.
+
 OS facts relied on:
 - A non-blocking ``connect`` returns EINPROGRESS; the socket turns writable once the
   attempt ends and ``SO_ERROR`` then says how. ECONNREFUSED on loopback means nothing
@@ -90,7 +93,13 @@ class Connection:
         self.link = link
         self.initiator = link is not None
         self.state = "connecting" if self.initiator else "auth"
-        self.handshake = Handshake(endpoint._secret, initiator=self.initiator)
+        # Bound to both pids: a connection relayed to any other process of the run fails.
+        self.handshake = Handshake(
+            endpoint._secret,
+            initiator=self.initiator,
+            identity=endpoint.pid.hex,
+            wanted=link.pid.hex if link is not None else None,
+        )
         self.decoder = FrameDecoder(_SETUP_MAX_FRAME)
         self.pre_out = bytearray()
         self.reading = True  # not paused by back-pressure
@@ -305,6 +314,10 @@ class Connection:
                     own, wanted = _wire.decode_hello(payload)
                 except ValueError:
                     raise FrameError("malformed hello") from None
+                if own.hex != self.handshake.peer:
+                    raise FrameError(
+                        f"the hello names pid {own}, but the peer authenticated as {self.handshake.peer[:7]}"
+                    )
                 if self.initiator:
                     endpoint._outgoing_hello(self, own)
                 else:

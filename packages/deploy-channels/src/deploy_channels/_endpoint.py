@@ -19,21 +19,37 @@ The acceptor decides which connection survives, and both sides must agree on it:
   them, so its peers see `PeerExited`; a connection reset before authenticating counts
   as refused (the listener closed with it in the backlog). Only an established
   connection broken without goodbye is `PeerLost`.
+
+Strangers (issue 13). At most `MAX_UNAUTHENTICATED` accepted connections may be
+authenticating at once: a newcomer over the cap evicts the oldest, since an honest
+peer's handshake takes one round trip (its hello usually arrives with the connection,
+and is read at once) while a flood's connections never finish. A wake-up accepts at
+most `_ACCEPT_BATCH`, so an honest connection outlives several wake-ups of a flood.
+
+OS facts relied on:
+- ``accept`` failing with EMFILE/ENFILE (no descriptor), ENOBUFS/ENOMEM leaves the
+  connection in the backlog, so the listener stays readable: accepting is paused (the
+  listener's READ dropped) for a back-off that doubles up to 1 s, and the oldest
+  unauthenticated connection is closed to free a descriptor.
+- ``socket()`` failing with those errors says nothing about the peer: the connect is
+  retried with back-off for up to `SETUP_TIMEOUT`, then left until more is sent; the
+  peer is never reported lost for it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
 import time
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 
 from deploy_core import ChannelExists, DeployError, Pid
 
 from . import _wire
-from ._connection import Connection
+from ._connection import SETUP_TIMEOUT, Connection
 from ._link import Link
 from ._loop import READ, EventLoop
 from .framing import DEFAULT_MAX_FRAME_SIZE
@@ -55,6 +71,12 @@ _SETUP_WAIT = 1.0
 # refused) cost both processes a handshake. The connection is still made to learn of a
 # peer that dies without ever connecting.
 _RECEIVER_CONNECT_DELAY = 0.05
+#: Accepted connections that may be authenticating at once (see the module comment).
+MAX_UNAUTHENTICATED = 128
+_ACCEPT_BATCH = 32
+_BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
+_NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_EVICTION_LOG_EVERY = 10.0
 
 
 class EndpointState:
@@ -130,6 +152,11 @@ class Endpoint:
         self._receivers: dict[Pid, weakref.ref] = {}
         self._exited: OrderedDict[Pid, tuple[int | None, bool, str | None]] = OrderedDict()
         self._conns: set[Connection] = set()
+        self._authenticating: deque[Connection] = deque()  # accepted, oldest first
+        self._accept_backoff = 0.0  # while accepting is paused for lack of descriptors
+        self._evicted = 0
+        self._evicted_logged = -_EVICTION_LOG_EVERY
+        self._starved: set[Pid] = set()  # links whose connect waits for a descriptor
         self._closed = False
         self._draining = False
         self._goodbye_frame = b""  # the goodbye frame, once draining
@@ -206,14 +233,35 @@ class Endpoint:
             return
         if self._draining and not link.out:
             return
-        if self._links.get(link.pid) is not link:
+        if self._links.get(link.pid) is not link or link.pid in self._starved:
             return
+        self._connect(link, None, _BACKOFF_FIRST)
+
+    def _connect(self, link: Link, starved_since: float | None, delay: float) -> None:
         family = socket.AF_INET6 if ":" in link.pid.host else socket.AF_INET
         try:
             sock = socket.socket(family, socket.SOCK_STREAM)
         except OSError as error:
-            log.warning("deploy.channels: cannot open a socket to %s: %s", link.pid, error)
-            self._set_dead(link, None, lost=True)
+            if error.errno not in _NO_DESCRIPTORS:
+                log.warning("deploy.channels: cannot open a socket to %s: %s", link.pid, error)
+                self._set_dead(link, None, lost=True)
+                return
+            # Our shortage, not the peer's fault: retry, and never call the peer lost.
+            now = time.monotonic()
+            if starved_since is None:
+                log.warning("deploy.channels: cannot open a socket to %s: %s; retrying", link.pid, error)
+                starved_since = now
+            if now - starved_since >= SETUP_TIMEOUT:
+                log.warning(
+                    "deploy.channels: still no descriptor for a socket to %s after %gs: %s; "
+                    "trying again when more is sent",
+                    link.pid,
+                    SETUP_TIMEOUT,
+                    error,
+                )
+                return
+            self._starved.add(link.pid)
+            self._loop.call_later(delay, self._retry_connect, link, starved_since, min(delay * 2, _BACKOFF_MAX))
             return
         conn = Connection(self, sock, link=link, addr=link.pid.addr)
         link.pending = conn
@@ -484,20 +532,73 @@ class Endpoint:
             link.idle_token += 1
             self._loop.call_later(self._linger, self._linger_over, link, link.idle_token)
 
+    def _retry_connect(self, link: Link, starved_since: float, delay: float) -> None:
+        self._starved.discard(link.pid)
+        if link.death is not None or link.conn is not None or link.pending is not None:
+            return
+        if self._links.get(link.pid) is not link or (self._draining and not link.out):
+            return
+        self._connect(link, starved_since, delay)
+
     # --- accepting ----------------------------------------------------------------------------
 
     def _on_listener(self, mask: int) -> None:
-        for _ in range(64):
+        for _ in range(_ACCEPT_BATCH):
             try:
                 sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as error:
-                log.warning("deploy.channels: accept failed: %s", error)
+                if error.errno in _NO_DESCRIPTORS:
+                    self._pause_accepting(error)
+                else:
+                    log.warning("deploy.channels: accept failed: %s", error)
                 return
+            if self._accept_backoff:
+                log.info("deploy.channels: accepting connections again")
+                self._accept_backoff = 0.0
+            self._make_room()
             conn = Connection(self, sock, link=None, addr=addr)
             self._conns.add(conn)
+            self._authenticating.append(conn)
             conn.start_accept()
+            conn.on_event(READ)  # an honest peer's hello usually came with the connection
+
+    def _unauthenticated(self) -> deque[Connection]:
+        pending = self._authenticating
+        if len(pending) >= MAX_UNAUTHENTICATED or (pending and pending[0].state != "auth"):
+            pending = self._authenticating = deque(conn for conn in pending if conn.state == "auth")
+        return pending
+
+    def _make_room(self, cap: int = MAX_UNAUTHENTICATED) -> None:
+        pending = self._unauthenticated()
+        while len(pending) >= cap:
+            oldest = pending.popleft()
+            self._evicted += 1
+            now = time.monotonic()
+            if now - self._evicted_logged >= _EVICTION_LOG_EVERY:
+                self._evicted_logged = now
+                log.warning(
+                    "deploy.channels: over %d connections authenticating at once: closed the oldest "
+                    "(from %s; %d so far)",
+                    MAX_UNAUTHENTICATED,
+                    oldest.addr,
+                    self._evicted,
+                )
+            self._connection_failed(oldest, ConnectionAbortedError("too many connections authenticating"), logged=True)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        if not self._accept_backoff:
+            log.warning("deploy.channels: cannot accept connections: %s; pausing", error)
+        self._accept_backoff = min(max(self._accept_backoff * 2, _BACKOFF_FIRST), _BACKOFF_MAX)
+        if self._unauthenticated():
+            self._make_room(cap=len(self._authenticating))  # one descriptor back from a stranger
+        self._loop.modify(self._listener.fileno(), 0)
+        self._loop.call_later(self._accept_backoff, self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._listener.fileno() != -1:  # not closed (it still accepts while draining)
+            self._loop.modify(self._listener.fileno(), READ)
 
     # --- closing ------------------------------------------------------------------------------
 

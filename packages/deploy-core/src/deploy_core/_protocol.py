@@ -23,7 +23,7 @@ from ._errors import DeployError, SerializationError
 from ._pid import Pid
 from ._resources import Resources
 
-__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_user"]
+__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_plain", "loads_user"]
 
 VERSION = 1
 _REQUEST = b"DSQ"
@@ -45,6 +45,7 @@ def dumps_user(value: Any, what: str) -> bytes:
 
 
 def loads_user(data: bytes) -> Any:
+    """Unpickle a user's function or value: only in the process that runs it."""
     return pickle.loads(data)
 
 
@@ -53,6 +54,18 @@ class _PlainUnpickler(pickle.Unpickler):
     # refusing globals keeps a crafted message from calling anything while decoding.
     def find_class(self, module: str, name: str) -> Any:
         raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a message")
+
+
+def loads_plain(data: bytes | bytearray | memoryview) -> Any:
+    """Unpickle a message of plain values (bytes, str, numbers, None, tuples, lists,
+    dicts, sets) without looking up any global, so decoding never calls anything.
+
+    Raises `DeployError` for anything else or for malformed data.
+    """
+    try:
+        return _PlainUnpickler(io.BytesIO(data)).load()
+    except Exception as error:
+        raise DeployError(f"malformed message: {error}") from None
 
 
 def _bytes(value: object) -> bytes:
@@ -72,7 +85,7 @@ def _decode(magic: bytes, data: bytes, name: str) -> tuple:
         raise DeployError(f"{name} message version {data[3]} is not supported (this side speaks {VERSION})")
     try:
         fields = _PlainUnpickler(io.BytesIO(memoryview(data)[4:])).load()
-    except Exception as error:
+    except Exception as error:  # whatever a crafted pickle makes the unpickler raise
         raise DeployError(f"malformed {name} message: {error}") from None
     if not isinstance(fields, tuple):
         raise DeployError(f"malformed {name} message")

@@ -1,11 +1,14 @@
 """deploy-fabric: the runtime behind deploy.init() and deploy.spawn().
 
-Local mode today: the bridge, a one-node fabric sized to this machine, and the fork
-server that starts every process.
+One module per role: the process side (`init`/`spawn`), the node (its fork server, which
+monitors its processes), the master (nodes, placement, spawns waiting for room), the
+bridge (events to output, the run's code) and the control protocol between them. Local
+mode is a master with one node sized to this machine and the bridge, in the process tree
+of ``python job.py``.
 """
 
 from ._output import HumanFormatter, JsonFormatter
-from ._runtime import init, pid, resources, spawn, try_spawn
+from ._process import init, pid, resources, spawn, try_spawn
 from ._scheduler import Node, Scheduler
 from ._version import __version__
 

@@ -1,40 +1,59 @@
-"""The fabric's control messages: pickled tuples of plain values in deploy_channels frames.
+"""The control protocol: the messages between a run's processes, its nodes and its master.
 
-Every control connection (process -> bridge, monitor -> bridge) is a TCP connection that
-first passes deploy_core's handshake, so by the time a message is unpickled its sender
-has proven it knows the run's secret. Blocking helpers serve the simple clients (a
-process asking for a spawn, a monitor streaming events); the bridge reads the same
-frames without blocking through `MessageReader`.
+A message is a tuple ``(Kind, field, ...)`` of plain values (str, bytes, int, float, None,
+tuples, lists, dicts), pickled with protocol 5 into one deploy_channels frame. Decoding
+refuses every global, so a control message can never make its reader call anything; the
+kind travels as its string value and comes back as a `Kind`.
+
+Every control connection over TCP (a process asking its master for spawns) first passes
+deploy_core's handshake, as the process's pid's hex wanting `BRIDGE`, so by the time a
+message is decoded its sender has proven it knows the run's secret, and the master
+checks every claim a message makes against that identity. Decoding is
+`deploy_core.loads_plain` (the one restricted unpickler): a user's function and argument
+cross as opaque bytes and are only unpickled by the process that runs them. Blocking
+helpers serve the simple clients; loops read the same frames without blocking through
+`MessageReader`.
 """
 
 from __future__ import annotations
 
+import enum
 import pickle
 import socket
 from typing import Any
 
 from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame
-from deploy_core import DeployError, authenticate
+from deploy_core import DeployError, authenticate, loads_plain
 
-__all__ = ["FrameDecoder", "MessageReader", "connect", "encode", "load", "recv_message", "send_message"]
+__all__ = ["FrameDecoder", "Kind", "MessageReader", "connect", "encode", "load", "recv_message", "send_message"]
 
 # Control messages are small; a spawn request carries the user's pickled function and
 # argument, so leave room for big arguments.
 MAX_MESSAGE = 1 << 30
 
-# Message kinds.
-HELLO_PROCESS = "process"  # (kind, pid_text): a user process's control connection
-MONITOR = "monitor"  # the role of a monitor's event stream (a socketpair from the zygote)
-SPAWN = "spawn"  # (kind, SpawnRequest bytes) -> reply (SPAWNED, SpawnReply bytes)
-SPAWNED = "spawned"
-OUTPUT = "output"  # (kind, fd, data)
-EXIT = "exit"  # (kind, code, signal, reason)
-FORK = "fork"  # bridge -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
-FORKED = "forked"  # zygote -> bridge, one packet: (kind, ticket, pid_text | None, error | None) + the monitor's fd
+#: The bridge's identity in the handshake; a process's is its pid's hex.
+BRIDGE = "bridge"
+
+
+class Kind(str, enum.Enum):
+    """What a control message is; its fields follow it in the tuple."""
+
+    HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection
+    SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes)
+    SPAWNED = "spawned"  # master -> process: (kind, SpawnReply bytes)
+    OUTPUT = "output"  # monitor -> node: (kind, fd, data)
+    EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
+    FORK = "fork"  # node -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
+    FORKED = "forked"  # zygote -> node, one packet with the monitor's fd: (kind, ticket, pid_text | None, error)
+
+
+def dumps(message: tuple) -> bytes:
+    """The pickled message (unframed), its kind as a plain string."""
+    return pickle.dumps((message[0].value, *message[1:]), protocol=5)
 
 
 def encode(message: tuple) -> bytes:
-    return encode_frame(pickle.dumps(message, protocol=5))
+    return encode_frame(dumps(message))
 
 
 def send_message(sock: socket.socket, message: tuple) -> None:
@@ -52,11 +71,14 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
         decoder.feed(sock.recv(1 << 16))
 
 
-def connect(addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: float = 10.0) -> socket.socket:
-    """A blocking, authenticated control connection to the fabric that has introduced itself."""
+def connect(
+    addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
+) -> socket.socket:
+    """A blocking control connection to the fabric, authenticated as ``identity``, that has
+    introduced itself."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        introduce(sock, addr, secret, hello, timeout=timeout)
+        introduce(sock, addr, secret, identity, hello, timeout=timeout)
     except BaseException:
         sock.close()
         raise
@@ -64,22 +86,26 @@ def connect(addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: floa
 
 
 def introduce(
-    sock: socket.socket, addr: tuple[str, int], secret: bytes, hello: tuple, *, timeout: float = 10.0
+    sock: socket.socket, addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
 ) -> None:
-    """Connect ``sock`` to the fabric, authenticate and send ``hello``."""
+    """Connect ``sock`` to the fabric, authenticate as ``identity`` and send ``hello``."""
     sock.settimeout(timeout)
     sock.connect(addr)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    authenticate(sock, secret, initiator=True, timeout=timeout)
+    authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
     sock.settimeout(None)
     send_message(sock, hello)
 
 
 def load(frame: Any) -> tuple:
-    message = pickle.loads(frame)
+    """Decode one message; DeployError for anything but a tuple of plain values led by a kind."""
+    message = loads_plain(frame)  # DeployError if it is not plain values
     if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
         raise DeployError("malformed control message")
-    return message
+    try:
+        return (Kind(message[0]), *message[1:])
+    except ValueError:
+        raise DeployError(f"unknown control message kind {message[0]!r}") from None
 
 
 class MessageReader:

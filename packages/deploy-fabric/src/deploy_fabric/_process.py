@@ -1,12 +1,15 @@
-"""The user's API in local mode: init(), spawn(), try_spawn(), pid(), resources().
+"""The process side: init(), spawn(), try_spawn(), pid(), resources() in a user process.
 
-init() forks: the original process becomes the bridge (with a one-node fabric sized to
-this machine) and never returns; a zygote forked at that moment serves every later
-spawn, and the top process is its first fork, returning out of init() into main.
+Local mode: init() forks; the original process becomes the master of a one-node fabric
+sized to this machine, with the run's bridge, and never returns; a zygote (the node's
+fork server) forked at that moment serves every later spawn, and the top process is its
+first fork, returning out of init() into main. Spawns go to the master over a control
+connection per thread.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,9 +28,11 @@ from deploy_monitor import exit_code, flush_stdio
 
 from . import _wire as wire
 from ._bridge import Bridge
+from ._master import Master
+from ._node import ZygoteLink, serve
 from ._output import HumanFormatter, JsonFormatter
-from ._scheduler import Node, Scheduler
-from ._zygote import serve
+from ._scheduler import Node
+from ._wire import Kind
 
 __all__ = ["init", "pid", "resources", "spawn", "try_spawn"]
 
@@ -61,7 +66,7 @@ os.register_at_fork(after_in_child=_forget_control_connections)
 def init(resources: Resources | None = None) -> None:
     """Start the runtime. Call it first in the program's main path.
 
-    The calling process becomes the bridge, which shows every process's output and exits
+    The calling process becomes the bridge (and the master of a one-node fabric), which shows every process's output and exits
     with the run's code once all have exited; init() returns in the top process, which
     goes on running main with ``resources`` reserved for it.
     """
@@ -95,16 +100,23 @@ def init(resources: Resources | None = None) -> None:
     if os.fork() == 0:
         for sock in (listener, requests_out, replies_in):
             sock.close()
-        top = serve(requests_in, replies_out, fabric, secret, _HOST)
-        _become(top.pid, None, top.resources, fabric, secret, start_endpoint(top.pid, top.listener, secret))
+        top = serve(
+            requests_in,
+            replies_out,
+            secret,
+            _HOST,
+            functools.partial(start_endpoint, secret=secret),
+            functools.partial(run_spawned, fabric=fabric, secret=secret),
+        )
+        _become(top.pid, None, top.resources, fabric, secret, start_endpoint(top.pid, top.listener, secret=secret))
         return
     requests_in.close()
     replies_out.close()
     code = 1
     try:
-        scheduler = Scheduler([Node("local", capacity)])
-        bridge = Bridge(listener, requests_out, replies_in, secret, formatter, scheduler)
-        code = bridge.run(resources)
+        master = Master(listener, secret, Bridge(formatter))
+        master.add_node(Node("local", capacity), ZygoteLink(requests_out, replies_in, master.selector, master))
+        code = master.run(resources)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -142,10 +154,10 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
     connection = getattr(_control, "connection", None)
     if connection is None:
-        connection = wire.connect(me.fabric, me.secret, (wire.HELLO_PROCESS, me.pid.format()))
+        connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
-        wire.send_message(connection, (wire.SPAWN, request.encode()))
+        wire.send_message(connection, (Kind.SPAWN, request.encode()))
         message = wire.recv_message(connection, _control.decoder)
     except OSError as error:
         message = None
@@ -162,7 +174,7 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     return reply.pid
 
 
-def start_endpoint(pid: Pid, listener: socket.socket, secret: bytes) -> deploy_channels.Endpoint:
+def start_endpoint(pid: Pid, listener: socket.socket, *, secret: bytes) -> deploy_channels.Endpoint:
     """This process's endpoint, on the port the zygote bound for it."""
     endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid)
     deploy_channels.set_default_endpoint(endpoint)
@@ -184,7 +196,7 @@ def _become(
 
 
 def run_spawned(
-    request: SpawnRequest, pid: Pid, endpoint: deploy_channels.Endpoint, fabric: tuple[str, int], secret: bytes
+    request: SpawnRequest, pid: Pid, endpoint: deploy_channels.Endpoint, *, fabric: tuple[str, int], secret: bytes
 ) -> int:
     """Run a spawned process's function in this (monitored) process; return its exit code."""
     if dict(os.environ) != request.env:  # usually equal: rewriting it costs a fresh process ~1 ms

@@ -1,8 +1,9 @@
-"""The fork server (zygote): a snapshot of the program taken at init(), forked per process.
+"""The node: a run's fork server (zygote) and the processes it monitors.
 
-The zygote is also every local process's monitor: one `deploy_monitor.Supervisor` loop
+The zygote is a snapshot of the program taken at init(), forked per process. It is also
+the monitor of every process of the run on its node: one `deploy_monitor.Supervisor` loop
 captures their output, enforces their resources, reaps them and streams each process's
-events to the bridge over a socketpair of its own, so a process costs one fork.
+events to the node over a socketpair of its own, so a process costs one fork.
 
 Facts relied on:
 - A fork copies the whole interpreter, the user's imported modules included, so a new
@@ -20,7 +21,7 @@ Facts relied on:
   copied before the job arrives rather than while the parent waits for the reply.
 - After a fork the zygote's own pages are shared again, so the zygote too pays a copy for
   each page it writes next: it forks its spares in a batch, paying that once per batch.
-- SCM_RIGHTS over a unix socket hands the bridge its end of each process's event stream; a
+- SCM_RIGHTS over a unix socket hands the node its end of each process's event stream; a
   SOCK_SEQPACKET socket keeps each reply and its fd together in one message.
 - A pipe holds 64 KiB: a bigger job is written as the process reads it, from the loop.
 """
@@ -32,19 +33,23 @@ import logging
 import os
 import pickle
 import select
+import selectors
 import signal
 import socket
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import deploy_channels
-from deploy_core import Handshake, Pid, Resources, SpawnRequest, loads_user
+from deploy_core import DeployError, Handshake, Pid, Resources, SpawnRequest, loads_user
 from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 from . import _wire as wire
+from ._wire import Kind
 
-__all__ = ["TopProcess", "serve"]
+__all__ = ["ProcessRun", "ProcessStart", "TopProcess", "ZygoteLink", "serve"]
 
 log = logging.getLogger("deploy.fabric")
 
@@ -61,10 +66,21 @@ class TopProcess:
     resources: Resources
 
 
+# The process side, handed in by whoever starts the zygote (the zygote does not import it):
+# the new process's endpoint on the port bound for it, then the run of its request.
+ProcessStart = Callable[[Pid, socket.socket], deploy_channels.Endpoint]
+ProcessRun = Callable[[SpawnRequest, Pid, deploy_channels.Endpoint], int]
+
+
 def serve(
-    requests: socket.socket, replies: socket.socket, fabric: tuple[str, int], secret: bytes, host: str
+    requests: socket.socket,
+    replies: socket.socket,
+    secret: bytes,
+    host: str,
+    start: ProcessStart,
+    run: ProcessRun,
 ) -> TopProcess:
-    """Serve fork requests from the bridge; returns only in the top process."""
+    """Serve fork requests from the node; returns only in the top process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bridge's to handle
     detect_enforcement()  # once, here: every process inherits the answer
     # A collection writes to every object it visits, which copies those pages in whichever
@@ -72,7 +88,7 @@ def serve(
     # never look, here and so in every process forked from here.
     gc.collect()
     gc.freeze()
-    return _Zygote(requests, replies, fabric, secret, host).run()
+    return _Zygote(requests, replies, secret, host, start, run).run()
 
 
 @dataclass
@@ -88,9 +104,9 @@ class _Process:
 
     def on_event(self, event: Output | Exit) -> None:
         message = (
-            (wire.OUTPUT, event.fd, event.data)
+            (Kind.OUTPUT, event.fd, event.data)
             if isinstance(event, Output)
-            else (wire.EXIT, event.code, event.signal, event.reason)
+            else (Kind.EXIT, event.code, event.signal, event.reason)
         )
         if self.events is None:
             self.backlog.append(message)
@@ -98,20 +114,27 @@ class _Process:
         try:
             wire.send_message(self.events, message)
         except OSError:
-            pass  # the bridge is gone: the lifeline has the process killed
+            pass  # the node is gone: the lifeline has the process killed
         if isinstance(event, Exit):
             self.events.close()
 
 
 class _Zygote:
     def __init__(
-        self, requests: socket.socket, replies: socket.socket, fabric: tuple[str, int], secret: bytes, host: str
+        self,
+        requests: socket.socket,
+        replies: socket.socket,
+        secret: bytes,
+        host: str,
+        start: ProcessStart,
+        run: ProcessRun,
     ):
         self.requests = requests
         self.replies = replies
-        self.fabric = fabric
         self.secret = secret
         self.host = host
+        self.start = start
+        self.run_process = run
         self.supervisor = Supervisor()
         self.reader = wire.MessageReader()
         self.spares: deque[_Process] = deque()
@@ -141,19 +164,19 @@ class _Zygote:
             except OSError:
                 data = b""
             if not data:
-                os._exit(0)  # the bridge is gone before the run began
+                os._exit(0)  # the node is gone before the run began
             for message in self.reader.feed(data):
                 return message
 
     # --- the top process ---------------------------------------------------------------------
 
     def _start_top(self) -> TopProcess | None:
-        """The bridge's first request is for the top process, which returns out of init()."""
+        """The first request is for the top process, which returns out of init()."""
         _, ticket, _, resources = self._read_request()
         resources = Resources(**resources)
         try:
             listener, pid = self._bind()
-            events, bridge_end = socket.socketpair()
+            events, node_end = socket.socketpair()
         except OSError as error:
             self._reply(ticket, None, f"cannot open a port for the top process: {error}", None)
             os._exit(1)
@@ -164,17 +187,17 @@ class _Zygote:
             resources=resources,
             keep_stdin=True,
             lifeline=events.fileno(),
-            close=[self.requests.fileno(), self.replies.fileno(), bridge_end.fileno()],
+            close=[self.requests.fileno(), self.replies.fileno(), node_end.fileno()],
         )
         if child is None:
             # The top process: those descriptors are closed already, and their numbers will
             # be reused; the socket objects must not close them again.
-            for sock in (self.requests, self.replies, events, bridge_end):
+            for sock in (self.requests, self.replies, events, node_end):
                 sock.detach()
             return TopProcess(pid, listener, resources)
         process.child = child
         listener.close()
-        self._reply(ticket, pid, None, bridge_end)
+        self._reply(ticket, pid, None, node_end)
         return None
 
     # --- spawned processes -------------------------------------------------------------------
@@ -197,17 +220,14 @@ class _Zygote:
             return
         job_r, job_w = os.pipe()
         process = _Process(pid)
-        context = (self.fabric, self.secret)
 
         def target() -> int:
-            from ._runtime import run_spawned, start_endpoint
-
-            endpoint = start_endpoint(pid, listener, context[1])
-            _warm_up(self.sample, context[1])
+            endpoint = self.start(pid, listener)
+            _warm_up(self.sample, self.secret)
             request = _read_job(job_r)
             if not request:
                 return 0  # a spare that never got a job
-            return run_spawned(SpawnRequest.decode(request), pid, endpoint, *context)
+            return self.run_process(SpawnRequest.decode(request), pid, endpoint)
 
         try:
             process.child = self.supervisor.start(
@@ -234,15 +254,15 @@ class _Zygote:
         except OSError:
             data = b""
         for message in self.reader.feed(data):
-            if message[0] == wire.FORK:
+            if message[0] == Kind.FORK:
                 self._assign(*message[1:])
         if not data or self.reader.closed:
-            # The bridge is gone: so is the run.
+            # The node is gone: so is the run.
             self.supervisor.close()
             os._exit(0)
 
     def _assign(self, ticket: int, request: bytes, resources: dict) -> None:
-        """Give the spare its job: the bridge learns the pid and gets the event stream."""
+        """Give the spare its job: the node learns the pid and gets the event stream."""
         spare = None
         while self.spares and spare is None:
             spare = self.spares.popleft()
@@ -256,8 +276,8 @@ class _Zygote:
         if spare is None or spare.child is None:
             self._reply(ticket, None, self.spare_error or "the fork server could not start the process", None)
             return
-        events, bridge_end = socket.socketpair()
-        self._reply(ticket, spare.pid, None, bridge_end)
+        events, node_end = socket.socketpair()
+        self._reply(ticket, spare.pid, None, node_end)
         spare.child.set_limits(Resources(**resources))  # (before the job: user code runs limited)
         spare.events = events
         for message in spare.backlog:
@@ -288,16 +308,16 @@ class _Zygote:
         os.close(process.job_fd)
         process.job_fd = -1
 
-    def _reply(self, ticket: int, pid: Pid | None, error: str | None, bridge_end: socket.socket | None) -> None:
-        fds = [bridge_end.fileno()] if bridge_end is not None else []
+    def _reply(self, ticket: int, pid: Pid | None, error: str | None, node_end: socket.socket | None) -> None:
+        fds = [node_end.fileno()] if node_end is not None else []
         try:
-            socket.send_fds(self.replies, [pickle.dumps((wire.FORKED, ticket, pid and pid.format(), error))], fds)
+            socket.send_fds(self.replies, [wire.dumps((Kind.FORKED, ticket, pid and pid.format(), error))], fds)
         except OSError:
             self.supervisor.close()
-            os._exit(0)  # the bridge is gone; so is the run
+            os._exit(0)  # the node is gone; so is the run
         finally:
-            if bridge_end is not None:
-                bridge_end.close()
+            if node_end is not None:
+                node_end.close()
 
 
 def _sample_function(parent: Pid, value: int) -> int:
@@ -309,10 +329,14 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     request = SpawnRequest.decode(sample)
     _ = dict(os.environ) == request.env
     loads_user(request.function)(request.parent, loads_user(request.argument))
-    initiator, acceptor = Handshake(secret, initiator=True), Handshake(secret, initiator=False)
-    acceptor.receive_data(initiator.data_to_send())  # the initiator's nonce
-    initiator.receive_data(acceptor.data_to_send())  # the acceptor's nonce and proof
-    acceptor.receive_data(initiator.data_to_send())  # the initiator's proof
+    initiator = Handshake(secret, initiator=True, identity=request.parent.hex, wanted=wire.BRIDGE)
+    acceptor = Handshake(secret, initiator=False, identity=wire.BRIDGE)
+    for source, target in ((initiator, acceptor), (acceptor, initiator), (initiator, acceptor)):
+        data = source.data_to_send()  # the hello, the acceptor's answer, the proof
+        while data:
+            size = target.bytes_needed()
+            target.receive_data(data[:size])
+            data = data[size:]
     pickle.loads(pickle.dumps(0, protocol=5))  # as a message is
     deploy_channels.Sender[int], deploy_channels.Receiver[int]  # noqa: B018  (the typed classes are cached)
 
@@ -336,3 +360,179 @@ def _read_exactly(pipe, size: int) -> bytes:
         chunks.append(chunk)
         size -= len(chunk)
     return b"".join(chunks)
+
+
+# --- the node's end of the zygote ---------------------------------------------------------
+
+
+class NodeEvents(Protocol):
+    """Who hears what the zygote and its processes report (the master, in local mode)."""
+
+    def forked(self, ticket: int, pid: Pid | None, error: str | None) -> None: ...
+    def output(self, pid: Pid, fd: int, data: bytes) -> None: ...
+    def exited(self, pid: Pid, code: int | None, signal_name: str | None, reason: str | None) -> None: ...
+    def zygote_lost(self, link: ZygoteLink) -> None: ...
+
+
+@dataclass
+class _Monitor:
+    """Our end of one process's event stream from the zygote."""
+
+    pid: Pid
+    sock: socket.socket
+    reader: wire.MessageReader = field(default_factory=wire.MessageReader)
+    exited: bool = False
+
+
+class ZygoteLink:
+    """The node's end of one run's zygote, served from the caller's selector loop.
+
+    Fork requests go to the zygote over a stream that is never written with a blocking
+    write: the zygote forwards every process's output here and may be waiting for us to
+    read it. Each reply comes back as one packet with our end of the new process's event
+    stream (SCM_RIGHTS), on which the zygote, its monitor, streams its output and exit: no
+    connection set-up and no handshake. A stream that ends before its exit event means
+    the monitor died, and so did its process (PR_SET_PDEATHSIG).
+    """
+
+    def __init__(
+        self,
+        to_zygote: socket.socket,
+        from_zygote: socket.socket,
+        selector: selectors.BaseSelector,
+        events: NodeEvents,
+    ):
+        self._to_zygote = to_zygote
+        self._to_zygote_outbox = bytearray()
+        self._from_zygote: socket.socket | None = from_zygote
+        self._selector = selector
+        self._events = events
+        self._monitors: dict[int, _Monitor] = {}
+        self.stopping = False
+        for sock in (to_zygote, from_zygote):
+            sock.setblocking(False)
+        selector.register(from_zygote, selectors.EVENT_READ, self._read_zygote)
+
+    @property
+    def alive(self) -> bool:
+        return self._from_zygote is not None
+
+    def fork(self, ticket: int, request: bytes | None, resources: Resources) -> None:
+        """Ask for a process (``request`` None: the top process); `forked` answers."""
+        data = wire.encode((Kind.FORK, ticket, request, resources.to_dict()))
+        if send_or_keep(self._to_zygote, self._to_zygote_outbox, data):
+            self._selector.register(self._to_zygote, selectors.EVENT_WRITE, self._flush_to_zygote)
+
+    def stop(self) -> None:
+        """Every monitor kills its process and reports; the zygote exits at the end of its stream."""
+        self.stopping = True
+        for monitor in self._monitors.values():
+            _stop_monitor(monitor)
+        if self._to_zygote_outbox:
+            self._to_zygote_outbox.clear()
+            self._selector.unregister(self._to_zygote)
+        self._to_zygote.close()
+
+    def _flush_to_zygote(self, mask: int) -> None:
+        if not flush_kept(self._to_zygote, self._to_zygote_outbox):
+            self._selector.unregister(self._to_zygote)
+
+    def _read_zygote(self, mask: int) -> None:
+        while self._from_zygote is not None:
+            try:
+                data, fds, _, _ = socket.recv_fds(self._from_zygote, 1 << 16, 1)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self._selector.unregister(self._from_zygote)
+                self._from_zygote.close()
+                self._from_zygote = None
+                self._events.zygote_lost(self)
+                return
+            message = wire.load(data)
+            if message[0] == Kind.FORKED:
+                self._forked(*message[1:], monitor_fd=fds[0] if fds else None)
+            for fd in fds[1:]:
+                os.close(fd)
+
+    def _forked(self, ticket: int, pid_text: str | None, error: str | None, *, monitor_fd: int | None) -> None:
+        if error is not None or pid_text is None or monitor_fd is None:
+            if monitor_fd is not None:
+                os.close(monitor_fd)
+            self._events.forked(ticket, None, error or "the fork server could not start the process")
+            return
+        pid = Pid.parse(pid_text)
+        self._events.forked(ticket, pid, None)  # first: the requester is waiting
+        monitor = _Monitor(pid, socket.socket(fileno=monitor_fd))
+        monitor.sock.setblocking(False)
+        self._monitors[monitor.sock.fileno()] = monitor
+        self._selector.register(monitor.sock, selectors.EVENT_READ, lambda mask: self._read_monitor(monitor))
+        if self.stopping:
+            _stop_monitor(monitor)
+
+    def _read_monitor(self, monitor: _Monitor) -> None:
+        try:
+            data = monitor.sock.recv(1 << 18)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        try:
+            messages = monitor.reader.feed(data)
+        except DeployError as error:
+            log.warning("dropped a monitor stream that sent a bad frame: %s", error)
+            messages, data = [], b""
+        for message in messages:
+            if monitor.exited:
+                break
+            if message[0] == Kind.OUTPUT:
+                self._events.output(monitor.pid, message[1], message[2])
+            elif message[0] == Kind.EXIT:
+                monitor.exited = True
+                self._events.exited(monitor.pid, *message[1:4])
+        if not data or monitor.reader.closed:
+            self._monitors.pop(monitor.sock.fileno(), None)
+            self._selector.unregister(monitor.sock)
+            monitor.sock.close()
+            if not monitor.exited:
+                monitor.exited = True
+                self._events.exited(monitor.pid, None, "SIGKILL", "its monitor died")
+
+
+def _stop_monitor(monitor: _Monitor) -> None:
+    try:
+        monitor.sock.shutdown(socket.SHUT_WR)  # the monitor's lifeline: it kills its process
+    except OSError:
+        pass
+
+
+def send_or_keep(sock: socket.socket, outbox: bytearray, data: bytes) -> bool:
+    """Send ``data`` after what ``outbox`` holds, as far as the socket takes it now, and keep
+    the rest; True when the outbox just began waiting for the socket to be writable. On a
+    broken socket the data is dropped: its reader sees the end."""
+    if outbox:
+        outbox += data
+        return False
+    try:
+        sent = sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        return False
+    outbox += memoryview(data)[sent:]
+    return bool(outbox)
+
+
+def flush_kept(sock: socket.socket, outbox: bytearray) -> bool:
+    """Send what the socket takes of ``outbox`` now; True while some is left."""
+    try:
+        sent = sock.send(outbox)
+    except (BlockingIOError, InterruptedError):
+        return True
+    except OSError:
+        outbox.clear()
+        return False
+    del outbox[:sent]
+    return bool(outbox)
