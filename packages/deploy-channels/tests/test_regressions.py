@@ -12,7 +12,7 @@ import time
 
 import pytest
 from deploy_channels import Receiver, Sender, _wire, aselect, select
-from deploy_core import ChannelClosed, PeerLost, Pid, SerializationError
+from deploy_core import ChannelClosed, ChannelExists, PeerLost, Pid, SerializationError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,7 +52,7 @@ def test_idle_close_request_during_a_large_message_loses_nothing(make_endpoint, 
     with Receiver(a.pid, endpoint=b) as rx:
         tx.send(b"first")
         assert rx.recv(timeout=10) == b"first"
-    link = b._links[a.pid]
+    link = b._links[a.pid.hex]
     big = bytes(range(256)) * (400 * 1024)  # 100 MiB
     tx.send(big)
     # B has no channel, nothing queued and nothing unread: its linger would ask A to close
@@ -65,7 +65,7 @@ def test_idle_close_request_during_a_large_message_loses_nothing(make_endpoint, 
     assert rx.recv(timeout=20) == big
     tx.send(b"after")
     assert rx.recv(timeout=10) == b"after"
-    assert a._links[b.pid].death is None and b._links[a.pid].death is None
+    assert a._links[b.pid.hex].death is None and b._links[a.pid.hex].death is None
 
 
 # --- 2. closing a channel wakes every thread and task blocked on it ----------------------
@@ -132,8 +132,8 @@ def test_closing_a_sender_wakes_a_send_blocked_by_backpressure(make_endpoint):
             tx.send(chunk)
 
     thread, outcome = in_thread(pump)
-    link = a._links[b.pid]
-    wait_until(lambda: link.tx_watchers and b._links[a.pid].paused)
+    link = a._links[b.pid.hex]
+    wait_until(lambda: link.tx_watchers and b._links[a.pid.hex].paused)
     time.sleep(0.2)
     assert link.tx_watchers and not outcome  # blocked for good, not just for a moment
     tx.close()
@@ -260,3 +260,26 @@ def test_peer_whose_host_does_not_resolve_is_lost_with_the_reason(make_endpoint,
     start = time.monotonic()
     ep.close()
     assert time.monotonic() - start < 1.0
+
+
+# --- 11. a peer is its 32-hex id: another spelling of its host is the same peer ----------
+
+
+def test_peer_named_with_another_host_spelling_is_the_same_peer(pair):
+    a, b = pair
+    b_as_localhost = Pid(b.pid.hex, "localhost", b.pid.port)
+    with Sender(b_as_localhost, endpoint=a) as tx, Receiver(a.pid, endpoint=b) as rx:
+        for i in range(3):
+            tx.send(i)
+        assert [rx.recv(timeout=10) for _ in range(3)] == [0, 1, 2]
+    # B answers over the connection A opened; A's Receiver, named the other way, gets it.
+    with Receiver(b_as_localhost, endpoint=a) as rx_a, Sender(a.pid, endpoint=b) as tx_b:
+        tx_b.send("back")
+        assert rx_a.recv(timeout=10) == "back"
+    with Sender(b_as_localhost, endpoint=a) as tx:
+        tx.send("still here")
+    with Receiver(a.pid, endpoint=b) as rx:
+        assert rx.recv(timeout=10) == "still here"
+    with pytest.raises(ChannelExists):
+        with Sender(b.pid, endpoint=a), Sender(b_as_localhost, endpoint=a):
+            pass

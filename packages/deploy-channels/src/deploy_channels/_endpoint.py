@@ -147,16 +147,17 @@ class Endpoint:
         self._listener = sock
         self.pid: Pid = pid
         self._lock = threading.RLock()
-        self._links: dict[Pid, Link] = {}
-        self._senders: dict[Pid, weakref.ref] = {}
-        self._receivers: dict[Pid, weakref.ref] = {}
-        self._exited: OrderedDict[Pid, tuple[int | None, bool, str | None]] = OrderedDict()
+        # Keyed by the peer's 32-hex id, its identity; its address is only where to reach it.
+        self._links: dict[str, Link] = {}
+        self._senders: dict[str, weakref.ref] = {}
+        self._receivers: dict[str, weakref.ref] = {}
+        self._exited: OrderedDict[str, tuple[int | None, bool, str | None]] = OrderedDict()
         self._conns: set[Connection] = set()
         self._authenticating: deque[Connection] = deque()  # accepted, oldest first
         self._accept_backoff = 0.0  # while accepting is paused for lack of descriptors
         self._evicted = 0
         self._evicted_logged = -_EVICTION_LOG_EVERY
-        self._starved: set[Pid] = set()  # links whose connect waits for a descriptor
+        self._starved: set[str] = set()  # links (by pid hex) whose connect waits for a descriptor
         self._closed = False
         self._draining = False
         self._goodbye_frame = b""  # the goodbye frame, once draining
@@ -180,21 +181,22 @@ class Endpoint:
     def _open_channel(self, kind: str, pid: Pid, channel: object) -> tuple[Link, weakref.ref]:
         if not isinstance(pid, Pid):
             raise TypeError(f"a channel needs a deploy_core.Pid, not {type(pid).__name__}")
-        if pid == self.pid or pid.hex == self.pid.hex:
+        if pid.hex == self.pid.hex:
             raise ValueError(f"cannot open a channel to your own pid ({pid})")
         registry = self._senders if kind == "sender" else self._receivers
+        key = pid.hex
         with self._lock:
             self._check_usable()
-            existing = registry.get(pid)
+            existing = registry.get(key)
             if existing is not None and existing() is not None:
                 raise ChannelExists(f"a {kind.capitalize()} to {pid} already exists in this process")
-            link = self._links.get(pid)
+            link = self._links.get(key)
             if link is None:
-                link = self._links[pid] = Link(self, pid)
-                if pid in self._exited:
-                    link.death = self._exited[pid]
+                link = self._links[key] = Link(self, pid)
+                if key in self._exited:
+                    link.death = self._exited[key]
             ref = weakref.ref(channel, lambda ref, kind=kind, pid=pid: self._close_channel(kind, pid, ref))
-            registry[pid] = ref
+            registry[key] = ref
             if kind == "sender":
                 link.has_sender = True
             else:
@@ -208,10 +210,10 @@ class Endpoint:
     def _close_channel(self, kind: str, pid: Pid, ref: weakref.ref) -> None:
         registry = self._senders if kind == "sender" else self._receivers
         with self._lock:
-            if registry.get(pid) is not ref:
+            if registry.get(pid.hex) is not ref:
                 return
-            del registry[pid]
-            link = self._links.get(pid)
+            del registry[pid.hex]
+            link = self._links.get(pid.hex)
             if link is not None:
                 if kind == "sender":
                     link.has_sender = False
@@ -233,7 +235,7 @@ class Endpoint:
             return
         if self._draining and not link.out:
             return
-        if self._links.get(link.pid) is not link or link.pid in self._starved:
+        if self._links.get(link.pid.hex) is not link or link.pid.hex in self._starved:
             return
         self._connect(link, None, _BACKOFF_FIRST)
 
@@ -260,7 +262,7 @@ class Endpoint:
                     error,
                 )
                 return
-            self._starved.add(link.pid)
+            self._starved.add(link.pid.hex)
             self._loop.call_later(delay, self._retry_connect, link, starved_since, min(delay * 2, _BACKOFF_MAX))
             return
         conn = Connection(self, sock, link=link, addr=link.pid.addr)
@@ -292,7 +294,7 @@ class Endpoint:
         link = conn.link
         if link.pending is conn:
             link.pending = None
-        if pid != link.pid:
+        if pid.hex != link.pid.hex:
             log.info("deploy.channels: %s now listens at %s: peer %s is gone", pid, link.pid.addr, link.pid)
             conn.close()
             self._set_dead(link, None, lost=False)
@@ -304,16 +306,16 @@ class Endpoint:
         self._attach(link, conn)
 
     def _incoming_hello(self, conn: Connection, pid: Pid, wanted: Pid | None) -> None:
-        if wanted != self.pid:
+        if wanted is None or wanted.hex != self.pid.hex:
             # The connector checks our pid and treats a mismatch as "peer gone".
             conn.send_setup(_wire.hello_frame(self.pid))
             conn.close()
             return
         with self._lock:
-            link = self._links.get(pid)
+            link = self._links.get(pid.hex)
             if link is None:
-                self._exited.pop(pid, None)
-                link = self._links[pid] = Link(self, pid)
+                self._exited.pop(pid.hex, None)
+                link = self._links[pid.hex] = Link(self, pid)
         conn.link = link
         if link.death is not None:
             conn.close()
@@ -386,7 +388,7 @@ class Endpoint:
         with link.out_lock:
             link.wconn = None
         link.discard_output()
-        self._exited[link.pid] = link.death
+        self._exited[link.pid.hex] = link.death
         while len(self._exited) > _EXITED_RECORD:
             self._exited.popitem(last=False)
         for conn in (link.conn, link.pending):
@@ -402,8 +404,8 @@ class Endpoint:
                 return False
             if link.conn is not None or link.pending is not None:
                 return False
-            if self._links.get(link.pid) is link:
-                del self._links[link.pid]
+            if self._links.get(link.pid.hex) is link:
+                del self._links[link.pid.hex]
             return True
 
     # --- reading back-pressure --------------------------------------------------------------
@@ -533,10 +535,10 @@ class Endpoint:
             self._loop.call_later(self._linger, self._linger_over, link, link.idle_token)
 
     def _retry_connect(self, link: Link, starved_since: float, delay: float) -> None:
-        self._starved.discard(link.pid)
+        self._starved.discard(link.pid.hex)
         if link.death is not None or link.conn is not None or link.pending is not None:
             return
-        if self._links.get(link.pid) is not link or (self._draining and not link.out):
+        if self._links.get(link.pid.hex) is not link or (self._draining and not link.out):
             return
         self._connect(link, starved_since, delay)
 
