@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pickle
 import random
 import signal
 import threading
@@ -283,3 +284,19 @@ def test_peer_named_with_another_host_spelling_is_the_same_peer(pair):
     with pytest.raises(ChannelExists):
         with Sender(b.pid, endpoint=a), Sender(b_as_localhost, endpoint=a):
             pass
+
+
+# --- 3. a buffer's value is captured when send() returns ---------------------------------
+
+
+def test_buffer_refilled_after_send_arrives_as_it_was_sent(pair):
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    buffer = bytearray(1 << 20)  # large: sent out of band, more than the kernel takes at once
+    for i in range(12):  # (12 MiB: queued, but under both sides' high water)
+        buffer[:] = bytes([i]) * len(buffer)
+        tx.send(pickle.PickleBuffer(buffer))
+    buffer[:] = b"\xff" * len(buffer)
+    for i in range(12):
+        got = rx.recv(timeout=10)
+        assert bytes(got[:1]) == bytes([i]) and bytes(got[-1:]) == bytes([i]), i

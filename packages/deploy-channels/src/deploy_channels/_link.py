@@ -278,7 +278,7 @@ class Link:
             if type(frame) is bytes:
                 out.append(bytearray(frame) if nbytes < _TAIL_MAX else frame)
             else:
-                out.extend(frame)
+                out.extend(_captured(frame))
             self.out_bytes += nbytes
             if self.wconn is None or self.flush_scheduled:
                 return
@@ -509,6 +509,13 @@ class Link:
     def wake_all(self) -> None:
         self.wake_rx()
         self.wake_tx()
+
+
+def _captured(chunks: list) -> list:
+    # A message's value is taken when send() returns: what the kernel did not take yet of
+    # the caller's own buffers (views of anything but immutable bytes) is copied, since
+    # the caller may refill them at once. Our own chunks are bytes, never copied.
+    return [bytes(chunk) if type(chunk) is memoryview and type(chunk.obj) is not bytes else chunk for chunk in chunks]
 
 
 def _rest(frame: bytes | list, sent: int) -> bytes | list:
