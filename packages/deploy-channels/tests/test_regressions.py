@@ -300,3 +300,35 @@ def test_buffer_refilled_after_send_arrives_as_it_was_sent(pair):
     for i in range(12):
         got = rx.recv(timeout=10)
         assert bytes(got[:1]) == bytes([i]) and bytes(got[-1:]) == bytes([i]), i
+
+
+# --- 6. a message that cannot be unpickled raises SerializationError ----------------------
+
+
+def test_message_that_cannot_be_unpickled_names_the_sender_and_the_cause(make_endpoint, children):
+    ep = make_endpoint()
+    proc = children.run(
+        """
+from dataclasses import dataclass
+ep = dc.Endpoint("127.0.0.1:0", secret=SECRET)
+parent = Pid.parse(sys.argv[1])
+print(ep.pid.format(), flush=True)
+
+@dataclass
+class Job:  # defined only in this process's __main__
+    n: int
+
+tx = dc.Sender(parent, endpoint=ep)
+tx.send(Job(1))
+tx.send(42)
+ep.close()
+""",
+        ep.pid.format(),
+    )
+    peer = Pid.parse(proc.stdout.readline())
+    rx = Receiver(peer, endpoint=ep)
+    with pytest.raises(SerializationError) as info:
+        rx.recv(timeout=10)
+    assert str(peer) in str(info.value) and "Job" in str(info.value)
+    assert rx.recv(timeout=10) == 42  # the stream goes on
+    assert proc.wait(timeout=10) == 0

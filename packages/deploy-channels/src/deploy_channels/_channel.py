@@ -7,7 +7,7 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Generic, TypeVar
 
-from deploy_core import ChannelClosed, PeerExited, Pid
+from deploy_core import ChannelClosed, PeerExited, Pid, SerializationError
 
 from ._default import default_endpoint
 from ._endpoint import Endpoint
@@ -178,7 +178,8 @@ class Receiver(_Channel[T]):
     _kind = "receiver"
 
     def recv(self, timeout: float | None = None) -> T:
-        """The next message; TimeoutError after ``timeout`` seconds without one.
+        """The next message; TimeoutError after ``timeout`` seconds without one;
+        `SerializationError` for a message that cannot be unpickled here (it is consumed).
 
         A KeyboardInterrupt (Ctrl-C) that ends a `recv` takes no message: the next `recv`
         returns the message this one would have.
@@ -282,7 +283,14 @@ class Receiver(_Channel[T]):
                 link.rx_watchers.discard(waiter)
 
     def _decode(self, payload: bytes) -> T:
-        value = decode_message(payload)
+        try:
+            value = decode_message(payload)
+        except Exception as error:
+            # A class or module the sender has and this process lacks, typically. The
+            # message is consumed; the ones after it still arrive.
+            raise SerializationError(
+                f"cannot unpickle a message from {self.pid}: {type(error).__name__}: {error}"
+            ) from error
         check = self._check
         if check is not None and not check(value):
             raise TypeError(
