@@ -332,3 +332,30 @@ ep.close()
     assert str(peer) in str(info.value) and "Job" in str(info.value)
     assert rx.recv(timeout=10) == 42  # the stream goes on
     assert proc.wait(timeout=10) == 0
+
+
+# --- 7. a lambda with a small PickleBuffer keeps the cloudpickle fallback -----------------
+
+
+def test_lambda_with_a_small_pickle_buffer_can_be_sent(pair):
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    offset = 1
+    tx.send((lambda x: x + offset, pickle.PickleBuffer(bytearray(b"small"))))
+    fn, buffer = rx.recv(timeout=10)
+    assert fn(1) == 2 and bytes(buffer) == b"small"
+
+
+def test_unpicklable_value_with_a_raising_repr_is_a_serialization_error(pair):
+    a, b = pair
+    tx = Sender(b.pid, endpoint=a)
+
+    class Broken:
+        def __reduce__(self):
+            raise RuntimeError("no pickling")
+
+        def __repr__(self):
+            raise RuntimeError("no repr either")
+
+    with pytest.raises(SerializationError, match="no pickling"):
+        tx.send([Broken(), pickle.PickleBuffer(bytearray(10))])
