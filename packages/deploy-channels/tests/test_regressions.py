@@ -359,3 +359,19 @@ def test_unpicklable_value_with_a_raising_repr_is_a_serialization_error(pair):
 
     with pytest.raises(SerializationError, match="no pickling"):
         tx.send([Broken(), pickle.PickleBuffer(bytearray(10))])
+
+
+# --- 8. received buffers are writable at every size ---------------------------------------
+
+
+@pytest.mark.parametrize("size", [100, 65_535, 65_536, 300_000, 4 * 2**20])
+def test_received_buffers_are_writable_at_every_size(pair, size):
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    sent = bytearray(bytes(range(256)) * (size // 256 + 1))[:size]
+    tx.send(pickle.PickleBuffer(sent))
+    got = rx.recv(timeout=10)
+    view = memoryview(got)
+    assert not view.readonly, type(got)
+    assert view.tobytes() == sent
+    view[0] = 255  # writable for real

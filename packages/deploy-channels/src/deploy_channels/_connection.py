@@ -49,7 +49,7 @@ from deploy_core import AuthenticationError, FrameError, Handshake
 
 from . import _wire
 from ._loop import READ, WRITE
-from .framing import FrameDecoder
+from .framing import CLOSED, NEED_DATA, FrameDecoder
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
@@ -270,7 +270,7 @@ class Connection:
             while self.state == "hello":
                 # One frame at a time: the pid exchange changes how the rest is read.
                 frame = decoder.next_frame()
-                if type(frame) is not bytes:
+                if frame is NEED_DATA or frame is CLOSED:
                     break
                 self._dispatch([frame])
             frames = decoder.frames() if self.state == "open" else []
@@ -435,7 +435,7 @@ class Connection:
                 except FrameError:
                     hand_back = True  # the loop meets it again and drops the connection
                     return None
-                if type(frame) is bytes:
+                if type(frame) is bytes or type(frame) is bytearray:
                     if frame and frame[-1] in _DATA_KINDS:
                         if decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)

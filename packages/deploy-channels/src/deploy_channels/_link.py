@@ -430,7 +430,7 @@ class Link:
                     # Read the socket ourselves rather than wait for the loop to hand us
                     # the message (see _connection's module comment).
                     payload = conn.read_direct(self, deadline, waiter)
-                    if type(payload) is bytes:
+                    if type(payload) is bytes or type(payload) is bytearray:
                         if deferred is not None:
                             deferred.direct = True
                         return payload

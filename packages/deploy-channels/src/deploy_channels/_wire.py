@@ -106,7 +106,7 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
     return b"".join((_HEADER_PACK(length), data, _DATA_TAIL)), length + 4
 
 
-def decode_message(payload: bytes) -> Any:
+def decode_message(payload: bytes | bytearray) -> Any:
     """Unpickle a data frame's payload (either data kind)."""
     if payload[-1] == DATA:
         return pickle.loads(payload)
@@ -117,9 +117,13 @@ def decode_message(payload: bytes) -> Any:
     offset += 8 * count
     data = view[offset : offset + pickle_length]
     offset += pickle_length
+    # The decoder hands over large frames as bytearrays: buffers built on them are
+    # writable, as the sender's were (a bytes payload would give read-only ones).
+    writable = type(payload) is bytearray
     buffers = []
     for size in sizes:
-        buffers.append(view[offset : offset + size])
+        buffer = view[offset : offset + size]
+        buffers.append(buffer if writable else bytearray(buffer))
         offset += size
     return pickle.loads(data, buffers=buffers)
 
