@@ -13,7 +13,7 @@ import time
 
 import pytest
 from deploy_channels import Receiver, Sender, _wire, aselect, select
-from deploy_core import ChannelClosed, ChannelExists, PeerLost, Pid, SerializationError
+from deploy_core import ChannelClosed, ChannelExists, DeployError, PeerLost, Pid, SerializationError
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -375,3 +375,42 @@ def test_received_buffers_are_writable_at_every_size(pair, size):
     assert not view.readonly, type(got)
     assert view.tobytes() == sent
     view[0] = 255  # writable for real
+
+
+# --- 9. an endpoint inherited through fork is unusable in the child ------------------------
+
+
+def test_inherited_channels_fail_in_a_forked_child_and_the_parent_keeps_them(pair):
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    back = Sender(a.pid, endpoint=b)
+    for i in range(3):
+        tx.send(i)
+    wait_until(lambda: len(b._links[a.pid.hex].inbox) == 3)  # unread, in b's inbox
+    read_fd, write_fd = os.pipe()
+    child = os.fork()
+    if child == 0:
+        code = 1
+        try:
+            os.close(read_fd)
+            outcomes = []
+            for call in (lambda: rx.recv(timeout=1), rx.recv_nowait, lambda: back.send("x"), lambda: select(rx)):
+                try:
+                    outcomes.append(repr(call()))
+                except DeployError as error:
+                    outcomes.append("inherited" if "inherited through fork" in str(error) else repr(error))
+                except BaseException as error:
+                    outcomes.append(repr(error))
+            os.write(write_fd, (" ".join(outcomes) + "\n").encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as pipe:
+        report = pipe.readline().split()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert report == ["inherited"] * 4, report
+    assert [rx.recv(timeout=5) for _ in range(3)] == [0, 1, 2]
+    tx.send("after")
+    assert rx.recv(timeout=5) == "after"

@@ -101,6 +101,8 @@ class _Channel(Generic[T]):
         link = self._link
         if link is None:
             raise self._closed_error()
+        if link.shut and link.loop.forked:
+            raise link.closed_error()  # inherited through fork: unusable in this process
         return link
 
     def _closed_error(self) -> ChannelClosed:

@@ -50,7 +50,7 @@ from deploy_core import ChannelExists, DeployError, Pid
 
 from . import _wire
 from ._connection import SETUP_TIMEOUT, Connection
-from ._link import Link
+from ._link import INHERITED, Link
 from ._loop import READ, EventLoop
 from .framing import DEFAULT_MAX_FRAME_SIZE
 
@@ -224,7 +224,7 @@ class Endpoint:
 
     def _check_usable(self) -> None:
         if self._loop.forked:
-            raise DeployError("this endpoint belongs to the parent process (it was inherited through fork)")
+            raise DeployError(INHERITED)
         if self._closed:
             raise DeployError(f"the endpoint {self.pid} is closed")
 
@@ -703,6 +703,14 @@ class Endpoint:
         for link in list(self._links.values()):
             link.shut = True
             link.out_lock = threading.Lock()
+            link.in_lock = threading.Lock()
+            # Copies of the parent's messages, in and out: the parent delivers them.
+            link.inbox.clear()
+            link.out.clear()
+            link.out_bytes = 0
+            link.conn = link.pending = None
+            link.rx_watchers.clear()
+            link.tx_watchers.clear()
 
 
 def _advertised_host(host: str) -> str:

@@ -17,7 +17,7 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
-from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid, SerializationError
+from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
 
 from ._interrupts import Interrupted
 from .framing import HEADER_SIZE
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from ._interrupts import DeferredInterrupt
 
 __all__ = ["AsyncWaiter", "FdWaiter", "Link", "Waiter", "deadline_after", "remaining"]
+
+INHERITED = "this endpoint belongs to the parent process (it was inherited through fork)"
 
 # Small frames are gathered into one bytearray up to this size, so the loop writes many
 # messages with a single sendmsg iovec.
@@ -229,7 +231,9 @@ class Link:
             return PeerExited(self.pid, code)
         return PeerLost(self.pid, f"lost the connection to peer {self.pid}: {reason}" if reason else None)
 
-    def closed_error(self) -> ChannelClosed:
+    def closed_error(self) -> DeployError:
+        if self.loop.forked:
+            return DeployError(INHERITED)
         return ChannelClosed(f"the endpoint {self.endpoint.pid} is closed")
 
     # --- user threads: sending ------------------------------------------------------------
