@@ -3,6 +3,7 @@
     python scripts/bench.py             # everything
     python scripts/bench.py channels    # messaging only (scripts/bench_channels.py)
     python scripts/bench.py runtime     # spawning only (scripts/bench_runtime.py)
+    python scripts/bench.py cluster     # local mode against a 3-node loopback fabric (scripts/bench_cluster.py)
 
 Peers: multiprocessing (Pipe and connection over TCP, fork and spawn start methods), a
 raw TCP socket with length-prefixed pickle, and pyzmq when installed
@@ -18,9 +19,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_channels  # noqa: E402
+import bench_cluster  # noqa: E402
 import bench_runtime  # noqa: E402
 
-SUITES = {"channels": lambda: bench_channels.main([]), "runtime": bench_runtime.main}
+SUITES = {
+    "channels": lambda: bench_channels.main([]),
+    "runtime": bench_runtime.main,
+    "cluster": lambda: bench_cluster.main([]),
+}
 
 
 def main(argv: list[str]) -> int:

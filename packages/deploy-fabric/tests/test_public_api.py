@@ -10,8 +10,12 @@ def test_public_surface_is_pinned():
         "__version__",
         "init",
         "pid",
+        "push",
         "resources",
+        "serve_master",
+        "serve_worker",
         "spawn",
+        "status",
         "try_spawn",
     }
 

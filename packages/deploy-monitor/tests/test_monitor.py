@@ -178,6 +178,28 @@ def test_output_is_live_when_sys_stdout_is_a_block_buffered_fd_1():
     assert parent_line_buffering is False  # only the child was reconfigured
 
 
+def test_a_printed_line_is_one_write_when_python_runs_unbuffered():
+    """``python -u`` / PYTHONUNBUFFERED=1 make sys.stdout write-through: each piece of a
+    print() would reach the pipe on its own. Line buffering must hold the line together."""
+
+    def monitor() -> tuple[list[bytes], Exit]:
+        sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), write_through=True)
+        recorder = Recorder()
+
+        def target() -> int:
+            for _ in range(20):
+                print("holder", 12345)
+                time.sleep(0.005)  # the monitor reads in between
+            return 0
+
+        exit = run_monitored(target, resources=None, on_event=recorder)
+        return [e.data for e in recorder.events if isinstance(e, Output) and e.fd == 1], exit
+
+    chunks, exit = in_fork(monitor)
+    assert exit.code == 0
+    assert chunks and all(chunk.endswith(b"\n") and b"holder 12345" in chunk for chunk in chunks), chunks
+
+
 def test_output_events_come_before_exit_even_without_pidfd(monkeypatch, recorder):
     monkeypatch.setattr(supervisor_module, "_USE_PIDFD", False)
 

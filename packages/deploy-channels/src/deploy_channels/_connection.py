@@ -115,6 +115,8 @@ class Connection:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if endpoint.keepalive is not None:
+                _keepalive(sock, endpoint.keepalive)
         except OSError:
             pass
 
@@ -536,3 +538,18 @@ def _address(addr: object) -> str:
     if isinstance(addr, tuple) and len(addr) >= 2:
         return f"{addr[0]}:{addr[1]}"
     return str(addr)
+
+
+def _keepalive(sock: socket.socket, seconds: float) -> None:
+    """Probe an idle connection so that a peer cut off without a FIN is an error in ``seconds``."""
+    idle = max(1, int(seconds * 0.4))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", idle),
+        ("TCP_KEEPINTVL", 1),
+        ("TCP_KEEPCNT", max(1, int(seconds) - idle)),
+        ("TCP_USER_TIMEOUT", int(seconds * 1000)),
+    ):
+        option = getattr(socket, name, None)
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)

@@ -115,6 +115,7 @@ class Endpoint:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         high_water: int = DEFAULT_HIGH_WATER,
         linger: float = DEFAULT_LINGER,
+        keepalive: float | None = None,
     ):
         if not isinstance(secret, (bytes, bytearray)) or not secret:
             raise ValueError("secret must be non-empty bytes")
@@ -122,6 +123,10 @@ class Endpoint:
         self._max_frame_size = int(max_frame_size)
         self._high_water = int(high_water)
         self._linger = float(linger)
+        # Seconds after which a peer that went silent without a FIN (a cut-off machine) is
+        # lost: TCP keepalive probes and TCP_USER_TIMEOUT on every connection. None: the
+        # kernel's defaults (hours), fine on one machine where a dead peer always resets.
+        self.keepalive = None if keepalive is None else float(keepalive)
         if sock is None:
             if address is None:
                 address = ("127.0.0.1", 0)

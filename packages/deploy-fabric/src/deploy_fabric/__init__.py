@@ -7,8 +7,10 @@ mode is a master with one node sized to this machine and the bridge, in the proc
 of ``python job.py``.
 """
 
+from ._daemon import serve_master, serve_worker
 from ._output import HumanFormatter, JsonFormatter
 from ._process import init, pid, resources, spawn, try_spawn
+from ._push import push, status
 from ._scheduler import Node, Scheduler
 from ._version import __version__
 
@@ -20,7 +22,11 @@ __all__ = [
     "__version__",
     "init",
     "pid",
+    "push",
     "resources",
+    "serve_master",
+    "serve_worker",
     "spawn",
+    "status",
     "try_spawn",
 ]

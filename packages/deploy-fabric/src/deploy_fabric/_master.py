@@ -85,6 +85,7 @@ class _Process:
     resources: Resources
     node: Node
     exited: bool = False
+    started: float = field(default_factory=time.time)
 
 
 @dataclass
@@ -99,13 +100,27 @@ class _Pending:
 
 
 class Master:
-    def __init__(self, listener: socket.socket, secret: bytes, bridge: Bridge):
-        self.selector = selectors.DefaultSelector()
+    """One run's master. Local mode runs it alone (`run`); the cluster's master daemon drives
+    one per run from its own loop (`start`, `finished`, `finish`), all sharing its nodes."""
+
+    def __init__(
+        self,
+        listener: socket.socket,
+        secret: bytes,
+        bridge: Bridge,
+        *,
+        selector: selectors.BaseSelector | None = None,
+        scheduler: Scheduler | None = None,
+        handle_for: Callable[[Node], NodeHandle] | None = None,
+    ):
+        self.selector = selector or selectors.DefaultSelector()
         self._listener = listener
         self._secret = secret
         self._bridge = bridge
-        self._scheduler: Scheduler | None = None
+        self._scheduler = scheduler
         self._nodes: dict[str, NodeHandle] = {}
+        self._handle_for = handle_for
+        self.started = time.time()
         self._conns: dict[int, _Conn] = {}
         self._processes: dict[str, _Process] = {}
         self._tickets: dict[int, _Pending] = {}
@@ -125,39 +140,80 @@ class Master:
         else:
             self._scheduler.nodes.append(node)
 
+    def _node_handle(self, node: Node) -> NodeHandle:
+        handle = self._nodes.get(node.name)
+        if handle is None:
+            assert self._handle_for is not None
+            handle = self._nodes[node.name] = self._handle_for(node)
+        return handle
+
     # -- the loop ---------------------------------------------------------------------
 
     def run(self, top: Resources) -> int:
         """Start the top process, serve until every process has exited; return the run's code."""
-        assert self._scheduler is not None, "a master needs a node"
-        for sock in (self._listener, self._wakeup_r, self._wakeup_w):
-            sock.setblocking(False)
-        self.selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        self._wakeup_r.setblocking(False)
+        self._wakeup_w.setblocking(False)
         self.selector.register(self._wakeup_r, selectors.EVENT_READ, self._read_signals)
         signal.set_wakeup_fd(self._wakeup_w.fileno(), warn_on_full_buffer=False)
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self._on_signal)
-
-        node = self._scheduler.place(top)
-        if node is None:
-            raise DeployError(f"cannot start: {self._scheduler.impossible(top) or 'no capacity'}")
-        self._fork(_Pending(None, None, top, None, node))
-        while not self._finished():
-            timeout = self._housekeeping()
+        problem = self.start(top)
+        if problem is not None:
+            raise DeployError(f"cannot start: {problem}")
+        while not self.finished():
+            timeout = self.housekeeping()
             for key, mask in self.selector.select(timeout):
                 key.data(mask)
+        return self.finish()
+
+    def start(self, top: Resources) -> str | None:
+        """Place and start the top process; why it cannot be, or None."""
+        assert self._scheduler is not None, "a master needs a node"
+        self._listener.setblocking(False)
+        self.selector.register(self._listener, selectors.EVENT_READ, self._accept)
+        node = self._scheduler.place(top)
+        if node is None:
+            return self._scheduler.impossible(top) or "no capacity"
+        self._fork(_Pending(None, None, top, None, node))
+        return None
+
+    def finish(self) -> int:
+        """Report what is still silent and close; the run's exit code."""
         for process in self._processes.values():
             if not process.exited:  # still silent after Ctrl-C: its monitor has the lifeline
-                self.exited(process.pid, None, "SIGKILL", "run interrupted")
+                self.exited(process.pid, None, "SIGKILL", "interrupted")
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        try:
+            self.selector.unregister(self._listener)
+        except (KeyError, ValueError):
+            pass
+        self._listener.close()
         return self._bridge.close()
 
-    def _finished(self) -> bool:
+    @property
+    def processes(self) -> list[tuple[Pid, Resources, str]]:
+        """Every live process: its pid, resources and node's name."""
+        return [(p.pid, p.resources, p.node.name) for p in self._processes.values() if not p.exited]
+
+    @property
+    def addr(self) -> tuple[str, int]:
+        """Where this run's processes reach their master."""
+        return self._listener.getsockname()[:2]
+
+    def spawned_at(self, pid: Pid) -> float:
+        return self._processes[pid.hex].started
+
+    def started_on(self) -> list[NodeHandle]:
+        return list(self._nodes.values())
+
+    def finished(self) -> bool:
         if self._interrupted is not None and time.monotonic() - self._interrupted > _INTERRUPT_GRACE:
             return True
         live = any(not process.exited for process in self._processes.values())
         return not live and not self._tickets and not self._queue
 
-    def _housekeeping(self) -> float:
+    def housekeeping(self) -> float:
         """Flush held partial lines and expire stale state; return the select timeout."""
         now = time.monotonic()
         timeout = 1.0
@@ -313,26 +369,38 @@ class Master:
         process = self._processes.get(pid.hex)
         if process is None or process.exited:
             return
-        if self._interrupted is not None and reason == "bridge lost":
-            reason = "run interrupted"
+        if self._interrupted is not None and reason in ("bridge lost", "its monitor died"):
+            reason = "interrupted"
         process.exited = True
         self._bridge.exited(pid, code, signal_name, reason)
         assert self._scheduler is not None
         self._scheduler.release(process.node, process.resources)
-        self._place_queued()
+        self.place_queued()
 
-    def zygote_lost(self, link: NodeHandle) -> None:
+    def zygote_lost(self, link: NodeHandle, why: str = "the fork server exited") -> None:
         if self._interrupted is None:
-            log.error("the fork server exited")
+            log.error("%s", why)
         lost = [name for name, handle in self._nodes.items() if handle is link]
         for ticket, pending in list(self._tickets.items()):
             if pending.node is not None and pending.node.name in lost:
                 del self._tickets[ticket]
-                self._fail(pending, "the fork server exited")
-        if len(lost) == len(self._nodes):
+                self._fail(pending, why)
+        if self._handle_for is None and len(lost) == len(self._nodes):
             for pending in self._queue:
-                self._fail(pending, "the fork server exited")
+                self._fail(pending, why)
             self._queue.clear()
+
+    def node_lost(self, name: str) -> None:
+        """A node is gone: its processes exited with reason 'node lost'."""
+        handle = self._nodes.pop(name, None)
+        for process in list(self._processes.values()):
+            if process.node.name == name and not process.exited:
+                self.exited(process.pid, None, "SIGKILL", "node lost")
+        for ticket, pending in list(self._tickets.items()):
+            if pending.node is not None and pending.node.name == name:
+                del self._tickets[ticket]
+                self._fail(pending, "node lost")
+        del handle
 
     # -- spawning ---------------------------------------------------------------------
 
@@ -372,7 +440,7 @@ class Master:
         self._fork(pending)
         return True
 
-    def _place_queued(self) -> None:
+    def place_queued(self) -> None:
         while self._queue and self._try_place(self._queue[0]):
             self._queue.popleft()
 
@@ -381,7 +449,7 @@ class Master:
         ticket = self._next_ticket
         self._next_ticket += 1
         self._tickets[ticket] = pending
-        self._nodes[pending.node.name].fork(ticket, pending.request, pending.resources)
+        self._node_handle(pending.node).fork(ticket, pending.request, pending.resources)
 
     def _fail(self, pending: _Pending, why: str) -> None:
         if pending.node is not None:
@@ -411,6 +479,8 @@ class Master:
 
     def interrupt(self, signum: signal.Signals) -> None:
         """Stop the run: every monitor kills its process and reports; no new spawns."""
+        if self._interrupted is not None:
+            return
         log.info("%s: stopping every process of the run", signum.name)
         self._interrupted = time.monotonic()
         self._bridge.failed(128 + signum.value)

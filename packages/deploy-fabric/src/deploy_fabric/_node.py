@@ -79,8 +79,11 @@ def serve(
     host: str,
     start: ProcessStart,
     run: ProcessRun,
+    *,
+    top: bool = True,
 ) -> TopProcess:
-    """Serve fork requests from the node; returns only in the top process."""
+    """Serve fork requests from the node; returns only in the top process (whose fork is the
+    first request, unless ``top`` is False: a cluster node that runs none)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the bridge's to handle
     detect_enforcement()  # once, here: every process inherits the answer
     # A collection writes to every object it visits, which copies those pages in whichever
@@ -88,7 +91,7 @@ def serve(
     # never look, here and so in every process forked from here.
     gc.collect()
     gc.freeze()
-    return _Zygote(requests, replies, secret, host, start, run).run()
+    return _Zygote(requests, replies, secret, host, start, run).run(top)
 
 
 @dataclass
@@ -144,8 +147,8 @@ class _Zygote:
         ).encode()
         self.spare_error = ""
 
-    def run(self) -> TopProcess:
-        top = self._start_top()
+    def run(self, with_top: bool) -> TopProcess:
+        top = self._start_top() if with_top else None
         if top is not None:
             return top
         self.supervisor.watch(self.requests.fileno(), self._on_requests)
@@ -197,7 +200,7 @@ class _Zygote:
             return TopProcess(pid, listener, resources)
         process.child = child
         listener.close()
-        self._reply(ticket, pid, None, node_end)
+        self._reply(ticket, pid, None, node_end, child.pid)
         return None
 
     # --- spawned processes -------------------------------------------------------------------
@@ -277,7 +280,7 @@ class _Zygote:
             self._reply(ticket, None, self.spare_error or "the fork server could not start the process", None)
             return
         events, node_end = socket.socketpair()
-        self._reply(ticket, spare.pid, None, node_end)
+        self._reply(ticket, spare.pid, None, node_end, spare.child.pid)
         spare.child.set_limits(Resources(**resources))  # (before the job: user code runs limited)
         spare.events = events
         for message in spare.backlog:
@@ -308,10 +311,18 @@ class _Zygote:
         os.close(process.job_fd)
         process.job_fd = -1
 
-    def _reply(self, ticket: int, pid: Pid | None, error: str | None, node_end: socket.socket | None) -> None:
+    def _reply(
+        self,
+        ticket: int,
+        pid: Pid | None,
+        error: str | None,
+        node_end: socket.socket | None,
+        os_pid: int | None = None,
+    ) -> None:
         fds = [node_end.fileno()] if node_end is not None else []
+        message = (Kind.FORKED, ticket, pid and pid.format(), error, os_pid)
         try:
-            socket.send_fds(self.replies, [wire.dumps((Kind.FORKED, ticket, pid and pid.format(), error))], fds)
+            socket.send_fds(self.replies, [wire.dumps(message)], fds)
         except OSError:
             self.supervisor.close()
             os._exit(0)  # the node is gone; so is the run
@@ -380,6 +391,7 @@ class _Monitor:
 
     pid: Pid
     sock: socket.socket
+    os_pid: int | None
     reader: wire.MessageReader = field(default_factory=wire.MessageReader)
     exited: bool = False
 
@@ -457,7 +469,13 @@ class ZygoteLink:
             for fd in fds[1:]:
                 os.close(fd)
 
-    def _forked(self, ticket: int, pid_text: str | None, error: str | None, *, monitor_fd: int | None) -> None:
+    def os_pids(self) -> dict[Pid, int]:
+        """The operating system's pid of each live process."""
+        return {m.pid: m.os_pid for m in self._monitors.values() if not m.exited and m.os_pid is not None}
+
+    def _forked(
+        self, ticket: int, pid_text: str | None, error: str | None, os_pid: int | None, *, monitor_fd: int | None
+    ) -> None:
         if error is not None or pid_text is None or monitor_fd is None:
             if monitor_fd is not None:
                 os.close(monitor_fd)
@@ -465,7 +483,7 @@ class ZygoteLink:
             return
         pid = Pid.parse(pid_text)
         self._events.forked(ticket, pid, None)  # first: the requester is waiting
-        monitor = _Monitor(pid, socket.socket(fileno=monitor_fd))
+        monitor = _Monitor(pid, socket.socket(fileno=monitor_fd), os_pid)
         monitor.sock.setblocking(False)
         self._monitors[monitor.sock.fileno()] = monitor
         self._selector.register(monitor.sock, selectors.EVENT_READ, lambda mask: self._read_monitor(monitor))

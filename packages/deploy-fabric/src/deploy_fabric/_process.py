@@ -39,6 +39,14 @@ __all__ = ["init", "pid", "resources", "spawn", "try_spawn"]
 log = logging.getLogger("deploy.fabric")
 _HOST = "127.0.0.1"
 
+# Internal variables with which a cluster node starts `python SCRIPT ARGS` as a run's zygote.
+ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": forks only
+ZYGOTE_FDS = "DEPLOY_ZYGOTE_FDS"  # "R,W": the request stream and the reply packet socket
+RUN_SECRET = "DEPLOY_RUN_SECRET"  # hex: the run's own secret
+NODE_HOST = "DEPLOY_NODE_HOST"  # the host the node's processes listen on
+# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds.
+PEER_LOST_AFTER = 5.0
+
 
 @dataclass
 class _Process:
@@ -82,6 +90,10 @@ def init(resources: Resources | None = None) -> None:
     threads = [thread.name for thread in threading.enumerate() if thread is not threading.main_thread()]
     if threads:
         raise DeployError(f"deploy.init() must run before any thread is started; running: {', '.join(threads)}")
+    if ZYGOTE in os.environ:
+        _init_called = True
+        _serve_cluster_node()
+        return
     formatter = _formatter()
     _configure_logging()
     capacity = _machine()
@@ -121,6 +133,29 @@ def init(resources: Resources | None = None) -> None:
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _serve_cluster_node() -> None:
+    """Become this run's fork server on this node (the node started us); returns in the top process."""
+    mode = os.environ.pop(ZYGOTE)
+    requests_fd, replies_fd = (int(fd) for fd in os.environ.pop(ZYGOTE_FDS).split(","))
+    secret = bytes.fromhex(os.environ.pop(RUN_SECRET))
+    host, port = os.environ.pop(env.FABRIC).rsplit(":", 1)
+    fabric = (host, int(port))
+    node_host = os.environ.pop(NODE_HOST)
+    _configure_logging()
+    flush_stdio()
+    top = serve(
+        socket.socket(fileno=requests_fd),
+        socket.socket(fileno=replies_fd),
+        secret,
+        node_host,
+        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER),
+        functools.partial(run_spawned, fabric=fabric, secret=secret),
+        top=mode == "top",
+    )
+    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER)
+    _become(top.pid, None, top.resources, fabric, secret, endpoint)
 
 
 def spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None = None) -> Pid:
@@ -174,9 +209,11 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     return reply.pid
 
 
-def start_endpoint(pid: Pid, listener: socket.socket, *, secret: bytes) -> deploy_channels.Endpoint:
+def start_endpoint(
+    pid: Pid, listener: socket.socket, *, secret: bytes, keepalive: float | None = None
+) -> deploy_channels.Endpoint:
     """This process's endpoint, on the port the zygote bound for it."""
-    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid)
+    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid, keepalive=keepalive)
     deploy_channels.set_default_endpoint(endpoint)
     return endpoint
 

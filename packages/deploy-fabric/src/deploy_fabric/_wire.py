@@ -44,7 +44,30 @@ class Kind(str, enum.Enum):
     OUTPUT = "output"  # monitor -> node: (kind, fd, data)
     EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
     FORK = "fork"  # node -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
-    FORKED = "forked"  # zygote -> node, one packet with the monitor's fd: (kind, ticket, pid_text | None, error)
+    # zygote -> node, one packet with the monitor's fd: (kind, ticket, pid_text | None, error, os pid | None)
+    FORKED = "forked"
+
+    # Cluster mode. Between the master and a node (fields after the kind; `run` is the run's id):
+    NODE_HELLO = "node-hello"  # node -> master: (name, capacity dict, version)
+    RUN = "run"  # master -> node: (run, secret hex, digest, program, args, env, cwd, top, master addr)
+    NEED_BUNDLE = "need-bundle"  # node -> master: (digest,)
+    BUNDLE = "bundle"  # master -> node, push -> master: (digest, data)
+    STOP = "stop"  # master -> node: (run,)
+    STDIN = "stdin"  # push -> master: (data,); master -> node: (run, data); b"" is the end
+    PING = "ping"  # master -> node: (sent,)
+    PONG = "pong"  # node -> master: (sent, {pid hex: memory bytes})
+    RUN_FAILED = "run-failed"  # node -> master: (run, why): its zygote is gone
+    # FORK/FORKED/OUTPUT/EXIT between master and node carry (run, ...) before their fields.
+
+    # Between `deploy push`/`deploy status` and the master's bridge port:
+    PUSH = "push"  # (version, digest, program, args, env, cwd)
+    BUNDLE_WANTED = "bundle-wanted"  # master -> push: (wanted: bool)
+    STARTED = "started"  # master -> push: (pid, parent | None, resources dict)
+    FAILED = "failed"  # master -> push: (code,)
+    END = "end"  # master -> push: (code,)
+    ERROR = "error"  # master -> push/status: (sentence,)
+    INTERRUPT = "interrupt"  # push -> master: ()
+    STATUS = "status"  # status -> master: (version,); master -> status: (report dict,)
 
 
 def dumps(message: tuple) -> bytes:

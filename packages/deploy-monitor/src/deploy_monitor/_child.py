@@ -10,7 +10,9 @@ Facts this module relies on (fork(2), prctl(2), dup2(2), the io and gc modules):
   we were already reparented, so ``getppid()`` no longer is the monitor's pid.
 - On a pipe Python's ``sys.stdout`` is block-buffered (only a TTY makes it line-buffered);
   ``reconfigure(line_buffering=True)`` keeps the object, so loggers and other holders of a
-  reference to it see the change.
+  reference to it see the change. Under ``python -u`` (PYTHONUNBUFFERED) it is also
+  write-through, passing each piece of a print() on at once; ``write_through=False`` makes
+  the text layer hold the line until its newline.
 - ``os._exit`` skips atexit handlers (the parent's, inherited by fork, must not run twice)
   and does not flush Python's buffers: we flush stdout/stderr ourselves.
 - ``faulthandler`` keeps the fd it was enabled with (a test runner enables it on a dup of
@@ -80,7 +82,7 @@ def _line_buffered(name: str, fd: int) -> None:
     except (OSError, ValueError, io.UnsupportedOperation):
         same_fd = False
     if same_fd:
-        stream.reconfigure(line_buffering=True)
+        stream.reconfigure(line_buffering=True, write_through=False)
         return
     # Replaced (a test runner's capture, an IDE's wrapper) or missing: write to the fd itself.
     encoding = getattr(stream, "encoding", None) or locale.getpreferredencoding(False)

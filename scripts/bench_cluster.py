@@ -1,0 +1,264 @@
+"""Cluster benchmarks: the same job in local mode and through a 3-node loopback fabric.
+
+    python scripts/bench_cluster.py [--rounds N]
+
+Boots a master (with its bridge) and two workers as ``deploy fabric`` processes on
+loopback, then alternates rounds of the local run (``python job.py``) and the pushed one
+(``deploy push``), changing which goes first every round, and prints every round and the
+medians. Figures, each measured inside the run:
+
+- spawn-and-reply: spawn a process, receive one int from it (median of a series);
+- channel throughput: small (int) messages and 1 MiB messages, one way;
+- round trip: one int there and back (median of a series);
+
+and, from outside, ``deploy push`` of examples/hello.py from command to exit against
+``python examples/hello.py``. In the cluster the two ends of a channel ask for more memory
+than one node has beside the other, so the channel always crosses nodes. Targets (issue 7):
+spawn-and-reply at most 2x local, channels within 10% of local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = [sys.executable, "-m", "deploy_cli"]
+BIG = "1200MiB"  # a node of 2GiB holds one: the ends of a channel land on different nodes
+
+JOB = textwrap.dedent(
+    """
+    import json, os, statistics, sys, time
+    import deploy
+
+    SPAWNS, SMALL, LARGE, TRIPS = 30, 20_000, 50, 300
+    MIB = bytes(2**20)
+
+    def reply(parent, value):
+        deploy.Sender[int](parent).send(value)
+
+    def sink(parent, count):
+        peer = deploy.Receiver[deploy.Pid](parent).recv()
+        rx = deploy.Receiver(peer)
+        for _ in range(count):
+            rx.recv()
+        deploy.Sender[str](parent).send("done")
+
+    def echo(parent, count):
+        peer = deploy.Receiver[deploy.Pid](parent).recv()
+        rx, tx = deploy.Receiver[int](peer), deploy.Sender[int](peer)
+        for _ in range(count):
+            tx.send(rx.recv())
+
+    def source(parent, arg):
+        kind, peer, count = arg
+        if kind == "trip":
+            tx, rx = deploy.Sender[int](peer), deploy.Receiver[int](peer)
+            times = []
+            for index in range(count):
+                started = time.perf_counter()
+                tx.send(index)
+                rx.recv()
+                times.append(time.perf_counter() - started)
+            deploy.Sender[float](parent).send(statistics.median(times))
+            return
+        tx = deploy.Sender(peer)
+        value = 7 if kind == "small" else MIB
+        started = time.perf_counter()
+        for _ in range(count):
+            tx.send(value)
+        deploy.Receiver[str](parent).recv()  # the sink has them all
+        deploy.Sender[float](parent).send(count / (time.perf_counter() - started))
+
+    def pair(kind, target, count, big):
+        far = deploy.spawn(target, count, big)
+        near = deploy.spawn(source, (kind, far, count), big)
+        deploy.Sender[deploy.Pid](far).send(near)
+        if kind != "trip":
+            deploy.Receiver[str](far).recv()
+            deploy.Sender[str](near).send("done")
+        return deploy.Receiver[float](near).recv()
+
+    def main():
+        deploy.init()
+        small = deploy.Resources(mem="50MiB", cpu=0.05)
+        big = deploy.Resources(mem=sys.argv[1], cpu=0.1)
+        latencies = []
+        for index in range(SPAWNS):
+            started = time.perf_counter()
+            deploy.Receiver[int](deploy.spawn(reply, index, small)).recv()
+            latencies.append(time.perf_counter() - started)
+        figures = {
+            "spawn_reply": statistics.median(latencies),
+            "small_per_s": pair("small", sink, SMALL, big),
+            "mib_per_s": pair("large", sink, LARGE, big),
+            "round_trip": pair("trip", echo, TRIPS, big),
+        }
+        print("BENCH " + json.dumps(figures), flush=True)
+
+    if __name__ == "__main__":
+        main()
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Fabric:
+    """A master (1GiB, with the bridge) and workers of 2GiB and 2GiB on loopback."""
+
+    def __init__(self, folder: Path):
+        self.secret = secrets.token_hex(16)
+        self.env = {**os.environ, "DEPLOY_SECRET": self.secret}
+        for name in ("DEPLOY_LOG", "DEPLOY_FORMAT"):
+            self.env.pop(name, None)
+        self.bridge = f"127.0.0.1:{free_port()}"
+        workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        master = f"127.0.0.1:{free_port()}"
+        commands = [["fabric", addr, "--mem", "2GiB", "--cpu", "2"] for addr in workers]
+        listed = [word for addr in workers for word in (addr, "2GiB", "2")]
+        commands.append(["fabric", "master", master, "1GiB", "2", "bridge", self.bridge, *listed])
+        self.daemons = []
+        for index, command in enumerate(commands):
+            node = folder / f"node{index}"
+            node.mkdir()
+            log = open(node / "log", "wb")  # noqa: SIM115 - the daemon owns it
+            env = {**self.env, "DEPLOY_CACHE": str(node / "cache")}
+            self.daemons.append(subprocess.Popen([*DEPLOY, *command], stdout=log, stderr=log, env=env, cwd=node))
+            log.close()
+        deadline = time.monotonic() + 60
+        while True:
+            result = subprocess.run(
+                [*DEPLOY, "status", "--format", "json", self.bridge], capture_output=True, env=self.env, timeout=30
+            )
+            if result.returncode == 0 and len(json.loads(result.stdout)["nodes"]) == 3:
+                break
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the fabric did not come up: {result.stderr.decode()}")
+            time.sleep(0.2)
+
+    def push(self, script: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*DEPLOY, "push", "--format", "json", self.bridge, script.name, *args],
+            capture_output=True,
+            env=self.env,
+            cwd=script.parent,
+            timeout=600,
+        )
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            daemon.send_signal(signal.SIGTERM)
+        for daemon in self.daemons:
+            try:
+                daemon.wait(15)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+
+
+def figures_of(done: subprocess.CompletedProcess, where: str) -> dict[str, float]:
+    for line in done.stdout.splitlines():
+        if not line.startswith(b'{"event"'):
+            continue
+        event = json.loads(line)
+        if event["event"] == "output" and event["text"].startswith("BENCH "):
+            return json.loads(event["text"][len("BENCH ") :])
+    raise RuntimeError(f"the {where} job failed (exit {done.returncode}): {done.stderr.decode()[-2000:]}")
+
+
+def local_round(job: Path) -> dict[str, float]:
+    env = {**os.environ, "DEPLOY_FORMAT": "json"}
+    done = subprocess.run([sys.executable, job.name, BIG], capture_output=True, env=env, cwd=job.parent, timeout=600)
+    figures = figures_of(done, "local")
+    figures["hello"] = timed([sys.executable, str(REPO / "examples" / "hello.py")], env)
+    return figures
+
+
+def cluster_round(fabric: Fabric, job: Path) -> dict[str, float]:
+    figures = figures_of(fabric.push(job, BIG), "pushed")
+    figures["hello"] = timed(
+        [*DEPLOY, "push", "--format", "json", fabric.bridge, str(REPO / "examples" / "hello.py")], fabric.env
+    )
+    return figures
+
+
+def timed(command: list[str], env: dict[str, str]) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, env=env, timeout=600)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}): {done.stderr.decode()[-2000:]}")
+    return seconds
+
+
+ROWS = [
+    ("spawn_reply", "spawn-and-reply latency (median of 30)", lambda v: f"{v * 1e3:.2f} ms", "at most 2x"),
+    ("small_per_s", "channel throughput, small messages", lambda v: f"{v:,.0f} msg/s", "within 10%"),
+    ("mib_per_s", "channel throughput, 1 MiB messages", lambda v: f"{v:,.0f} MiB/s", "within 10%"),
+    ("round_trip", "channel round trip (median of 300)", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
+    ("hello", "examples/hello.py, command to exit", lambda v: f"{v * 1e3:.0f} ms", "report"),
+]
+
+
+def report(local: dict[str, float], cluster: dict[str, float]) -> str:
+    lines = [
+        "| cluster workload | local mode | 3-node loopback fabric | cluster / local | target |",
+        "|---|---|---|---|---|",
+    ]
+    for key, title, show, target in ROWS:
+        ratio = cluster[key] / local[key]
+        lines.append(f"| {title} | {show(local[key])} | {show(cluster[key])} | {ratio:.2f}x | {target} |")
+    lines.append("")
+    lines.append("Ratios of times (latency, hello) above 1 mean the cluster is slower; of rates (throughput) below 1.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of each mode (default 5)")
+    options = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        job = root / "job" / "job.py"
+        job.parent.mkdir()
+        job.write_text(JOB)
+        fabric = Fabric(root)
+        try:
+            cluster_round(fabric, job)  # warm-up: ships the bundles once
+            samples: dict[str, list[dict[str, float]]] = {"local": [], "cluster": []}
+            for index in range(options.rounds):
+                order = ["local", "cluster"] if index % 2 == 0 else ["cluster", "local"]
+                for mode in order:
+                    figures = local_round(job) if mode == "local" else cluster_round(fabric, job)
+                    samples[mode].append(figures)
+                    shown = ", ".join(f"{key} {show(figures[key])}" for key, _, show, _ in ROWS)
+                    print(f"round {index + 1} {mode:7}: {shown}", flush=True)
+        finally:
+            fabric.stop()
+    median = {
+        mode: {key: statistics.median(f[key] for f in rounds) for key, *_ in ROWS} for mode, rounds in samples.items()
+    }
+    print()
+    print(report(median["local"], median["cluster"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
