@@ -116,6 +116,7 @@ class Endpoint:
     changed, injected or replayed: ``"off"`` (none), ``"remote"`` (those whose peer
     address is not loopback: what cluster mode uses) or ``"all"``. Every endpoint of a
     run must use the same setting.
+
     ``max_frame_size`` bounds one message: `Sender.send` refuses a bigger one, and a
     bigger frame from a peer drops its connection, so peers should use the same value.
     """
