@@ -9,6 +9,7 @@ connection per thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -16,14 +17,16 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
 from deploy_core import (
+    AuthenticationError,
     DeployError,
     NoCapacity,
     PeerExited,
@@ -33,10 +36,9 @@ from deploy_core import (
     SpawnReply,
     SpawnRequest,
     env,
-    loads_user,
     snapshot_main,
 )
-from deploy_monitor import exit_code, flush_stdio
+from deploy_monitor import OrphanReaper, become_subreaper, child_pids, exit_code, flush_stdio
 
 from . import _wire as wire
 from ._bridge import Bridge
@@ -59,8 +61,10 @@ ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": 
 ZYGOTE_FDS = "DEPLOY_ZYGOTE_FDS"  # "R,W": the request stream and the reply packet socket
 RUN_SECRET = "DEPLOY_RUN_SECRET"  # hex: the run's own secret
 NODE_HOST = "DEPLOY_NODE_HOST"  # the host the node's processes listen on
-# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds.
-PEER_LOST_AFTER = 5.0
+BUNDLE = "DEPLOY_BUNDLE"  # the unpacked bundle's root on this node (its name is the bundle's hash)
+# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
+# (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
+PEER_LOST_AFTER = 4.0
 
 
 @dataclass
@@ -74,6 +78,7 @@ class _Process:
 
 
 _me: _Process | None = None
+_bundle_root: str | None = None  # cluster mode: this node's copy of the run's bundle
 _init_called = False
 _control = threading.local()
 
@@ -125,7 +130,10 @@ def init(resources: Resources | None = None) -> None:
     replies_in, replies_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     snapshot_main()  # what every process forked from the zygote will have
     flush_stdio()
-    if os.fork() == 0:
+    become_subreaper()  # if the zygote dies, what its processes started comes to us (see _end_orphans)
+    before = child_pids()  # the script's own, from before init(): not the run's to end
+    zygote = os.fork()
+    if zygote == 0:
         for sock in (listener, requests_out, replies_in):
             sock.close()
         top = serve(
@@ -141,14 +149,33 @@ def init(resources: Resources | None = None) -> None:
     requests_in.close()
     replies_out.close()
     code = 1
+    link = None
     try:
         master = Master(listener, secret, Bridge(formatter))
-        master.add_node(Node("local", capacity), ZygoteLink(requests_out, replies_in, master.selector, master))
+        link = ZygoteLink(requests_out, replies_in, master.selector, master)
+        master.add_node(Node("local", capacity), link)
         code = master.run(resources)
     except BaseException:
         traceback.print_exc()
     finally:
-        os._exit(code)
+        try:
+            _end_orphans(zygote, before, lost=link is None or not link.alive)
+        finally:
+            os._exit(code)
+
+
+def _end_orphans(zygote: int, before: set[int], *, lost: bool, patience: float = 2.0) -> None:
+    """The run is over. If the zygote (every process's monitor, and their subreaper) died,
+    what its processes started was reparented to us, the next subreaper up: once the zygote
+    is gone for good, kill and reap all of that. (A living zygote ends its processes itself
+    when we exit.)"""
+    deadline = time.monotonic() + patience
+    if lost:  # its sockets are closed, but its children come to us only once it has exited
+        while not os.waitpid(zygote, os.WNOHANG)[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    reaper = OrphanReaper()
+    while reaper.sweep(before if lost else {zygote, *before}) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _serve_cluster_node() -> None:
@@ -159,6 +186,8 @@ def _serve_cluster_node() -> None:
     host, port = os.environ.pop(env.FABRIC).rsplit(":", 1)
     fabric = (host, int(port))
     node_host = os.environ.pop(NODE_HOST)
+    global _bundle_root
+    _bundle_root = os.environ.pop(BUNDLE, None)
     _configure_logging()
     snapshot_main()  # every node ran the script this far: what its zygote's forks will have
     flush_stdio()
@@ -201,15 +230,21 @@ def _require(what: str) -> _Process:
     return _me
 
 
-def _ask(me: _Process, message: tuple[object, ...], *, timeout: float | None = None) -> tuple[object, ...] | None:
-    """Send ``message`` to the master on this thread's control connection; its answer, or
-    None if the connection failed or no answer came within ``timeout`` seconds."""
+def _ask(
+    me: _Process, parts: list[bytes | bytearray | memoryview], *, timeout: float | None = None
+) -> tuple[object, ...] | None:
+    """Send one frame of ``parts`` to the master on this thread's control connection; its
+    answer, or None if the connection failed or no answer came within ``timeout`` seconds."""
     connection = getattr(_control, "connection", None)
     if connection is None:
-        connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        try:
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        except (OSError, AuthenticationError) as error:  # out of fds here or there; the fabric gone
+            why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise DeployError(f"cannot connect to the fabric to spawn: {why}") from None
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
-        wire.send_message(connection, message)
+        wire.send_parts(connection, parts)
         connection.settimeout(timeout)
         reply = wire.recv_message(connection, _control.decoder)
         connection.settimeout(None)
@@ -225,7 +260,7 @@ def _ask(me: _Process, message: tuple[object, ...], *, timeout: float | None = N
 def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, *, block: bool) -> Pid:
     me = _require("spawn" if block else "try_spawn")
     request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
-    message = _ask(me, (Kind.SPAWN, request.encode()))
+    message = _ask(me, request.encode_parts())  # (the argument is not copied again)
     if message is None:
         raise DeployError("lost the connection to the fabric while spawning")
     assert isinstance(message[1], bytes)
@@ -242,7 +277,7 @@ def _peer_status(peer: Pid) -> PeerExited | PeerLost | None:
     # the master has every exit, or has it as soon as the peer's monitor reports.
     if _me is None:
         return None
-    answer = _ask(_me, (Kind.PEER_EXIT, peer.hex), timeout=_PEER_STATUS_WAIT)
+    answer = _ask(_me, [wire.dumps((Kind.PEER_EXIT, peer.hex))], timeout=_PEER_STATUS_WAIT)
     if answer is None or len(answer) != 4 or answer[1:] == (None, None, None):
         return None
     _, code, signal_name, reason = answer
@@ -284,30 +319,87 @@ def _become(
 def run_spawned(
     request: SpawnRequest, pid: Pid, endpoint: deploy_channels.Endpoint, *, fabric: tuple[str, int], secret: bytes
 ) -> int:
-    """Run a spawned process's function in this (monitored) process; return its exit code."""
+    """Run a spawned process's function in this (monitored) process, with the spawner's argv,
+    environment, sys.path and working directory; return its exit code."""
     if dict(os.environ) != request.env:  # usually equal: rewriting it costs a fresh process ~1 ms
         os.environ.clear()
         os.environ.update(request.env)
     sys.argv[:] = list(request.argv)
+    if _bundle_root is not None:
+        request = _localised(request, _bundle_root)
+    sys.path[:] = list(request.path)  # (before unpickling: the function's module may need it)
     _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
-        function, argument = loads_user(request.function), loads_user(request.argument)
-    except BaseException as error:
-        print(f"deploy: this process could not load the function it was spawned to run: {error!r}", file=sys.stderr)
+        _enter(request.cwd)
+    except OSError as error:  # one sentence, not our traceback
+        print(f"deploy: cannot work in the spawner's directory {request.cwd}: {error.strerror}", file=sys.stderr)
         code = 1
     else:
-        try:
-            function(request.parent, argument)
-            code = 0
-        except SystemExit as exit:
-            code = exit_code(exit.code)
-        except BaseException as error:
-            _print_user_traceback(error)
-            code = 1
+        code = _call(request)
     flush_stdio()
     assert _me is not None
     _me.endpoint.close(exit_code=code)
     return code
+
+
+def _call(request: SpawnRequest) -> int:
+    """Run the request's function as a process's main, then wait for its non-daemon threads;
+    its exit code, as the interpreter gives it."""
+    try:
+        function, argument = request.function_and_argument(release=True)  # (the received job freed)
+    except BaseException as error:  # one sentence: the traceback would be the unpickler's
+        print(f"deploy: this process could not load the function it was spawned to run: {error!r}", file=sys.stderr)
+        return 1
+    try:
+        function(request.parent, argument)
+        code = 0
+    except SystemExit as exit:
+        code = exit_code(exit.code)
+    except BaseException as error:
+        _print_user_traceback(error)
+        code = 1
+    _wait_for_threads()
+    return code
+
+
+def _localised(request: SpawnRequest, root: str) -> SpawnRequest:
+    """The spawner's directory and sys.path, which name places in its node's copy of the
+    bundle, as the same places in this node's copy (the copies' roots differ, their last
+    component, the bundle's hash, does not)."""
+    name = os.path.basename(root)
+
+    def here(path: str) -> str:
+        parts = path.split(os.sep)
+        if not path or name not in parts:
+            return path
+        return os.path.join(root, *parts[parts.index(name) + 1 :])
+
+    fields: dict[str, Any] = {"cwd": here(request.cwd)}
+    if hasattr(request, "path"):
+        fields["path"] = tuple(here(entry) for entry in request.path)
+    return dataclasses.replace(request, **fields)
+
+
+def _wait_for_threads() -> None:
+    """Join every non-daemon thread, those they start included, as the interpreter does at
+    exit (``threading._shutdown``); an exception in one is printed by ``threading.excepthook``
+    and leaves the exit code alone, as in plain Python."""
+    me = threading.current_thread()
+    while waiting := [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]:
+        for thread in waiting:
+            thread.join()
+
+
+def _enter(directory: str) -> None:
+    """Work in the spawner's directory ("" if it had been removed: stay where we are)."""
+    if not directory:
+        return
+    try:
+        if os.getcwd() == directory:
+            return
+    except OSError:
+        pass
+    os.chdir(directory)
 
 
 def _print_user_traceback(error: BaseException) -> None:
