@@ -20,6 +20,7 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import deploy_channels
@@ -267,11 +268,12 @@ def run_spawned(
     if dict(os.environ) != request.env:  # usually equal: rewriting it costs a fresh process ~1 ms
         os.environ.clear()
         os.environ.update(request.env)
-    sys.argv[:] = list(request.argv)
-    sys.path[:] = list(request.path)  # (before unpickling: the function's module may need it)
+    here = relocation(request.argv[0] if request.argv else "", sys.argv[0] if sys.argv else "")
+    sys.argv[:] = [here(request.argv[0]), *request.argv[1:]] if request.argv else []
+    sys.path[:] = [here(entry) for entry in request.path]  # (before unpickling: its module may need it)
     _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
-        _enter(request.cwd)
+        _enter(here(request.cwd) if request.cwd else "")
     except OSError as error:  # one sentence, not our traceback
         print(f"deploy: cannot work in the spawner's directory {request.cwd}: {error.strerror}", file=sys.stderr)
         code = 1
@@ -307,6 +309,30 @@ def _wait_for_threads() -> None:
     while waiting := [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]:
         for thread in waiting:
             thread.join()
+
+
+def relocation(theirs: str, ours: str) -> Callable[[str], str]:
+    """Paths of the spawner's machine as paths of this one. The script (``argv[0]``) is the
+    same file in both; where it lies under another directory here (a cluster node unpacks
+    the run's bundle where it keeps bundles), a path under the spawner's directory is taken
+    to the same place under ours (DESIGN §2: relative to the bundle). Else paths stay."""
+    their_parts, our_parts = Path(theirs).parts, Path(ours).parts
+    same = 0
+    while same < min(len(their_parts), len(our_parts)) and their_parts[-1 - same] == our_parts[-1 - same]:
+        same += 1
+    if not same or their_parts == our_parts or not Path(theirs).is_absolute():
+        return lambda path: path
+    their_root, our_root = Path(*their_parts[: len(their_parts) - same]), Path(*our_parts[: len(our_parts) - same])
+
+    def move(path: str) -> str:
+        if not path or not Path(path).is_absolute():
+            return path
+        try:
+            return str(our_root / Path(path).relative_to(their_root))
+        except ValueError:  # outside the spawner's root: the same path here
+            return path
+
+    return move
 
 
 def _enter(directory: str) -> None:
