@@ -9,6 +9,7 @@ connection per thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -20,7 +21,6 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import deploy_channels
@@ -46,8 +46,10 @@ ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": 
 ZYGOTE_FDS = "DEPLOY_ZYGOTE_FDS"  # "R,W": the request stream and the reply packet socket
 RUN_SECRET = "DEPLOY_RUN_SECRET"  # hex: the run's own secret
 NODE_HOST = "DEPLOY_NODE_HOST"  # the host the node's processes listen on
-# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds.
-PEER_LOST_AFTER = 5.0
+BUNDLE = "DEPLOY_BUNDLE"  # the unpacked bundle's root on this node (its name is the bundle's hash)
+# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
+# (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
+PEER_LOST_AFTER = 4.0
 
 
 @dataclass
@@ -61,6 +63,7 @@ class _Process:
 
 
 _me: _Process | None = None
+_bundle_root: str | None = None  # cluster mode: this node's copy of the run's bundle
 _init_called = False
 _control = threading.local()
 
@@ -167,6 +170,8 @@ def _serve_cluster_node() -> None:
     host, port = os.environ.pop(env.FABRIC).rsplit(":", 1)
     fabric = (host, int(port))
     node_host = os.environ.pop(NODE_HOST)
+    global _bundle_root
+    _bundle_root = os.environ.pop(BUNDLE, None)
     _configure_logging()
     flush_stdio()
     top = serve(
@@ -268,12 +273,13 @@ def run_spawned(
     if dict(os.environ) != request.env:  # usually equal: rewriting it costs a fresh process ~1 ms
         os.environ.clear()
         os.environ.update(request.env)
-    here = relocation(request.argv[0] if request.argv else "", sys.argv[0] if sys.argv else "")
-    sys.argv[:] = [here(request.argv[0]), *request.argv[1:]] if request.argv else []
-    sys.path[:] = [here(entry) for entry in request.path]  # (before unpickling: its module may need it)
+    sys.argv[:] = list(request.argv)
+    if _bundle_root is not None:
+        request = _localised(request, _bundle_root)
+    sys.path[:] = list(request.path)  # (before unpickling: the function's module may need it)
     _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
-        _enter(here(request.cwd) if request.cwd else "")
+        _enter(request.cwd)
     except OSError as error:  # one sentence, not our traceback
         print(f"deploy: cannot work in the spawner's directory {request.cwd}: {error.strerror}", file=sys.stderr)
         code = 1
@@ -301,6 +307,24 @@ def _call(request: SpawnRequest) -> int:
     return code
 
 
+def _localised(request: SpawnRequest, root: str) -> SpawnRequest:
+    """The spawner's directory and sys.path, which name places in its node's copy of the
+    bundle, as the same places in this node's copy (the copies' roots differ, their last
+    component, the bundle's hash, does not)."""
+    name = os.path.basename(root)
+
+    def here(path: str) -> str:
+        parts = path.split(os.sep)
+        if not path or name not in parts:
+            return path
+        return os.path.join(root, *parts[parts.index(name) + 1 :])
+
+    fields = {"cwd": here(request.cwd)}
+    if hasattr(request, "path"):
+        fields["path"] = tuple(here(entry) for entry in request.path)
+    return dataclasses.replace(request, **fields)
+
+
 def _wait_for_threads() -> None:
     """Join every non-daemon thread, those they start included, as the interpreter does at
     exit (``threading._shutdown``); an exception in one is printed by ``threading.excepthook``
@@ -309,30 +333,6 @@ def _wait_for_threads() -> None:
     while waiting := [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]:
         for thread in waiting:
             thread.join()
-
-
-def relocation(theirs: str, ours: str) -> Callable[[str], str]:
-    """Paths of the spawner's machine as paths of this one. The script (``argv[0]``) is the
-    same file in both; where it lies under another directory here (a cluster node unpacks
-    the run's bundle where it keeps bundles), a path under the spawner's directory is taken
-    to the same place under ours (DESIGN §2: relative to the bundle). Else paths stay."""
-    their_parts, our_parts = Path(theirs).parts, Path(ours).parts
-    same = 0
-    while same < min(len(their_parts), len(our_parts)) and their_parts[-1 - same] == our_parts[-1 - same]:
-        same += 1
-    if not same or their_parts == our_parts or not Path(theirs).is_absolute():
-        return lambda path: path
-    their_root, our_root = Path(*their_parts[: len(their_parts) - same]), Path(*our_parts[: len(our_parts) - same])
-
-    def move(path: str) -> str:
-        if not path or not Path(path).is_absolute():
-            return path
-        try:
-            return str(our_root / Path(path).relative_to(their_root))
-        except ValueError:  # outside the spawner's root: the same path here
-            return path
-
-    return move
 
 
 def _enter(directory: str) -> None:

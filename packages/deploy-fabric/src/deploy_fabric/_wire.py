@@ -23,12 +23,13 @@ helpers serve the simple clients; loops read the same frames without blocking th
 from __future__ import annotations
 
 import enum
+import ipaddress
 import pickle
 import socket
 from typing import Any
 
 from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame, frame_header
-from deploy_core import DeployError, SpawnRequest, authenticate, loads_plain
+from deploy_core import DeployError, ProtectedSocket, SpawnRequest, authenticate, loads_plain
 
 __all__ = [
     "FrameDecoder",
@@ -48,6 +49,23 @@ MAX_MESSAGE = 1 << 30
 
 #: The bridge's identity in the handshake; a process's is its pid's hex.
 BRIDGE = "bridge"
+#: Which control connections carry protected records after the handshake (as
+#: `deploy_channels.Endpoint`'s ``protect``): none, those with a non-loopback peer, all.
+PROTECT_CHOICES = ("off", "remote", "all")
+
+
+def protects(setting: str, host: str) -> bool:
+    """Whether a connection with a peer at ``host`` is protected under ``setting``."""
+    if setting not in PROTECT_CHOICES:
+        raise ValueError(f"protect must be one of {', '.join(PROTECT_CHOICES)}, not {setting!r}")
+    if setting == "off":
+        return False
+    if setting == "all":
+        return True
+    try:
+        return not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host != "localhost"
 
 
 class Kind(str, enum.Enum):
@@ -122,29 +140,46 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
 
 
 def connect(
-    addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
+    addr: tuple[str, int],
+    secret: bytes,
+    identity: str,
+    hello: tuple,
+    *,
+    timeout: float = 10.0,
+    protect: str = "off",
 ) -> socket.socket:
     """A blocking control connection to the fabric, authenticated as ``identity``, that has
-    introduced itself."""
+    introduced itself; a `ProtectedSocket` when ``protect`` says so for ``addr``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        introduce(sock, addr, secret, identity, hello, timeout=timeout)
+        return introduce(sock, addr, secret, identity, hello, timeout=timeout, protect=protect)
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
 def introduce(
-    sock: socket.socket, addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
-) -> None:
-    """Connect ``sock`` to the fabric, authenticate as ``identity`` and send ``hello``."""
+    sock: socket.socket,
+    addr: tuple[str, int],
+    secret: bytes,
+    identity: str,
+    hello: tuple,
+    *,
+    timeout: float = 10.0,
+    protect: str = "off",
+) -> socket.socket:
+    """Connect ``sock`` to the fabric, authenticate as ``identity`` and send ``hello``;
+    returns the socket to use from then on (``sock``, or a `ProtectedSocket` around it)."""
     sock.settimeout(timeout)
     sock.connect(addr)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
+    handshake = authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
     sock.settimeout(None)
-    send_message(sock, hello)
+    channel: socket.socket = sock
+    if protects(protect, addr[0]):
+        channel = ProtectedSocket(sock, handshake.key, initiator=True, peer=BRIDGE)  # type: ignore[assignment]
+    send_message(channel, hello)
+    return channel
 
 
 def load(frame: Any) -> tuple:
