@@ -95,8 +95,9 @@ def test_closing_a_receiver_wakes_a_blocked_thread(pair, how):
     tx.send("hello")
     assert rx.recv(timeout=10) == "hello"
     wait = rx.recv if how == "recv" else lambda: select(rx)
+    link = b._links[a.pid.hex]
     thread, outcome = in_thread(wait)
-    time.sleep(0.2)  # let it block (nothing to wait for: a bare sleep only gives it time)
+    wait_until(lambda: link.rx_watchers)  # blocked on the link
     assert not outcome
     rx.close()
     thread.join(5)
@@ -112,9 +113,12 @@ def test_closing_a_receiver_wakes_a_blocked_task(pair, how):
     Sender(b.pid, endpoint=a)
     rx = Receiver(a.pid, endpoint=b)
 
+    link = b._links[a.pid.hex]
+
     async def main():
         task = asyncio.ensure_future(rx.arecv() if how == "arecv" else aselect(rx))
-        await asyncio.sleep(0.2)
+        while not link.rx_watchers:  # until the task waits on the link
+            await asyncio.sleep(0.005)
         assert not task.done()
         rx.close()
         return await asyncio.wait_for(task, 5)
