@@ -9,6 +9,7 @@ connection per thread.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -189,7 +190,14 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
     connection = getattr(_control, "connection", None)
     if connection is None:
-        connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        try:
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        except OSError as error:  # AuthenticationError is a DeployError already
+            if error.errno in (errno.EMFILE, errno.ENFILE):
+                raise DeployError(
+                    f"cannot connect to the fabric to spawn: this process is out of file descriptors ({error.strerror})"
+                ) from None
+            raise DeployError(f"cannot connect to the fabric to spawn: {error}") from None
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
         wire.send_message(connection, (Kind.SPAWN, request.encode()))
