@@ -53,7 +53,7 @@ from deploy_core import AuthenticationError, FrameError, Handshake, ProtectedSoc
 
 from . import _wire
 from ._loop import READ, WRITE
-from .framing import FrameDecoder
+from .framing import CLOSED, NEED_DATA, FrameDecoder
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
@@ -132,7 +132,14 @@ class Connection:
     # --- set-up -------------------------------------------------------------------------
 
     def start_connect(self) -> None:
-        err = self.sock.connect_ex(tuple(self.link.pid.addr))
+        try:
+            # (A host name is resolved here, in the loop thread.)
+            err = self.sock.connect_ex(tuple(self.link.pid.addr))
+        except OSError as error:  # socket.gaierror: the host does not resolve
+            self.endpoint._connection_failed(
+                self, OSError(f"cannot connect to {_address(self.link.pid.addr)}: {error}")
+            )
+            return
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=True)
             return
@@ -284,7 +291,7 @@ class Connection:
             while self.state == "hello":
                 # One frame at a time: the pid exchange changes how the rest is read.
                 frame = decoder.next_frame()
-                if type(frame) is not bytes:
+                if frame is NEED_DATA or frame is CLOSED:
                     break
                 self._dispatch([frame])
             frames = decoder.frames() if self.state == "open" else []
@@ -359,6 +366,8 @@ class Connection:
     # --- writing --------------------------------------------------------------------------
 
     def send_setup(self, frame: bytes) -> None:
+        # Only while no data frame can be partly written on this connection (set-up, or
+        # the link's writers stopped with nothing queued): pre_out goes out before data.
         self.pre_out += frame
         self._write_pre()
 
@@ -379,7 +388,11 @@ class Connection:
             self.endpoint._connection_failed(self, error)
             return
         del self.pre_out[:sent]
-        self.want_write(bool(self.pre_out))
+        # `writing` belongs to the link's flush: queued data still wants the socket once
+        # the set-up or control bytes are out.
+        if self.state != "closed":
+            with self.mask_lock:
+                self._apply_mask()
 
     def write_now(self, frame: bytes | list) -> int:
         """User thread, under the link's out_lock, nothing queued: try the socket directly."""
@@ -452,7 +465,7 @@ class Connection:
                 except FrameError:
                     hand_back = True  # the loop meets it again and drops the connection
                     return None
-                if type(frame) is bytes:
+                if type(frame) is bytes or type(frame) is bytearray:
                     if frame and frame[-1] in _DATA_KINDS:
                         if decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)

@@ -179,14 +179,17 @@ class Master:
         return self.finish()
 
     def start(self, top: Resources) -> str | None:
-        """Place and start the top process; why it cannot be, or None."""
+        """Place and start the top process, or queue it until there is room; why no node
+        could ever hold it, or None."""
         assert self._scheduler is not None, "a master needs a node"
+        problem = self._scheduler.impossible(top)
+        if problem is not None:
+            return problem
         self._listener.setblocking(False)
         self.selector.register(self._listener, selectors.EVENT_READ, self._accept)
-        node = self._scheduler.place(top)
-        if node is None:
-            return self._scheduler.impossible(top) or "no capacity"
-        self._fork(_Pending(None, None, top, None, node))
+        pending = _Pending(None, None, top, None)
+        if not self._try_place(pending):
+            self._queue.append(pending)
         return None
 
     def finish(self) -> int:
@@ -445,14 +448,23 @@ class Master:
             self._reply(conn, SpawnReply(error=problem, no_capacity=True))
             return
         pending = _Pending(conn, data, request.resources, request.parent)
+        # First come, first placed: while blocking spawns wait, a new one, even a small one
+        # that fits, waits behind them (else a stream of small spawns could starve a big one).
         if self._queue or not self._try_place(pending):
             if request.block:
                 self._queue.append(pending)
             else:
-                free = self._scheduler.describe_free()
-                self._reply(
-                    conn, SpawnReply(error=f"no capacity for {request.resources} now: {free}", no_capacity=True)
-                )
+                self._reply(conn, SpawnReply(error=self._no_capacity(request.resources), no_capacity=True))
+
+    def _no_capacity(self, resources: Resources) -> str:
+        """Why ``resources`` cannot be placed now, true to what is free and what waits."""
+        assert self._scheduler is not None
+        free = self._scheduler.describe_free()
+        waiting = len(self._queue)
+        if not waiting:
+            return f"no capacity for {resources} now: {free}"
+        spawns = "1 blocking spawn is" if waiting == 1 else f"{waiting} blocking spawns are"
+        return f"no capacity for {resources} now: {spawns} waiting ahead of it, first for {self._queue[0].resources} ({free})"
 
     def _try_place(self, pending: _Pending) -> bool:
         assert self._scheduler is not None

@@ -5,6 +5,11 @@ tuples, lists, dicts), pickled with protocol 5 into one deploy_channels frame. D
 refuses every global, so a control message can never make its reader call anything; the
 kind travels as its string value and comes back as a `Kind`.
 
+A spawn request is the exception: it travels as the encoded `SpawnRequest` itself, one
+frame whose payload starts with the request's magic (which no pickle starts with), so the
+user's pickled function and argument are never pickled a second time; `send_parts` writes
+it with one scatter-gather call, without joining its parts.
+
 Every control connection over TCP (a process asking its master for spawns) first passes
 deploy_core's handshake, as the process's pid's hex wanting `BRIDGE`, so by the time a
 message is decoded its sender has proven it knows the run's secret, and the master
@@ -23,10 +28,20 @@ import pickle
 import socket
 from typing import Any
 
-from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame
-from deploy_core import DeployError, ProtectedSocket, authenticate, loads_plain
+from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame, frame_header
+from deploy_core import DeployError, ProtectedSocket, SpawnRequest, authenticate, loads_plain
 
-__all__ = ["FrameDecoder", "Kind", "MessageReader", "connect", "encode", "load", "recv_message", "send_message"]
+__all__ = [
+    "FrameDecoder",
+    "Kind",
+    "MessageReader",
+    "connect",
+    "encode",
+    "load",
+    "recv_message",
+    "send_message",
+    "send_parts",
+]
 
 # Control messages are small; a spawn request carries the user's pickled function and
 # argument, so leave room for big arguments.
@@ -57,7 +72,7 @@ class Kind(str, enum.Enum):
     """What a control message is; its fields follow it in the tuple."""
 
     HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection
-    SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes)
+    SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes), sent as the raw request
     SPAWNED = "spawned"  # master -> process: (kind, SpawnReply bytes)
     OUTPUT = "output"  # monitor -> node: (kind, fd, data)
     EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
@@ -99,6 +114,18 @@ def encode(message: tuple) -> bytes:
 
 def send_message(sock: socket.socket, message: tuple) -> None:
     sock.sendall(encode(message))
+
+
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """Send one frame made of ``parts`` (buffers) with scatter-gather writes, copying none."""
+    views = [memoryview(part).cast("B") for part in parts]
+    views = [memoryview(frame_header(sum(view.nbytes for view in views))), *(v for v in views if v.nbytes)]
+    while views:
+        sent = sock.sendmsg(views[:512])  # (IOV_MAX is at least 1024 on Linux)
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if sent:
+            views[0] = views[0][sent:]
 
 
 def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
@@ -156,7 +183,10 @@ def introduce(
 
 
 def load(frame: Any) -> tuple:
-    """Decode one message; DeployError for anything but a tuple of plain values led by a kind."""
+    """Decode one message; DeployError for anything but a tuple of plain values led by a kind
+    (or a raw spawn request, which is ``(Kind.SPAWN, frame)``)."""
+    if SpawnRequest.recognise(frame):
+        return (Kind.SPAWN, frame)
     message = loads_plain(frame)  # DeployError if it is not plain values
     if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
         raise DeployError("malformed control message")
