@@ -65,6 +65,10 @@ BUNDLE = "DEPLOY_BUNDLE"  # the unpacked bundle's root on this node (its name is
 # In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
 # (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
 PEER_LOST_AFTER = 4.0
+# Frame protection (issue 13) of this process's channel and control connections: local
+# mode is all loopback ("off"); a cluster node's processes protect every connection that
+# leaves the machine. Set before the zygote forks, so every process of the node has it.
+_protect = "off"
 
 
 @dataclass
@@ -186,8 +190,9 @@ def _serve_cluster_node() -> None:
     host, port = os.environ.pop(env.FABRIC).rsplit(":", 1)
     fabric = (host, int(port))
     node_host = os.environ.pop(NODE_HOST)
-    global _bundle_root
+    global _bundle_root, _protect
     _bundle_root = os.environ.pop(BUNDLE, None)
+    _protect = "remote"
     _configure_logging()
     snapshot_main()  # every node ran the script this far: what its zygote's forks will have
     flush_stdio()
@@ -196,11 +201,11 @@ def _serve_cluster_node() -> None:
         socket.socket(fileno=replies_fd),
         secret,
         node_host,
-        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER),
+        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER, protect=_protect),
         functools.partial(run_spawned, fabric=fabric, secret=secret),
         top=mode == "top",
     )
-    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER)
+    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER, protect=_protect)
     _become(top.pid, None, top.resources, fabric, secret, endpoint)
 
 
@@ -238,7 +243,8 @@ def _ask(
     connection = getattr(_control, "connection", None)
     if connection is None:
         try:
-            connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+            hello = (Kind.HELLO_PROCESS, me.pid.format())
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, hello, protect=_protect)
         except (OSError, AuthenticationError) as error:  # out of fds here or there; the fabric gone
             why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise DeployError(f"cannot connect to the fabric to spawn: {why}") from None
@@ -292,11 +298,11 @@ def _peer_status(peer: Pid) -> PeerExited | PeerLost | None:
 
 
 def start_endpoint(
-    pid: Pid, listener: socket.socket, *, secret: bytes, keepalive: float | None = None
+    pid: Pid, listener: socket.socket, *, secret: bytes, keepalive: float | None = None, protect: str = "off"
 ) -> deploy_channels.Endpoint:
     """This process's endpoint, on the port the zygote bound for it."""
     endpoint = deploy_channels.Endpoint(
-        secret=secret, sock=listener, pid=pid, keepalive=keepalive, peer_status=_peer_status
+        secret=secret, sock=listener, pid=pid, keepalive=keepalive, protect=protect, peer_status=_peer_status
     )
     deploy_channels.set_default_endpoint(endpoint)
     return endpoint
