@@ -555,3 +555,32 @@ def test_the_snapshot_keeps_nothing_alive_but_functions_and_classes(fake_main: t
     del fake_main.data  # the script lets go of a big value after init()
     gc.collect()
     assert dropped() is None
+
+
+def test_a_main_function_whose_globals_changed_since_init_travels_by_value(fake_main: types.ModuleType) -> None:
+    _define(
+        fake_main,
+        """
+        LIMIT = 3
+        SEEN = []
+
+        def reads_limit(parent, arg):
+            return LIMIT
+
+        def reads_seen(parent, arg):
+            return list(SEEN)
+
+        def reads_nothing_changed(parent, arg):
+            return len(str(arg))
+        """,
+    )
+    snapshot_main()
+    fake_main.LIMIT = 4  # rebound after init(): the receiving side would still have 3
+    fake_main.SEEN.append("mutable data may have changed in place")
+    for name, expected in (("reads_limit", 4), ("reads_seen", ["mutable data may have changed in place"])):
+        function = getattr(fake_main, name)
+        travelled = loads_user(dumps_user(function, "function"))
+        assert travelled is not function  # by value, with the globals as they are now
+        assert travelled(None, None) == expected
+    unchanged = fake_main.reads_nothing_changed
+    assert loads_user(dumps_user(unchanged, "function")) is unchanged  # by reference

@@ -22,7 +22,12 @@ user's code:
 - Every process of a run starts from the program's ``__main__`` as it was at ``init()``
   (forked from that snapshot locally; on a cluster node, the script run up to
   ``init()``). A function or class of ``__main__`` that was already there then is found
-  by module and name, so it travels by reference, like a function of an imported module.
+  by module and name, so it travels by reference, like a function of an imported module,
+  as long as what it reads of ``__main__``'s globals is what the receiving side has too:
+  every global name its code uses is bound to the same object as at ``init()``, and that
+  object is not mutable data (a list, a dict, an instance...) that may have changed in
+  place. Otherwise it travels by value, with those globals as they are now, as
+  cloudpickle sends them.
 - Anything else of ``__main__`` (lambdas, closures, what was defined after ``init()``)
   travels by value with cloudpickle, which renames every code object it ships
   ``<dynamic-code>``; here code objects travel through ``marshal`` instead and keep their
@@ -67,8 +72,29 @@ Buffer = bytes | bytearray | memoryview
 
 
 # The functions and classes __main__ held when snapshot_main() was called (at init()), by
-# name; only those, so that nothing else the script drops later is kept alive here.
+# name; and every global's value then if it is immutable (a global rebound since is not
+# what the receiving side has), or a marker if it is not (mutable data may have changed in
+# place, so a function that reads it goes by value).
 _main_at_init: dict[str, object] = {}
+_globals_at_init: dict[str, object] = {}
+_MISSING = object()
+_MUTABLE = object()
+# Values a function may read from __main__ without going by value: they cannot have changed
+# in place since init(), so the same object there means the same value here.
+_IMMUTABLE = (
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    type,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    frozenset,
+    type(None),
+)
 
 
 def snapshot_main() -> None:
@@ -76,10 +102,13 @@ def snapshot_main() -> None:
     where the fork server is snapshotted): its functions and classes then travel by reference."""
     main = sys.modules.get("__main__")
     _main_at_init.clear()
+    _globals_at_init.clear()
     if main is not None:
+        namespace = vars(main)
         _main_at_init.update(
-            (name, obj) for name, obj in vars(main).items() if isinstance(obj, (types.FunctionType, type))
+            (name, obj) for name, obj in namespace.items() if isinstance(obj, (types.FunctionType, type))
         )
+        _globals_at_init.update((name, obj if _immutable(obj) else _MUTABLE) for name, obj in namespace.items())
 
 
 def _in_main_at_init(obj: object) -> bool:
@@ -89,7 +118,42 @@ def _in_main_at_init(obj: object) -> bool:
     found = _main_at_init.get(names[0])
     for name in names[1:]:
         found = getattr(found, name, None)
-    return found is obj
+    return found is obj and _reads_main_as_at_init(obj)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _reads_main_as_at_init(obj: object) -> bool:
+    """Whether every global of ``__main__`` that ``obj``'s code (a function's, or a class's
+    methods') names is the object it was at init() and cannot have changed in place."""
+    if isinstance(obj, type):
+        codes = [member.__code__ for member in vars(obj).values() if isinstance(member, types.FunctionType)]
+    else:
+        codes = [obj.__code__] if isinstance(obj, types.FunctionType) else []
+    main = sys.modules.get("__main__")
+    namespace = vars(main) if main is not None else {}
+    for code in codes:
+        for name in _global_names(code):
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING:
+                if name in _globals_at_init:  # deleted since init(): the other side still has it
+                    return False
+                continue  # a builtin, an attribute's name, or not a global at all
+            if _globals_at_init.get(name, _MISSING) is not value:
+                return False
+    return True
+
+
+def _immutable(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_immutable(item) for item in value)
+    return isinstance(value, _IMMUTABLE)
 
 
 def _last_line(code: types.CodeType) -> int:
