@@ -160,6 +160,7 @@ def test_a_big_argument_is_pickled_once_and_never_copied_again() -> None:
 
 
 def test_a_received_request_lets_go_of_its_buffer_once_loaded() -> None:
+    import dataclasses
     import weakref
 
     class Received(bytearray):  # (a bytearray cannot be weakly referenced; a subclass can)
@@ -167,7 +168,8 @@ def test_a_received_request_lets_go_of_its_buffer_once_loaded() -> None:
 
     received = Received(SpawnRequest.build(len, b"z" * MiB, Resources(), PARENT).encode())
     alive = weakref.ref(received)
-    request = SpawnRequest.decode(received)
+    original = SpawnRequest.decode(received)
+    request = dataclasses.replace(original, cwd="/elsewhere")  # (as a node's localising makes)
     del received
     function, argument = request.function_and_argument(release=True)
     assert function(argument) == MiB

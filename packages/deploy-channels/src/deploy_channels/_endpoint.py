@@ -640,7 +640,8 @@ class Endpoint:
 
         Waits while data still flows, until every peer's kernel has acknowledged every
         byte (``TIOCOUTQ`` is 0), giving up after a few seconds without progress or
-        ``timeout`` seconds in all. Channels of this endpoint then raise `ChannelClosed`.
+        ``timeout`` seconds in all (only the latter while messages wait for a live peer
+        that has not accepted our connection yet). Channels of this endpoint then raise `ChannelClosed`.
         """
         with self._lock:
             if self._closed or self._loop.forked:
@@ -680,11 +681,18 @@ class Endpoint:
         # attempts in progress, connections being torn down, and (briefly) connections
         # from peers still in set-up, which are owed a goodbye rather than a reset.
         unsent = unsettled = 0
+        # A live peer whose kernel completed our connect but whose process has not
+        # accepted it yet: no progress shows, yet the bytes are owed (DESIGN §2); wait for
+        # it up to the deadline (its set-up times out after SETUP_TIMEOUT, then it is lost).
+        held = False
         for link in list(self._links.values()):
             if link.death is not None:
                 continue
             if link.pending is not None or (link.conn is not None and link.closing):
                 unsettled += 1
+                owed = link.out_bytes - (len(self._goodbye_frame) if link.goodbye_queued else 0)
+                if link.pending is not None and link.pending.state != "connecting" and owed > 0:
+                    held = True
             unsent += link.out_bytes
             if link.conn is not None:
                 unsent += link.conn.unsent()
@@ -694,7 +702,7 @@ class Endpoint:
         pending = unsent + unsettled
         if last is None or pending < last:
             progress_at = now
-        if pending and now < deadline and now - progress_at < _DRAIN_STALL:
+        if pending and now < deadline and (held or now - progress_at < _DRAIN_STALL):
             self._loop.call_later(_DRAIN_TICK, self._drain_tick, deadline, pending, progress_at)
             return
         if pending:

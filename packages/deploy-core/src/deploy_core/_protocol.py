@@ -198,9 +198,12 @@ class SpawnRequest:
         """
         loaded = loads_user(self.function), loads_user(self.argument, self.buffers)
         if release:
-            # Frozen for everyone else; the owner of a received request may drop its pickles.
-            object.__setattr__(self, "function", b"")
-            object.__setattr__(self, "argument", b"")
+            for name in ("function", "argument"):
+                part = getattr(self, name)
+                if isinstance(part, memoryview):
+                    part.release()  # (a copy of this request, dataclasses.replace's, shares it)
+                # Frozen for everyone else; the owner of a received request may drop its pickles.
+                object.__setattr__(self, name, b"")
         return loaded
 
     @staticmethod

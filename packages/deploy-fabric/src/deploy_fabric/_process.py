@@ -50,9 +50,10 @@ BUNDLE = "DEPLOY_BUNDLE"  # the unpacked bundle's root on this node (its name is
 # In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
 # (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
 PEER_LOST_AFTER = 4.0
-# Cluster mode protects every frame of a connection that crosses machines (DESIGN §4):
-# channels and control connections alike; every process of a run must agree.
-PROTECT = "remote"
+# Frame protection (issue 13) of this process's channel and control connections: local
+# mode is all loopback ("off"); a cluster node's processes protect every connection that
+# leaves the machine. Set before the zygote forks, so every process of the node has it.
+_protect = "off"
 
 
 @dataclass
@@ -67,7 +68,6 @@ class _Process:
 
 _me: _Process | None = None
 _bundle_root: str | None = None  # cluster mode: this node's copy of the run's bundle
-_protect = "off"  # which control connections carry protected records (cluster mode: PROTECT)
 _init_called = False
 _control = threading.local()
 
@@ -176,7 +176,7 @@ def _serve_cluster_node() -> None:
     node_host = os.environ.pop(NODE_HOST)
     global _bundle_root, _protect
     _bundle_root = os.environ.pop(BUNDLE, None)
-    _protect = PROTECT
+    _protect = "remote"
     _configure_logging()
     flush_stdio()
     top = serve(
@@ -184,11 +184,11 @@ def _serve_cluster_node() -> None:
         socket.socket(fileno=replies_fd),
         secret,
         node_host,
-        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER, protect=PROTECT),
+        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER, protect=_protect),
         functools.partial(run_spawned, fabric=fabric, secret=secret),
         top=mode == "top",
     )
-    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER, protect=PROTECT)
+    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER, protect=_protect)
     _become(top.pid, None, top.resources, fabric, secret, endpoint)
 
 
