@@ -42,6 +42,8 @@ from ._connections import (
     Channel,
     Loop,
     accept_authenticated,
+    announce,
+    bound,
     cache_directory,
     connect_authenticated,
     daemon_setup,
@@ -169,10 +171,13 @@ class _MasterDaemon:
     ):
         self.loop = Loop()
         self.secret = secret
-        self.bind = bind
         self.host = parse_addr(bind)[0]
         self.listener = listen(bind)
+        self.bind = bind = bound(self.listener, bind)  # (BIND may say port 0)
         self.bridge_listener = listen(bridge_bind) if bridge_bind else None
+        bridge = bound(self.bridge_listener, bridge_bind) if self.bridge_listener and bridge_bind else "none"
+        listed = ", ".join(f"{addr} ({size})" for addr, size in workers) or "none"
+        announce(f"master {bind} ({capacity}), bridge {bridge}, listed workers: {listed}")
         self.cache = BundleCache(cache_directory())
         self.nodes: dict[str, _NodeRecord] = {}
         self.static: dict[str, Resources] = dict(workers)

@@ -76,6 +76,18 @@ def listen(addr: str) -> socket.socket:
     return sock
 
 
+def bound(listener: socket.socket, addr: str) -> str:
+    """``addr`` with the port the listener really has (BIND may ask for port 0)."""
+    host = parse_addr(addr)[0]
+    port = listener.getsockname()[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def announce(line: str) -> None:
+    """One line on stderr when a daemon starts serving, so its terminal does not look hung."""
+    print(f"deploy fabric: {line}", file=sys.stderr, flush=True)
+
+
 def keepalive(sock: socket.socket) -> None:
     """Cut-off peers show as errors within about 5 s, not the kernel's two hours."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
