@@ -138,7 +138,7 @@ class Agent:
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == Kind.PING:
-            self.send((Kind.PONG, message[1], self._memory()))
+            self.send((Kind.PONG, message[1], self._memory() if message[2] else None))
         elif kind == Kind.RUN:
             self._run(*message[1:])
         elif kind == Kind.BUNDLE:
@@ -305,12 +305,17 @@ class Agent:
                 _reap_later.remove(process)
 
     def _memory(self) -> dict[str, int]:
-        """Memory in use (RSS) by each live process on this node, by pid."""
+        """Memory each live process on this node owns, by pid: its USS (what it does not
+        share with the zygote it was forked from, as its limits count it), else its RSS."""
         usage: dict[str, int] = {}
         for run in self._runs.values():
             for pid, os_pid in run.link.os_pids().items():
                 try:
-                    usage[pid.hex] = psutil.Process(os_pid).memory_info().rss
+                    process = psutil.Process(os_pid)
+                    try:
+                        usage[pid.hex] = process.memory_full_info().uss
+                    except (psutil.AccessDenied, AttributeError):
+                        usage[pid.hex] = process.memory_info().rss
                 except psutil.Error:
                     pass
         return usage

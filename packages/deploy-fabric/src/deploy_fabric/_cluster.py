@@ -290,6 +290,8 @@ class _MasterDaemon:
     def _from_node(self, record: _NodeRecord, message: tuple) -> None:
         kind = message[0]
         if kind == Kind.PONG:
+            if message[2] is None:  # a heartbeat's answer
+                return
             record.memory = {str(key): int(value) for key, value in dict(message[2]).items()}
             for _, waiting, _ in self.status_waiting:
                 waiting.discard(record.node.name)
@@ -439,7 +441,7 @@ class _MasterDaemon:
     def _ask_status(self, channel: Channel) -> None:
         """Answer once every node has reported its processes' memory afresh (1 s at most)."""
         for record in self.nodes.values():
-            record.channel.send((Kind.PING, time.time()))
+            record.channel.send((Kind.PING, time.time(), True))
         self.status_waiting.append((channel, set(self.nodes), time.monotonic() + 1.0))
         self._answer_status()
 
@@ -498,7 +500,7 @@ class _MasterDaemon:
                     if now - record.channel.seen > LOST_AFTER:
                         self._node_lost(record, f"no heartbeat for {LOST_AFTER:.0f} s")
                     else:
-                        record.channel.send((Kind.PING, time.time()))
+                        record.channel.send((Kind.PING, time.time(), False))
                 self.own_agent.reap()
             timeout = min(0.2, max(0.0, self.next_ping - now))
             self._answer_status()
