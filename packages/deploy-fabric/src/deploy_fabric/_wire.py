@@ -91,8 +91,8 @@ class Kind(str, enum.Enum):
     BUNDLE = "bundle"  # master -> node, push -> master: (digest, data)
     STOP = "stop"  # master -> node: (run,)
     STDIN = "stdin"  # push -> master: (data,); master -> node: (run, data); b"" is the end
-    PING = "ping"  # master -> node: (sent,)
-    PONG = "pong"  # node -> master: (sent, {pid hex: memory bytes})
+    PING = "ping"  # master -> node: (sent, measure: bool) — a heartbeat, or a status request
+    PONG = "pong"  # node -> master: (sent, {pid hex: memory bytes} if measured else None)
     RUN_FAILED = "run-failed"  # node -> master: (run, why): its zygote is gone
     # FORK/FORKED/OUTPUT/EXIT between master and node carry (run, ...) before their fields.
 
