@@ -246,7 +246,7 @@ def test_select_returns_the_ready_object_fairly(make_endpoint):
     for i in range(200):
         tx1.send(i)
         tx2.send(i)
-    settle(lambda: hub._links[p1.pid].total_in == 200 and hub._links[p2.pid].total_in == 200)
+    settle(lambda: hub._links[p1.pid.hex].total_in == 200 and hub._links[p2.pid.hex].total_in == 200)
     picked = {rx1: 0, rx2: 0}
     for _ in range(200):
         ready = select(rx1, rx2, timeout=5)

@@ -72,3 +72,16 @@ def test_a_lost_node_leaves_the_scheduler_and_a_returning_one_is_used_again():
     scheduler.nodes.append(back)
     assert scheduler.impossible(Resources("2GiB", 0.1)) is None
     assert scheduler.place(Resources("2GiB", 0.1)) is back
+
+
+def test_a_request_only_an_absent_listed_node_could_hold_waits_for_it():
+    master = Node("master", Resources("1GiB", 2))
+    listed = Node("worker", Resources("2GiB", 2))
+    scheduler = Scheduler([master], absent=[listed])
+    request = Resources("1200MiB", 0.1)
+    assert scheduler.impossible(request) is None  # not NoCapacity: it waits
+    assert scheduler.place(request) is None  # nothing goes to a node that is not up
+    assert "worker" in (scheduler.impossible(Resources("3GiB", 0.1)) or "")
+    scheduler.absent.remove(listed)
+    scheduler.nodes.append(listed)
+    assert scheduler.place(request) is listed

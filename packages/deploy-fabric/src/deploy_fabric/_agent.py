@@ -213,6 +213,7 @@ class Agent:
                 process_side.ZYGOTE_FDS: f"{requests.fileno()},{replies.fileno()}",
                 process_side.RUN_SECRET: secret,
                 process_side.NODE_HOST: self.host,
+                process_side.BUNDLE: str(root),
                 "DEPLOY_FABRIC": master,
             }
         )

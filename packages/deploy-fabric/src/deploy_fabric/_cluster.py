@@ -254,9 +254,11 @@ class _MasterDaemon:
         record = _NodeRecord(Node(name, size), channel, host)
         self.nodes[name] = record
         if self.scheduler is None:
-            self.scheduler = Scheduler([record.node])
+            absent = [Node(addr, size) for addr, size in self.static.items() if addr != name]
+            self.scheduler = Scheduler([record.node], absent)
         else:
             self.scheduler.nodes.append(record.node)
+            self.scheduler.absent = [node for node in self.scheduler.absent if node.name != name]
         log.info("node %s is up with %s", name, size)
         for run in self.runs.values():
             if run.master is not None:
@@ -270,6 +272,8 @@ class _MasterDaemon:
         del self.nodes[record.node.name]
         assert self.scheduler is not None
         self.scheduler.nodes.remove(record.node)
+        if record.node.name in self.static:  # listed: it is waited for until it is back
+            self.scheduler.absent.append(Node(record.node.name, record.node.capacity))
         record.channel.close()
         for run in self.runs.values():
             if run.master is not None:
