@@ -34,7 +34,7 @@ from deploy_core import DeployError, Pid, Resources
 from . import _process as process_side
 from . import _wire as wire
 from ._bundle import BundleCache
-from ._node import ZygoteLink, flush_kept, send_or_keep
+from ._node import ZygoteLink, flush_all, sealed_waiting, send_or_keep
 from ._version import __version__
 from ._wire import Kind
 
@@ -95,11 +95,11 @@ class Agent:
     def send(self, message: tuple) -> None:
         if self.closed:
             return
-        if send_or_keep(self.sock, self._outbox, wire.encode(message)):
+        if send_or_keep(self.sock, self._outbox, wire.encode(message)) or sealed_waiting(self.sock):
             self._selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._ready)
 
     def _ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and not flush_kept(self.sock, self._outbox):
+        if mask & selectors.EVENT_WRITE and not flush_all(self.sock, self._outbox):
             self._selector.modify(self.sock, selectors.EVENT_READ, self._ready)
         if not mask & selectors.EVENT_READ:
             return

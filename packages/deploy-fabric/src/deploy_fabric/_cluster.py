@@ -36,6 +36,7 @@ from ._connections import (
     MASTER,
     NODE,
     PING_EVERY,
+    PROTECT,
     PUSH,
     STATUS,
     Channel,
@@ -416,6 +417,7 @@ class _MasterDaemon:
             selector=self.loop.selector,
             scheduler=self.scheduler,
             handle_for=lambda node: _RunOnNode(self, run, self.nodes[node.name]),
+            protect=PROTECT,
         )
         self.runs[run.run_id] = run
         state["run"] = run

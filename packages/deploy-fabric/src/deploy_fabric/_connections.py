@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-from deploy_core import AuthenticationError, DeployError, authenticate, env
+from deploy_core import AuthenticationError, DeployError, ProtectedSocket, authenticate, env
 
 from . import _wire as wire
-from ._node import flush_kept, send_or_keep
+from ._node import flush_all, sealed_waiting, send_or_keep
 
 __all__ = ["Channel", "Loop", "accept_authenticated", "connect_authenticated"]
 
@@ -45,6 +45,10 @@ NODE = "node"
 BRIDGE = "bridge"
 PUSH = "push"
 STATUS = "status"
+
+# Frame protection (deploy_core.ProtectedSocket) on every fabric connection whose peer is
+# not on this machine: daemons, pushes, a run's control connections and its channels.
+PROTECT = "remote"
 
 PING_EVERY = 1.0  # the master pings each node this often
 LOST_AFTER = 4.0  # a peer daemon silent this long is lost (DESIGN: within 5 s)
@@ -185,11 +189,13 @@ class Channel:
         loop.selector.register(sock, selectors.EVENT_READ, self._ready)
 
     def send(self, message: tuple) -> None:
-        if not self.closed and send_or_keep(self.sock, self._outbox, wire.encode(message)):
+        if self.closed:
+            return
+        if send_or_keep(self.sock, self._outbox, wire.encode(message)) or sealed_waiting(self.sock):
             self._loop.selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._ready)
 
     def _ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and not flush_kept(self.sock, self._outbox) and not self.closed:
+        if mask & selectors.EVENT_WRITE and not flush_all(self.sock, self._outbox) and not self.closed:
             self._loop.selector.modify(self.sock, selectors.EVENT_READ, self._ready)
         if not mask & selectors.EVENT_READ or self.closed:
             return
@@ -244,7 +250,8 @@ def accept_authenticated(
 
     def handshake(sock: socket.socket) -> None:
         try:
-            peer = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0).peer
+            done = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0)
+            peer, host = done.peer, sock.getpeername()[0]
         except (AuthenticationError, OSError) as error:
             log.warning("dropped a connection that failed authentication: %s", error)
             sock.close()
@@ -256,7 +263,8 @@ def accept_authenticated(
             sock.close()
             return
         sock.settimeout(None)
-        loop.post(lambda: on_ready(sock))
+        ready = protected(sock, done.key, initiator=False, host=host, peer=peer)
+        loop.post(lambda: on_ready(ready))
 
     def resume() -> None:
         if listener.fileno() >= 0:
@@ -295,7 +303,7 @@ def connect_authenticated(
         raise DeployError(f"cannot reach {addr}: {error.strerror or error}") from None
     keepalive(sock)
     try:
-        authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
+        done = authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
     except AuthenticationError as error:
         sock.close()
         raise AuthenticationError(f"{addr} refused this secret ({error})") from None
@@ -305,4 +313,12 @@ def connect_authenticated(
             raise AuthenticationError(f"{addr} closed the connection during authentication: wrong secret?") from None
         raise DeployError(f"lost {addr} during authentication: {error.strerror}") from None
     sock.settimeout(None)
-    return sock
+    return protected(sock, done.key, initiator=True, host=host, peer=wanted)
+
+
+def protected(sock: socket.socket, key: bytes, *, initiator: bool, host: str, peer: str) -> socket.socket:
+    """``sock``, or a `ProtectedSocket` around it when its peer is on another machine
+    (DESIGN §4: connections that cross machines protect every frame)."""
+    if not wire.protects(PROTECT, host):
+        return sock
+    return ProtectedSocket(sock, key, initiator=initiator, peer=peer)  # type: ignore[return-value]

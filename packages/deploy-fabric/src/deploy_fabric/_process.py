@@ -50,6 +50,9 @@ BUNDLE = "DEPLOY_BUNDLE"  # the unpacked bundle's root on this node (its name is
 # In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
 # (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
 PEER_LOST_AFTER = 4.0
+# Cluster mode protects every frame of a connection that crosses machines (DESIGN §4):
+# channels and control connections alike; every process of a run must agree.
+PROTECT = "remote"
 
 
 @dataclass
@@ -64,6 +67,7 @@ class _Process:
 
 _me: _Process | None = None
 _bundle_root: str | None = None  # cluster mode: this node's copy of the run's bundle
+_protect = "off"  # which control connections carry protected records (cluster mode: PROTECT)
 _init_called = False
 _control = threading.local()
 
@@ -170,8 +174,9 @@ def _serve_cluster_node() -> None:
     host, port = os.environ.pop(env.FABRIC).rsplit(":", 1)
     fabric = (host, int(port))
     node_host = os.environ.pop(NODE_HOST)
-    global _bundle_root
+    global _bundle_root, _protect
     _bundle_root = os.environ.pop(BUNDLE, None)
+    _protect = PROTECT
     _configure_logging()
     flush_stdio()
     top = serve(
@@ -179,11 +184,11 @@ def _serve_cluster_node() -> None:
         socket.socket(fileno=replies_fd),
         secret,
         node_host,
-        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER),
+        functools.partial(start_endpoint, secret=secret, keepalive=PEER_LOST_AFTER, protect=PROTECT),
         functools.partial(run_spawned, fabric=fabric, secret=secret),
         top=mode == "top",
     )
-    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER)
+    endpoint = start_endpoint(top.pid, top.listener, secret=secret, keepalive=PEER_LOST_AFTER, protect=PROTECT)
     _become(top.pid, None, top.resources, fabric, secret, endpoint)
 
 
@@ -219,7 +224,8 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     connection = getattr(_control, "connection", None)
     if connection is None:
         try:
-            connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+            hello = (Kind.HELLO_PROCESS, me.pid.format())
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, hello, protect=_protect)
         except (OSError, AuthenticationError) as error:  # out of fds here or there; the fabric gone
             why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise DeployError(f"cannot connect to the fabric to spawn: {why}") from None
@@ -243,10 +249,10 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
 
 
 def start_endpoint(
-    pid: Pid, listener: socket.socket, *, secret: bytes, keepalive: float | None = None
+    pid: Pid, listener: socket.socket, *, secret: bytes, keepalive: float | None = None, protect: str = "off"
 ) -> deploy_channels.Endpoint:
     """This process's endpoint, on the port the zygote bound for it."""
-    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid, keepalive=keepalive)
+    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid, keepalive=keepalive, protect=protect)
     deploy_channels.set_default_endpoint(endpoint)
     return endpoint
 
