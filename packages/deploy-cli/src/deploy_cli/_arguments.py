@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def machine_size() -> Resources:
     return Resources(memory, cores)
 
 
-def secret(secret_file: str | None, environ: dict[str, str] | os._Environ[str]) -> bytes:
+def secret(secret_file: str | None, environ: Mapping[str, str]) -> bytes:
     """The cluster secret: ``--secret-file``'s stripped contents, else ``DEPLOY_SECRET``, else ``b""``."""
     if secret_file is not None:
         try:
