@@ -5,7 +5,7 @@ Two processes on loopback for every figure. Prints ratios (the machines are shar
 noisy, so each figure is the median of a few repeats); `main()` returns them too, and
 the bench_* functions return raw numbers for scripts/bench.py.
 
-    python scripts/bench_channels.py [--repeat 3] [--quick]
+    python scripts/bench_channels.py [--repeat 3] [--quick] [--protect all]
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ import threading
 import time
 
 SECRET = b"bench-secret"
+# deploy_channels.Endpoint's frame protection for every endpoint of the benchmark (the
+# children inherit it through the environment): off, remote or all.
+PROTECT = os.environ.get("DEPLOY_BENCH_PROTECT", "off")
 MIB = 1 << 20
 
 # --- children -----------------------------------------------------------------------------
@@ -49,7 +52,7 @@ def _child_channels(role: str, n: int, size: int) -> None:
     import deploy_channels as dc
     from deploy_core import Pid
 
-    ep = dc.Endpoint("127.0.0.1:0", secret=SECRET)
+    ep = dc.Endpoint("127.0.0.1:0", secret=SECRET, protect=PROTECT)
     print(ep.pid.format(), flush=True)
     parent = Pid.parse(sys.stdin.readline())
     rx, tx = dc.Receiver(parent, endpoint=ep), dc.Sender(parent, endpoint=ep)
@@ -119,7 +122,7 @@ def _child_idle100() -> None:
     import deploy_channels as dc
     from deploy_core import Pid
 
-    ep = dc.Endpoint("127.0.0.1:0", secret=SECRET)
+    ep = dc.Endpoint("127.0.0.1:0", secret=SECRET, protect=PROTECT)
     print(ep.pid.format(), flush=True)
     pids = [Pid.parse(line) for line in sys.stdin.readline().split()]
     before = _rss(os.getpid())
@@ -172,7 +175,7 @@ class _Channels:
         import deploy_channels as dc
         from deploy_core import Pid
 
-        self.ep = dc.Endpoint("127.0.0.1:0", secret=SECRET)
+        self.ep = dc.Endpoint("127.0.0.1:0", secret=SECRET, protect=PROTECT)
         self.proc = _spawn("channels", role, n, size)
         peer = Pid.parse(self.proc.stdout.readline())
         self.proc.stdin.write(self.ep.pid.format() + "\n")
@@ -317,7 +320,7 @@ def bench_idle_memory(channels: int = 100) -> dict[str, float]:
     """RSS of a process before and after opening ``channels`` channels to as many peers."""
     import deploy_channels as dc
 
-    peers = [dc.Endpoint("127.0.0.1:0", secret=SECRET) for _ in range(channels)]
+    peers = [dc.Endpoint("127.0.0.1:0", secret=SECRET, protect=PROTECT) for _ in range(channels)]
     proc = _spawn("idle100", "-", 0)
     try:
         proc.stdout.readline()
@@ -338,7 +341,7 @@ def bench_flood_memory(seconds: float = 10.0, size: int = 64 * 1024) -> list[int
     import deploy_channels as dc
     from deploy_core import Pid
 
-    ep = dc.Endpoint("127.0.0.1:0", secret=SECRET)
+    ep = dc.Endpoint("127.0.0.1:0", secret=SECRET, protect=PROTECT)
     proc = _spawn("channels", "flood", 0, size)
     samples = []
     try:
@@ -371,7 +374,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="fewer messages, shorter flood")
+    parser.add_argument("--protect", choices=("off", "remote", "all"), help="Endpoint(protect=...) for every endpoint")
     args = parser.parse_args(argv)
+    if args.protect is not None:
+        global PROTECT
+        PROTECT = os.environ["DEPLOY_BENCH_PROTECT"] = args.protect
     scale = 10 if args.quick else 1
     ratios: dict[str, float] = {}
     zmq = _have_zmq()

@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import queue
+import random
 import secrets
 import signal
 import socket
@@ -45,10 +46,24 @@ WORKER_SIZES = [("1536MiB", "2"), ("2GiB", "2")]
 HOLDER_MEM = "1200MiB"
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    """A port nothing is bound to now, below the kernel's ephemeral range (32768 and up), so
+    that the outgoing connections of everything else running on this machine cannot take it
+    between this check and the daemon's bind; never the same one twice in a session."""
+    while True:
+        port = random.randrange(20000, 32000)
+        if port in _handed_out:
+            continue
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
 
 
 def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05):
@@ -119,7 +134,7 @@ class Daemon:
 
 @dataclass
 class Push:
-    """A ``deploy push`` still running: its JSON events arrive on a queue as they are printed."""
+    """A ``deploy push`` still running: its JSON events are collected as they are printed."""
 
     process: subprocess.Popen
     tag: str
@@ -128,6 +143,7 @@ class Push:
     stderr: list[bytes] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.ended = False  # stdout closed: every event is in self.events
         self.readers = [
             threading.Thread(target=self._read_stdout, daemon=True),
             threading.Thread(target=lambda: self.stderr.append(self.process.stderr.read()), daemon=True),
@@ -141,26 +157,35 @@ class Push:
                 event = json.loads(line)
                 self.events.append(event)
                 self.lines.put(event)
+        self.ended = True
         self.lines.put(None)
 
-    def wait_for_output(self, text: str, timeout: float = 30.0) -> dict:
-        """The first output event whose text contains ``text``, waiting for it."""
+    def wait_for_output(self, text: str, timeout: float = 30.0) -> str:
+        """The first complete line of stdout (of any process) containing ``text``, waiting for it.
+
+        Output events are chunks of bytes, not lines: a process's chunks are joined first.
+        """
         deadline = time.monotonic() + timeout
-        seen = [e for e in list(self.events) if e["event"] == "output" and text in e["text"]]
-        if seen:
-            return seen[0]
+        partial: dict[str, str] = {}
+        seen = 0
         while True:
+            while seen < len(self.events):
+                event = self.events[seen]
+                seen += 1
+                if event["event"] != "output" or event["fd"] != 1:
+                    continue
+                buffered = partial.get(event["pid"], "") + event["text"]
+                *lines, partial[event["pid"]] = buffered.split("\n")
+                for line in lines:
+                    if text in line:
+                        return line
+            if self.ended and seen >= len(self.events):
+                raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"no output {text!r} within {timeout}s; events: {self.events[-10:]}")
-            try:
-                event = self.lines.get(timeout=remaining)
-            except queue.Empty:
-                continue
-            if event is None:
-                raise AssertionError(f"the push ended without printing {text!r}; stderr: {self.stderr_text()}")
-            if event["event"] == "output" and text in event["text"]:
-                return event
+            with contextlib.suppress(queue.Empty):
+                self.lines.get(timeout=min(remaining, 0.2))  # wakes up on the next event
 
     def stderr_text(self) -> str:
         return b"".join(self.stderr).decode(errors="replace")
@@ -190,6 +215,7 @@ class Cluster:
     workers: list[Daemon]
     bridge: str
     push_tags: list[str] = field(default_factory=list)
+    pushes: list[Push] = field(default_factory=list)
     prefix: list[str] | None = None  # e.g. ["ip", "netns", "exec", NS] for pushes
 
     @property
@@ -235,7 +261,25 @@ class Cluster:
             cwd=script.parent,
             env=self.env(secret, **{TAG: tag}, **(env or {})),
         )
-        return Push(process, tag)
+        push = Push(process, tag)
+        self.pushes.append(push)
+        return push
+
+    def end_pushes(self) -> None:
+        """Stop every push a test left running (it failed half-way): Ctrl-C, then kill; and
+        wait until their runs are gone, so that the next test finds the cluster idle."""
+        left = [push for push in self.pushes if push.process.poll() is None]
+        self.pushes.clear()
+        for push in left:
+            push.process.send_signal(signal.SIGINT)
+        for push in left:
+            try:
+                push.process.wait(10)
+            except subprocess.TimeoutExpired:
+                push.process.kill()
+                push.process.wait(10)
+        if left:
+            wait_until(lambda: self.status()["runs"] == [], 15, "the runs of interrupted pushes to end")
 
     def push(self, script: Path, *args: str, timeout: float = 60.0, **options) -> Run:
         """Push ``script`` to completion; its processes must all be gone afterwards."""
@@ -248,8 +292,8 @@ class Cluster:
 
         def ready() -> dict | None:
             for daemon in self.daemons:
-                if daemon.process is not None and daemon.process.poll() is not None and daemon is self.master:
-                    raise AssertionError(f"the master exited with {daemon.process.returncode}:\n{daemon.log()}")
+                if daemon.process is not None and daemon.process.poll() is not None:
+                    raise AssertionError(f"{daemon.name} exited with {daemon.process.returncode}:\n{daemon.log()}")
             result = self.command("status", "--format", "json", self.bridge, timeout=15)
             if result.returncode != 0:
                 return None
@@ -281,6 +325,10 @@ class Cluster:
 
     def shutdown(self) -> dict[str, int | None]:
         """Terminate every daemon, wait, kill the stubborn; then nothing of the cluster may live."""
+        for push in self.pushes:
+            if push.process.poll() is None:
+                push.process.kill()
+                push.process.wait(10)
         codes = {}
         for daemon in self.daemons:
             if daemon.alive():
@@ -308,7 +356,22 @@ def assert_gone(find: Callable[[], list[psutil.Process]], what: str, wait: float
         time.sleep(0.05)
 
 
-def boot(
+def boot(root: Path, **options) -> Cluster:
+    """Start a master with its bridge and ``workers`` in its static list (``joiners`` --join it).
+
+    A daemon that finds its port taken after all (something else bound it first) makes the
+    whole cluster start again on other ports, up to three times.
+    """
+    for attempt in range(3):
+        try:
+            return _boot_once(root / f"try{attempt}" if attempt else root, **options)
+        except AssertionError as error:
+            if "Address already in use" not in str(error) or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _boot_once(
     root: Path,
     *,
     master: tuple[str, str] = MASTER_SIZE,
@@ -316,8 +379,8 @@ def boot(
     joiners: list[tuple[str, str]] | None = None,
     host: str = "127.0.0.1",
     wait: bool = True,
+    start_workers: bool = True,
 ) -> Cluster:
-    """Start a master with its bridge and ``workers`` in its static list (``joiners`` --join it)."""
     workers = WORKER_SIZES if workers is None else workers
     joiners = joiners or []
     tag = uuid.uuid4().hex
@@ -354,13 +417,13 @@ def boot(
     )
     cluster = Cluster(root, secret, tag, head, [*static, *joining], bridge)
     try:
-        for daemon in static:
+        for daemon in static if start_workers else []:
             daemon.start()
         head.start()
         for daemon in joining:
             daemon.start()
         if wait:
-            cluster.wait_ready()
+            cluster.wait_ready(None if start_workers else 1 + len(joining))
     except BaseException:
         cluster.shutdown()
         raise

@@ -137,7 +137,7 @@ def test_a_node_cut_off_is_lost_within_5s_and_comes_back(namespaces, tmp_path):
     cluster = boot_in(namespaces, tmp_path / "cluster")
     try:
         push = cluster.start_push(project(tmp_path / "job", STREAM))
-        line = push.wait_for_output("producer ")["text"]
+        line = push.wait_for_output("producer ")
         victim = node_of(cluster, int(line.split()[1]))
         assert victim is not cluster.master
         sent = link_bytes(nodes[victim.name], "eth0", "tx")
@@ -146,8 +146,8 @@ def test_a_node_cut_off_is_lost_within_5s_and_comes_back(namespaces, tmp_path):
             20,
             "a megabyte of the stream to cross the producer's interface",
         )
-        cut_at = time.time()
         ip("-n", hub, "link", "set", f"h{victim.name}", "down")
+        cut_at = time.time()  # after the link is surely down: the delay measured is at most the real one
         result = push.finish(30)
         lost_after = time.time() - cut_at
         result.check_tree()
@@ -157,7 +157,7 @@ def test_a_node_cut_off_is_lost_within_5s_and_comes_back(namespaces, tmp_path):
         assert says.startswith("PeerLost at "), says
         noticed = float(says.split()[2].rstrip(":")) - cut_at
         print(f"the consumer got PeerLost {noticed:.2f}s after the cut; the run ended after {lost_after:.2f}s")
-        assert noticed <= 5.5, f"PeerLost came {noticed:.2f}s after the link went down"
+        assert noticed <= 5.0, f"PeerLost came {noticed:.2f}s after the link went down"
         assert result.exits()[consumer]["code"] == 3
         assert result.code != 0
         # The cut-off node ends the run's processes itself once it has lost the master.

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -25,7 +27,7 @@ def expected_code(events: list[dict]) -> int | None:
 def test_a_worker_killed_mid_run_is_a_lost_node_and_comes_back(tmp_path):
     with running(tmp_path / "cluster") as cluster:
         push = cluster.start_push(project(tmp_path / "job", STREAM))
-        line = push.wait_for_output("producer ")["text"]
+        line = push.wait_for_output("producer ")
         victim = node_of(cluster, int(line.split()[1]))
         assert victim is not cluster.master
         killed_at = time.time()
@@ -98,7 +100,7 @@ def test_a_joining_worker_leaves_and_comes_back(tmp_path):
         script = project(tmp_path / "job", JOINER)
 
         push = cluster.start_push(script, str(release))
-        holder = int(push.wait_for_output("holder ")["text"].split()[1])
+        holder = int(push.wait_for_output("holder ").split()[1])
         assert node_of(cluster, holder) is joiner
         release.touch()
         assert push.finish(30).code == 0
@@ -120,7 +122,7 @@ def test_a_joining_worker_leaves_and_comes_back(tmp_path):
         joiner.start()
         cluster.wait_ready(2, timeout=30)
         push = cluster.start_push(script, str(release))
-        holder = int(push.wait_for_output("holder ")["text"].split()[1])
+        holder = int(push.wait_for_output("holder ").split()[1])
         assert node_of(cluster, holder) is joiner
         release.touch()
         assert push.finish(30).code == 0
@@ -162,3 +164,54 @@ def test_daemons_stop_cleanly_killing_and_reporting_their_processes(tmp_path, si
         assert all(e["signal"] == "SIGKILL" for e in result.exits().values()), result.exits()
         assert result.code == 128 + signal.SIGKILL
     assert_gone(cluster.processes, "processes of the cluster")
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    mount = tmp_path / "cluster" / "master" / "cache"
+    mount.mkdir(parents=True)
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        pytest.skip(f"cannot mount a small tmpfs here to fill a node's disk: {error}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True, timeout=10)
+
+
+def test_a_node_whose_disk_is_full_fails_the_push_in_one_line(tmp_path, tiny_disk):
+    with running(tmp_path / "cluster", workers=[]) as cluster:
+        script = project(tmp_path / "job", "import deploy\ndeploy.init()\nprint('should not run')\n")
+        (script.parent / "data.bin").write_bytes(os.urandom(1024 * 1024))  # incompressible, 4x the disk
+        result = cluster.start_push(script).finish(30)
+        assert result.code != 0
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("deploy push: "), result.stderr
+        assert "no space left" in lines[0], lines[0]
+        assert "should not run" not in result.all_output()
+        assert list(tiny_disk.iterdir()) == []  # nothing half-unpacked
+        small = cluster.push(project(tmp_path / "small", "import deploy\ndeploy.init()\nprint('fits')\n"))
+        assert small.code == 0 and small.output(small.top) == b"fits\n", small.stderr
+
+
+def test_a_listed_worker_down_at_start_is_used_when_it_comes_up(tmp_path):
+    # Only the worker can hold the holder (the master's node has 1GiB): the push waits for it.
+    with running(tmp_path / "cluster", workers=[("2GiB", "2")], start_workers=False) as cluster:
+        worker = cluster.workers[0]
+        release = tmp_path / "release"
+        push = cluster.start_push(project(tmp_path / "job", JOINER), str(release))
+        with pytest.raises(AssertionError, match="no output"):
+            push.wait_for_output("holder ", timeout=2)  # nowhere to run it yet
+        worker.start()
+        holder = int(push.wait_for_output("holder ", timeout=70).split()[1])
+        assert node_of(cluster, holder) is worker
+        release.touch()
+        result = push.finish(30)
+        assert result.code == 0, result.stderr
+        result.check_tree()

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -23,9 +25,16 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
+def shared_cluster(tmp_path_factory):
     with running(tmp_path_factory.mktemp("cluster")) as cluster:
         yield cluster
+
+
+@pytest.fixture
+def cluster(shared_cluster):
+    """The module's cluster; a push that a failed test left running is ended, not inherited."""
+    yield shared_cluster
+    shared_cluster.end_pushes()
 
 
 @pytest.fixture
@@ -85,6 +94,9 @@ if __name__ == "__main__":
     pids = [deploy.spawn(hold, index, deploy.Resources(mem=mem, cpu=0.1)) for index in range(count)]
     assert sorted(deploy.Receiver[int](pid).recv() for pid in pids) == list(range(count))
     print("all up", flush=True)
+    deadline = time.monotonic() + 60  # the top stays up with its holders
+    while not os.path.exists(sys.argv[1]) and time.monotonic() < deadline:
+        time.sleep(0.02)
 """
 
 
@@ -109,7 +121,7 @@ def test_spawns_land_on_every_node_and_status_shows_the_busy_run(cluster, job, t
             used = sum(p["resources"]["mem"] for p in ours if p["node"] == node["addr"])
             assert node["used"]["mem"] == used
             assert node["free"]["mem"] == node["capacity"]["mem"] - used
-        assert all(p["memory"] > 0 and p["age"] >= 0 for p in ours)
+        assert all(p["memory"] > 0 and p["age"] >= 0 for p in ours), ours
         human = cluster.command("status", cluster.bridge)
         assert human.returncode == 0, human.stderr
         for daemon in cluster.daemons:
@@ -323,3 +335,113 @@ def test_the_top_process_gets_args_environment_stdin_and_directory(cluster, tmp_
     assert "top in sub True" in result.stdout
     assert "child in sub True argv ['a b', '--c']" in result.stdout
     assert_gone(lambda: survivors(tag), "processes of the run")
+
+
+def test_a_daemon_that_cannot_listen_says_so_in_one_line(cluster):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = f"127.0.0.1:{taken.getsockname()[1]}"
+        for argv, code in (
+            (["fabric", busy, "--mem", "1GiB", "--cpu", "1"], 1),
+            (["fabric", "0.0.0.0:0"], 2),
+            (["fabric", "master", busy, "1GiB", "1", "bridge", f"127.0.0.1:{free_port()}"], 1),
+        ):
+            result = cluster.command(*argv, secret="" if argv[1] == "0.0.0.0:0" else None, timeout=30)
+            assert result.returncode == code, (argv, result.stderr)
+            assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith("deploy fabric: "), result.stderr
+            assert "Traceback" not in result.stderr
+
+
+# A deploy push of another version: the same CLI with the version it announces changed.
+OTHER_VERSION = """
+import sys
+import deploy_fabric._push
+from deploy_cli import main
+
+deploy_fabric._push.__version__ = "9.9.9"
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_push_of_another_version_is_refused_in_one_line(cluster, job, tmp_path):
+    script = job("import deploy\ndeploy.init()\nprint('should not run')\n")
+    other = tmp_path / "other_deploy.py"
+    other.write_text(OTHER_VERSION)
+    for argv in (["push", cluster.bridge, str(script)], ["status", cluster.bridge]):
+        result = subprocess.run(
+            [sys.executable, str(other), *argv], capture_output=True, text=True, timeout=30, env=cluster.env()
+        )
+        assert result.returncode == 1, result.stderr
+        assert len(result.stderr.splitlines()) == 1 and result.stderr.startswith(f"deploy {argv[0]}: "), result.stderr
+        assert "9.9.9" in result.stderr, result.stderr
+        assert "should not run" not in result.stdout
+
+
+def test_push_of_a_module_runs_it_as_main_from_the_current_directory(cluster, tmp_path):
+    package = tmp_path / "modproj" / "tools"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "job.py").write_text(
+        "import sys, deploy\n\n"
+        "def child(parent, word):\n    print('child says', word)\n\n"
+        "if __name__ == '__main__':\n    deploy.init()\n    deploy.spawn(child, sys.argv[1])\n"
+    )
+    tag = uuid.uuid4().hex
+    cluster.push_tags.append(tag)
+    result = subprocess.run(
+        [*DEPLOY, "push", cluster.bridge, "-m", "tools.job", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path / "modproj",
+        env=cluster.env(**{TAG: tag}),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "child says hi" in result.stdout
+    assert_gone(lambda: survivors(tag), "processes of the run")
+
+
+LISTENER = """
+import os, sys, time, deploy
+
+def listen(parent, release):
+    deploy.Sender[str](parent).send(deploy.pid().format())
+    rx = deploy.Receiver[int](parent)
+    while not os.path.exists(release):
+        time.sleep(0.02)
+
+if __name__ == "__main__":
+    deploy.init()
+    pid = deploy.spawn(listen, sys.argv[1])
+    print("listening", deploy.Receiver[str](pid).recv(), flush=True)
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.02)
+"""
+
+INTRUDER = """
+import sys, deploy
+
+if __name__ == "__main__":
+    deploy.init()
+    victim = deploy.Pid.parse(sys.argv[1])
+    try:
+        deploy.Sender[int](victim).send(1)
+        print("delivered?", deploy.Receiver[int](victim).recv(timeout=5))
+    except TimeoutError:
+        print("connected: the message was sent and no refusal came")
+    except (deploy.AuthenticationError, deploy.PeerLost) as error:
+        print("refused:", type(error).__name__, error)
+"""
+
+
+def test_a_process_of_one_run_cannot_reach_a_process_of_another(cluster, tmp_path):
+    release = tmp_path / "release"
+    listener = cluster.start_push(project(tmp_path / "a", LISTENER), str(release))
+    try:
+        victim = listener.wait_for_output("listening ").split()[1]
+        intruder = cluster.push(project(tmp_path / "b", INTRUDER), victim, timeout=60)
+        assert intruder.output(intruder.top).decode().startswith("refused: "), intruder.all_output()
+    finally:
+        release.touch()
+    assert listener.finish(30).code == 0

@@ -66,6 +66,68 @@ def test_all_zero_exits_zero_and_a_signal_gives_128_plus_n(script):
     assert result.code == 128 + signal.SIGTERM
 
 
+def test_a_real_time_signal_is_reported_by_name_and_the_run_goes_on(script):
+    job = script(
+        """
+        import os, signal, time, deploy
+
+        def killed(parent, _):
+            os.kill(os.getpid(), signal.SIGRTMIN + 2)
+
+        def later(parent, _):
+            time.sleep(0.5)
+            print("still reported")
+
+        if __name__ == "__main__":
+            deploy.init()
+            deploy.spawn(later, None)
+            deploy.spawn(killed, None)
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    slow, killed = result.children(result.top)
+    exits = result.exits()
+    assert exits[killed]["signal"] == "SIGRTMIN+2" and exits[killed]["code"] is None
+    assert exits[slow]["code"] == 0 and result.output(slow) == b"still reported\n"
+    assert result.code == 128 + signal.SIGRTMIN + 2
+    assert "Traceback" not in result.stderr
+
+
+def test_non_daemon_threads_finish_before_the_process_ends(script):
+    job = script(
+        """
+        import threading, time, deploy
+
+        def late(parent):
+            time.sleep(0.5)
+            print("thread printed after fn returned")
+            deploy.Sender[str](parent).send("sent from the thread")
+
+        def fails():
+            time.sleep(0.2)
+            raise ValueError("a thread's own error")
+
+        def child(parent, _):
+            threading.Thread(target=late, args=(parent,)).start()
+            threading.Thread(target=fails).start()
+            threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # not waited for
+
+        if __name__ == "__main__":
+            deploy.init()
+            pid = deploy.spawn(child, None)
+            print(deploy.Receiver[str](pid).recv(timeout=20))
+        """
+    )
+    result = run(job, timeout=40)
+    result.check_tree()
+    child = result.children(result.top)[0]
+    assert result.output(child) == b"thread printed after fn returned\n"
+    assert "ValueError: a thread's own error" in result.output(child, 2).decode()
+    assert result.exits()[child]["code"] == 0  # as in Python: a thread's exception is printed, not the exit code
+    assert result.output(result.top) == b"sent from the thread\n"
+
+
 def test_a_child_outlives_its_parent_and_the_run_waits_for_it(script):
     job = script(
         """

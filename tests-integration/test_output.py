@@ -36,6 +36,27 @@ def test_binary_output_is_exact(script):
     assert result.stderr == ""  # JSON mode: nothing else from the runtime
 
 
+def test_json_text_of_a_long_multibyte_line_is_exact(script):
+    job = script(
+        """
+        import deploy
+
+        def child(parent, _):
+            print("€" * 100000)
+
+        if __name__ == "__main__":
+            deploy.init()
+            deploy.spawn(child, None)
+        """
+    )
+    result = run(job)
+    child = result.children(result.top)[0]
+    texts = [e["text"] for e in result.by_pid[child] if e["event"] == "output" and e["fd"] == 1]
+    assert len(texts) > 1  # it did arrive in chunks
+    assert "".join(texts) == "€" * 100000 + "\n"
+    assert result.output(child) == ("€" * 100000 + "\n").encode()
+
+
 def test_output_appears_while_the_process_still_runs(script):
     job = script(
         """

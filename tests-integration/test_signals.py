@@ -109,3 +109,60 @@ def test_nothing_outlives_a_killed_bridge(script):
     process.kill()
     process.communicate(timeout=10)
     assert_no_survivors(tag, wait=3)
+
+
+# A process's subprocesses belong to it (DESIGN §2): killed when it exits, after their output,
+# and never outliving the run, with either enforcement, setsid daemons included.
+SUBPROCESSES = """
+import os, subprocess, sys, time, deploy
+
+if sys.argv[1] == "poll":  # this host's cgroups aside: the polling enforcement
+    import deploy_monitor._cgroups as cgroups
+    cgroups._detected = cgroups.Enforcement("poll")
+
+SAY = "import os, sys, time; os.write(1, sys.argv[1].encode() + b' up' + bytes([10])); open(sys.argv[1], 'w').close(); time.sleep(60)"
+
+def leaves_subprocesses(parent, then):
+    os.makedirs("up", exist_ok=True)
+    plain = subprocess.Popen([sys.executable, "-c", SAY, os.path.join("up", "plain")])
+    if os.fork() == 0:  # the daemon's parent: setsid, start it, exit
+        os.setsid()
+        subprocess.Popen([sys.executable, "-c", SAY, os.path.join("up", "daemon")])
+        os._exit(0)
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(os.path.join("up", name)) for name in ("plain", "daemon")):
+        assert time.monotonic() < deadline, "the subprocesses did not start"
+        time.sleep(0.02)
+    if then == "sleep":
+        time.sleep(60)
+
+if __name__ == "__main__":
+    deploy.init()
+    deploy.spawn(leaves_subprocesses, sys.argv[2])
+"""
+
+
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_a_process_subprocesses_end_with_it_after_their_output(script, kind):
+    result = run(script(SUBPROCESSES), kind, "return")  # (run() fails if anything of the run is left)
+    result.check_tree()
+    child = result.children(result.top)[0]
+    assert sorted(result.output(child).decode().splitlines()) == ["up/daemon up", "up/plain up"]
+    assert result.exits()[child]["code"] == 0 and result.code == 0
+
+
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_subprocesses_do_not_outlive_a_killed_monitor(script, kind):
+    job = script(SUBPROCESSES)
+    process, tag = start(job, kind, "sleep")
+    up = job.parent / "up"
+    deadline = time.monotonic() + 20
+    while not ((up / "plain").exists() and (up / "daemon").exists()):
+        assert time.monotonic() < deadline, "the subprocesses did not start"
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.05)
+    (zygote,) = psutil.Process(process.pid).children()
+    zygote.kill()
+    process.communicate(timeout=15)
+    assert process.returncode == 128 + signal.SIGKILL
+    assert_no_survivors(tag, wait=3)

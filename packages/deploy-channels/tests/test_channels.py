@@ -246,7 +246,7 @@ def test_select_returns_the_ready_object_fairly(make_endpoint):
     for i in range(200):
         tx1.send(i)
         tx2.send(i)
-    settle(lambda: hub._links[p1.pid].total_in == 200 and hub._links[p2.pid].total_in == 200)
+    settle(lambda: hub._links[p1.pid.hex].total_in == 200 and hub._links[p2.pid.hex].total_in == 200)
     picked = {rx1: 0, rx2: 0}
     for _ in range(200):
         ready = select(rx1, rx2, timeout=5)
@@ -389,3 +389,24 @@ def test_peer_close_reports_exit_code(pair):
     assert info.value.code == 3
     with pytest.raises(PeerExited):
         Sender(b.pid, endpoint=a).send(1)
+
+
+@pytest.mark.parametrize("keepalive", [None, 4.0])
+def test_keepalive_sets_probes_and_a_user_timeout_on_both_ends(keepalive):
+    import socket
+
+    a = Endpoint("127.0.0.1:0", secret=b"k", keepalive=keepalive)
+    b = Endpoint("127.0.0.1:0", secret=b"k", keepalive=keepalive)
+    try:
+        Sender(b.pid, endpoint=a).send(1)
+        assert Receiver(a.pid, endpoint=b).recv(timeout=5) == 1
+        for endpoint in (a, b):
+            conns = [conn for conn in endpoint._conns if conn.sock.fileno() >= 0]
+            assert conns
+            for conn in conns:
+                probes = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                timeout = conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT)
+                assert (bool(probes), timeout) == ((False, 0) if keepalive is None else (True, 4000))
+    finally:
+        a.close()
+        b.close()

@@ -131,3 +131,35 @@ def test_pending_size_reads_the_header_once_it_is_in():
     decoder.feed(data[10:])
     assert decoder.next_frame() == b"x" * 300
     assert decoder.pending_size() is None
+
+
+LARGE = bytes(range(256)) * 400  # 100 KiB: a large frame, assembled in place
+
+
+def test_large_frame_fed_one_byte_at_a_time_is_a_bytearray():
+    data = encode_frame(b"before") + encode_frame(LARGE) + encode_frame(b"after")
+    decoder = FrameDecoder()
+    got = []
+    for byte in data:
+        decoder.feed(bytes([byte]))
+        while (frame := decoder.next_frame()) is not NEED_DATA:
+            got.append(frame)
+    assert got == [b"before", LARGE, b"after"]
+    assert type(got[1]) is bytearray and type(got[0]) is bytes
+    assert decoder.buffered() == 0
+
+
+def test_large_frame_with_frames_and_eof_in_the_middle():
+    data = encode_frame(b"x") + encode_frame(LARGE) + encode_frame(b"y")
+    decoder = FrameDecoder()
+    decoder.feed(data[:1000])
+    assert decoder.frames() == [b"x"]
+    assert decoder.pending_size() == len(LARGE)
+    assert decoder.buffered() == 1000 - 5
+    decoder.feed(data[1000:])
+    assert decoder.frames() == [LARGE, b"y"]
+    decoder.feed(data[:50000])
+    assert decoder.frames() == [b"x"]
+    decoder.feed(b"")
+    with pytest.raises(FrameError, match="middle of a frame"):
+        decoder.frames()

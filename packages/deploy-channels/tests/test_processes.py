@@ -159,7 +159,7 @@ print(count, flush=True)
     assert sent[0] == first, "send kept going although the receiver does not read"
     # Sender buffer + kernel buffers + the receiver's bounded inbox: far below 80 MiB.
     assert first * 4104 < 40 * 2**20
-    assert ep._links[pid].out_bytes <= high_water + 8192
+    assert ep._links[pid.hex].out_bytes <= high_water + 8192
     proc.stdin.write("read\n")
     proc.stdin.flush()
     pumper.join(30)

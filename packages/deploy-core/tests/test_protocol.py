@@ -19,6 +19,7 @@ from deploy_core import (
     dumps_user,
     loads_user,
 )
+from deploy_core._protocol import VERSION
 
 PARENT = Pid("0123456789abcdef0123456789abcdef", "::1", 7000)
 CHILD = Pid("fedcba9876543210fedcba9876543210", "127.0.0.1", 7001)
@@ -34,8 +35,7 @@ def round_trip(request: SpawnRequest) -> SpawnRequest:
 
 def test_lambda_round_trips_and_still_works() -> None:
     request = round_trip(SpawnRequest.build(lambda parent, arg: (str(parent), arg * 2), 21, Resources(), PARENT))
-    function = loads_user(request.function)
-    argument = loads_user(request.argument)
+    function, argument = request.function_and_argument()
     assert argument == 21
     assert function(PARENT, argument) == (str(PARENT), 42)
 
@@ -80,6 +80,27 @@ def test_argv_and_environment_snapshot(monkeypatch: pytest.MonkeyPatch) -> None:
     assert decoded.env == request.env
 
 
+def test_working_directory_and_sys_path_snapshot(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    plugins = str(tmp_path / "plugins")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [*sys.path, plugins])
+    request = SpawnRequest.build(print, None, Resources(), PARENT)
+    monkeypatch.chdir("/")
+    sys.path.remove(plugins)
+    assert request.cwd == str(tmp_path)
+    assert request.path[-1] == plugins and plugins not in sys.path
+    decoded = round_trip(request)
+    assert (decoded.cwd, decoded.path) == (str(tmp_path), request.path)
+
+
+def test_a_removed_working_directory_is_sent_as_empty(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    assert round_trip(SpawnRequest.build(print, None, Resources(), PARENT)).cwd == ""
+
+
 @pytest.mark.parametrize("resources", [Resources(), Resources("1.5GiB", 0.25), Resources(0, 0), Resources(1, 64)])
 @pytest.mark.parametrize("parent", [PARENT, CHILD, None])
 def test_resources_and_parent_round_trip(resources: Resources, parent: Pid | None) -> None:
@@ -103,6 +124,81 @@ def test_decode_accepts_bytearray_and_memoryview() -> None:
     assert SpawnRequest.decode(memoryview(request.encode())) == request
 
 
+MiB = 1 << 20
+
+
+def peak(work) -> tuple[object, int]:
+    """What ``work()`` returns, and the most memory it held at once beyond what it returns."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        result = work()
+        _, most = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, most
+
+
+# An argument of N bytes costs about N once on each side: one pickle of it to send, sent in
+# pieces (no copy into a bigger message); one received buffer, decoded into views of itself.
+def test_a_big_argument_is_pickled_once_and_never_copied_again() -> None:
+    big = b"x" * (20 * MiB)
+    request, building = peak(lambda: SpawnRequest.build(lambda parent, arg: len(arg), big, Resources(), PARENT))
+    assert building < 24 * MiB  # its one pickle (io.BytesIO grows by an eighth)
+    parts, encoding = peak(request.encode_parts)
+    assert encoding < MiB
+    assert parts[2] is request.argument
+    received = bytearray(b"".join(parts))  # what the other side reads, once
+    decoded, decoding = peak(lambda: SpawnRequest.decode(received))
+    assert decoding < MiB
+    assert decoded == request
+    assert isinstance(decoded.argument, memoryview) and decoded.argument.obj is received
+    (function, argument), loading = peak(decoded.function_and_argument)
+    assert argument == big and function(PARENT, argument) == len(big)
+    assert loading < 21 * MiB  # the argument itself
+
+
+def test_a_received_request_lets_go_of_its_buffer_once_loaded() -> None:
+    import weakref
+
+    class Received(bytearray):  # (a bytearray cannot be weakly referenced; a subclass can)
+        pass
+
+    received = Received(SpawnRequest.build(len, b"z" * MiB, Resources(), PARENT).encode())
+    alive = weakref.ref(received)
+    request = SpawnRequest.decode(received)
+    del received
+    function, argument = request.function_and_argument(release=True)
+    assert function(argument) == MiB
+    assert alive() is None, "the request still holds the buffer it was received in"
+    assert request.function == request.argument == b""
+    assert SpawnRequest.recognise(SpawnRequest.build(len, 1, Resources(), PARENT).encode())
+    assert not SpawnRequest.recognise(pickle.dumps(("spawn", b"")))
+
+
+class Blob:
+    """A value with a pickle-5 buffer of its own, as numpy arrays have."""
+
+    def __init__(self, data: bytearray | memoryview):
+        self.data = data
+
+    def __reduce_ex__(self, protocol: int):
+        return Blob, (pickle.PickleBuffer(self.data),)
+
+
+def test_out_of_band_buffers_travel_without_a_copy_on_either_side() -> None:
+    data = bytearray(b"y" * (8 * MiB))
+    request, building = peak(lambda: SpawnRequest.build(print, Blob(data), Resources(), PARENT))
+    assert building < MiB and len(request.buffers) == 1
+    assert request.buffers[0].obj is data  # a view of the user's own bytes
+    received = bytearray(b"".join(request.encode_parts()))
+    decoded = SpawnRequest.decode(received)
+    (_, blob), loading = peak(decoded.function_and_argument)
+    assert loading < MiB
+    assert bytes(blob.data) == bytes(data) and blob.data.obj is received
+
+
 def valid_request() -> bytes:
     return SpawnRequest.build(print, 1, Resources(), PARENT).encode()
 
@@ -124,36 +220,59 @@ def test_decode_rejects_other_versions() -> None:
         SpawnRequest.decode(bytes(data))
 
 
+def raw_request(header: object, body: bytes = b"fa", *, pickled: bytes | None = None) -> bytes:
+    """A request message with this header (pickled unless given already) and body."""
+    data = pickle.dumps(header) if pickled is None else pickled
+    return b"DSQ" + bytes([VERSION]) + len(data).to_bytes(4, "big") + data + body
+
+
+def plain(sizes: object = (1, 1), resources: object = (1, 1), parent: object = None, **changes: object) -> tuple:
+    fields = {"argv": (), "env": {}, "block": True, "cwd": "", "path": ()} | changes
+    return (sizes, resources, parent, *fields.values())
+
+
 @pytest.mark.parametrize(
-    "payload",
+    "data",
     [
-        b"\x80\x05not a pickle",
-        valid_request()[4:-10],  # truncated
-        pickle.dumps(["a", "list"]),
-        pickle.dumps(("too", "few")),
-        pickle.dumps((b"f", b"a", (-1, 0.05), None, (), {}, True)),
-        pickle.dumps((b"f", b"a", (1, 1), "not a pid", (), {}, True)),
-        pickle.dumps((b"f", b"a", 5, None, (), {}, True)),
-        pickle.dumps((5, b"a", (1, 1), None, (), {}, True)),  # function must be bytes, not a length
-        pickle.dumps((b"f", "text", (1, 1), None, (), {}, True)),
-        pickle.dumps((b"f", b"a", (1, 1), None, 5, {}, True)),
+        raw_request(None, pickled=b"\x80\x05not a pickle"),
+        valid_request()[:-10],  # truncated
+        valid_request() + b"more",  # more than the header announces
+        raw_request(["a", "list"]),
+        raw_request(("too", "few")),
+        raw_request(plain(resources=(-1, 0.05))),
+        raw_request(plain(parent="not a pid")),
+        raw_request(plain(resources=5)),
+        raw_request(plain(sizes=(1,)), b"f"),  # no argument
+        raw_request(plain(sizes=(1, -1))),
+        raw_request(plain(sizes=(b"f", b"a"))),  # lengths, not the parts
+        raw_request(plain(sizes=(1, 5))),  # the argument would run past the end
+        raw_request(plain(argv=5)),
+        raw_request(plain(cwd=5)),
+        raw_request(plain(path=(5,))),
+        b"DSQ" + bytes([VERSION]) + (1 << 31).to_bytes(4, "big") + b"\x80\x05N.",  # header past the end
     ],
     ids=[
         "not-a-pickle",
         "truncated",
+        "trailing",
         "list",
         "too-few",
         "negative-mem",
         "bad-parent",
         "resources-not-pair",
-        "function-int",
-        "argument-str",
+        "no-argument",
+        "negative-size",
+        "sizes-not-ints",
+        "sizes-past-the-end",
         "argv-int",
+        "cwd-int",
+        "path-int",
+        "header-past-the-end",
     ],
 )
-def test_decode_rejects_malformed_payloads(payload: bytes) -> None:
+def test_decode_rejects_malformed_payloads(data: bytes) -> None:
     with pytest.raises(DeployError, match="malformed spawn request"):
-        SpawnRequest.decode(b"DSQ\x01" + payload)
+        SpawnRequest.decode(data)
 
 
 CALLS: list[str] = []
@@ -171,11 +290,10 @@ class _Sneaky:
 
 def test_decode_never_calls_anything() -> None:
     CALLS.clear()
-    payload = pickle.dumps((_Sneaky(), b"a", (1, 1), None, (), {}, True))
     with pytest.raises(DeployError, match="malformed spawn request"):
-        SpawnRequest.decode(b"DSQ\x01" + payload)
+        SpawnRequest.decode(raw_request(plain(sizes=(_Sneaky(), 1))))
     with pytest.raises(DeployError, match="malformed spawn reply"):
-        SpawnReply.decode(b"DSR\x01" + pickle.dumps((None, _Sneaky(), False)))
+        SpawnReply.decode(b"DSR" + bytes([VERSION]) + pickle.dumps((None, _Sneaky(), False)))
     assert CALLS == []
 
 
@@ -278,9 +396,9 @@ def test_spawn_reply_round_trips(reply: SpawnReply) -> None:
         (b"\x00\x01\x02\x03garbage", "not a spawn reply"),
         (valid_request(), "not a spawn reply"),
         (b"DSR\x07" + SpawnReply(CHILD).encode()[4:], "version 7"),
-        (b"DSR\x01" + pickle.dumps(("not a pid", None, False)), "malformed spawn reply"),
-        (b"DSR\x01" + pickle.dumps((None, None)), "malformed spawn reply"),
-        (b"DSR\x01" + b"\x80\x05junk", "malformed spawn reply"),
+        (b"DSR" + bytes([VERSION]) + pickle.dumps(("not a pid", None, False)), "malformed spawn reply"),
+        (b"DSR" + bytes([VERSION]) + pickle.dumps((None, None)), "malformed spawn reply"),
+        (b"DSR" + bytes([VERSION]) + b"\x80\x05junk", "malformed spawn reply"),
     ],
 )
 def test_spawn_reply_decode_rejects_bad_input(data: bytes, message: str) -> None:

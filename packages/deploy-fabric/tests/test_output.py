@@ -84,6 +84,51 @@ def test_an_open_partial_line_is_ended_before_another_process_writes(pipes, monk
     assert err == b"3fecd01:\n9a1b2c3:\n"
 
 
+def test_a_slow_terminal_never_splits_a_line(monkeypatch):
+    """A line that arrives in two chunks, with the bridge stuck writing other processes' lines
+    to a slow reader in between, is still shown whole: time spent blocked on the terminal
+    does not make a partial line look abandoned."""
+    import fcntl
+    import threading
+    import time
+
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    fcntl.fcntl(out_w, fcntl.F_SETPIPE_SZ, 4096)
+    received = bytearray()
+
+    def slow_reader() -> None:
+        while chunk := os.read(out_r, 4096):
+            received.extend(chunk)
+            time.sleep(0.01)
+
+    reader = threading.Thread(target=slow_reader)
+    reader.start()
+    C = Pid("5c5c5c5" + "0" * 25, "127.0.0.1", 4002)
+    line = b"a" * 5000 + b"\n"
+    try:
+        human = HumanFormatter(colour=False, out_fd=out_w, err_fd=err_w)
+        human.output(A, 1, line[:904])
+        started = time.monotonic()
+        for _ in range(10):
+            human.output(B, 1, b"b" * 5000 + b"\n")
+            human.output(C, 1, b"c" * 5000 + b"\n")
+        assert time.monotonic() - started > 0.2, "the terminal was not slow"
+        human.tick()  # what the bridge does before it reads on: more of B's, then the rest of A's
+        human.output(B, 1, b"b" * 5000 + b"\n")
+        human.output(A, 1, line[904:])
+        human.close()
+    finally:
+        os.close(out_w)
+        reader.join(timeout=20)
+        os.close(out_r)
+    err = _drain(err_r, err_w)
+    os.close(err_w)
+    os.close(err_r)
+    assert b"   " + line in bytes(received), "A's line was split"
+    assert err.count(b"3fecd01:") == 1, f"A's header repeated: {err!r}"
+
+
 def test_exit_flushes_what_is_left_and_says_why(pipes):
     out_w, err_w, read = pipes
     human = HumanFormatter(colour=False, out_fd=out_w, err_fd=err_w)
@@ -126,3 +171,25 @@ def test_json_events_are_exact(pipes):
     assert base64.b64decode(output["b64"]) == bytes(range(256))
     assert output["fd"] == 1 and output["pid"] == A.hex and isinstance(output["text"], str)
     assert exit_ == {"event": "exit", "pid": A.hex, "code": None, "signal": "SIGABRT", "reason": None}
+
+
+def test_json_text_is_exact_when_chunks_split_characters(pipes):
+    out_w, err_w, read = pipes
+    formatter = JsonFormatter(fd=out_w)
+    data = ("€" * 3000 + " 🐍\n").encode()
+    chunks = [data[:4097], data[4097:4098], data[4098:8191], data[8191:]]  # each cut inside a character
+    for chunk in chunks:
+        formatter.output(A, 1, chunk)
+    formatter.output(B, 2, b"ab\xe2\x82")  # a character its process never finished
+    formatter.exit(B, 0, None, None)
+    formatter.exit(A, 0, None, None)
+    out, _ = read()
+    events = [json.loads(line) for line in out.splitlines()]
+    outputs = [event for event in events if event["event"] == "output" and event["pid"] == A.hex]
+    assert "".join(event["text"] for event in outputs) == data.decode()
+    assert b"".join(base64.b64decode(event["b64"]) for event in outputs) == data
+    for event in outputs:
+        assert base64.b64decode(event["b64"]).decode() == event["text"]
+    of_b = [event for event in events if event["pid"] == B.hex]
+    assert [(e["event"], e.get("text")) for e in of_b] == [("output", "ab"), ("output", "\ufffd"), ("exit", None)]
+    assert b"".join(base64.b64decode(e["b64"]) for e in of_b[:2]) == b"ab\xe2\x82"

@@ -8,6 +8,7 @@ their parent (reparented away, out of that check's sight) are checked with ``wai
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import select
@@ -20,9 +21,9 @@ from contextlib import closing
 import deploy_monitor._supervisor as supervisor_module
 import psutil
 import pytest
-from conftest import MiB, Recorder, enforcement_of, gone, hog, own_memory_cgroup, wait_gone
+from conftest import MiB, Recorder, enforcement_of, gone, hog, in_fork, own_memory_cgroup, wait_gone
 from deploy_core import Resources
-from deploy_monitor import Child, Exit, Output, Supervisor
+from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -394,6 +395,47 @@ def test_a_reused_cgroup_forgets_the_oom_kill_of_its_previous_child(how):
     assert not os.path.exists(group)
 
 
+def memory_charge() -> int:
+    """Bytes charged to the calling process's memory cgroup."""
+    name = "memory.usage_in_bytes" if detect_enforcement().kind == "cgroup1" else "memory.current"
+    with open(os.path.join(own_memory_cgroup(), name)) as file:
+        return int(file.read())
+
+
+# A file in /dev/shm (tmpfs) stays charged to the group that wrote it for as long as the file
+# exists, long after its writer exited: a group that still holds such a charge must not be
+# handed to the next process, which would start with it counted against its own limit.
+def test_a_reused_cgroup_does_not_carry_the_shared_memory_of_its_previous_child():
+    enforcement = enforcement_of("cgroup")
+    path = f"/dev/shm/deploy-test-{os.getpid()}-{time.monotonic_ns()}"
+    writer, user = Recorder(), Recorder()
+
+    def writes_shm() -> int:
+        with open(path, "wb") as file:
+            for _ in range(80):
+                file.write(b"x" * MiB)
+        return 0
+
+    def uses_40_mib() -> int:
+        print(memory_charge())
+        hoard = b"y" * (40 * MiB)
+        return len(hoard) // MiB - 40
+
+    try:
+        with closing(Supervisor(enforcement)) as supervisor:
+            limits = Resources(mem="100MiB", cpu=1)
+            one = supervisor.start(writes_shm, on_event=writer, resources=limits)
+            drive(supervisor, [one])
+            assert writer.exit == Exit(code=0, signal=None, reason=None)
+            two = supervisor.start(uses_40_mib, on_event=user, resources=limits)
+            drive(supervisor, [two])
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+    assert user.exit == Exit(code=0, signal=None, reason=None)
+    assert int(user.output(1)) < 10 * MiB, "the second child started with its predecessor's charge"
+
+
 # The child is inside its group by then: lifting the limits must not remove the group (which
 # would kill what is inside).
 @pytest.mark.parametrize("kind", ["cgroup", "poll"])
@@ -467,6 +509,47 @@ def test_close_kills_and_reaps_running_children_without_reporting():
     assert set(os.listdir("/proc/self/fd")) == fds_before, "close() left descriptors open"
 
 
+# A monitor out of descriptors: the limits (a cgroup) are made before the pipes, and must go
+# when the pipes cannot be made, as must a pipe made before the other failed.
+@pytest.mark.parametrize("free", [1, 3])
+def test_a_start_that_runs_out_of_descriptors_leaves_no_cgroup_and_no_descriptor(free):
+    enforcement = enforcement_of("cgroup")
+    parents = [d for d in dict.fromkeys((enforcement.memory_dir, enforcement.cpu_dir)) if d is not None]
+
+    def ours() -> set[str]:
+        prefix = f"deploy-{os.getpid()}-"
+        return {name for parent in parents for name in os.listdir(parent) if name.startswith(prefix)}
+
+    def out_of_descriptors() -> tuple[str, set[str], list[str], list[str]]:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        filler = []
+        try:
+            while True:
+                filler.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        for fd in filler[-free:]:  # room for the cgroup's files, not for both pipes
+            os.close(fd)
+        del filler[-free:]
+        fds_before = sorted(os.listdir("/proc/self/fd"))
+        with closing(Supervisor(enforcement)) as supervisor:
+            try:
+                supervisor.start(lambda: 0, on_event=Recorder(), resources=Resources(mem="50MiB", cpu=1))
+                error = "started"
+            except OSError as exc:
+                error = os.strerror(exc.errno or 0)
+        fds_after = sorted(os.listdir("/proc/self/fd"))
+        return error, ours(), fds_before, fds_after
+
+    # (Its empty group may wait in the pool for the next start; close() removes the pool.)
+    error, left, fds_before, fds_after = in_fork(out_of_descriptors)
+    assert error == os.strerror(errno.EMFILE)
+    assert left == set(), f"cgroups left behind by the failed start: {left}"
+    assert fds_after == fds_before, "the failed start left descriptors open"
+
+
 # --- 9. without pidfds -------------------------------------------------------------------------
 
 
@@ -511,3 +594,105 @@ def test_without_pidfds_children_are_still_reaped_and_reported(monkeypatch, supe
         assert recorder.output(1).startswith(f"child {n} grandchild ".encode())
     assert len(grandchildren) == count
     assert all(wait_gone(pid) for pid in grandchildren)
+
+
+# --- 10. a child's own subprocesses --------------------------------------------------------------
+
+
+def leaves_subprocesses(marker_dir: str) -> int:
+    """Start a plain subprocess and a setsid daemon (double fork), wait until both have said
+    they are up and written 100 KB each, print their pids and return, leaving them running."""
+    import subprocess
+    import sys
+
+    say = "import os, sys, time; sys.stdout.write({name!r} + ' up ' + 'x' * 100000 + '\\n'); sys.stdout.flush(); open({path!r}, 'w').close(); time.sleep(60)"
+    plain = subprocess.Popen([sys.executable, "-c", say.format(name="plain", path=os.path.join(marker_dir, "plain"))])
+    read_end, write_end = os.pipe()
+    if os.fork() == 0:  # the daemon's parent: setsid, fork the daemon, tell its pid, exit
+        try:
+            os.setsid()
+            daemon = subprocess.Popen(
+                [sys.executable, "-c", say.format(name="daemon", path=os.path.join(marker_dir, "daemon"))]
+            )
+            os.write(write_end, b"%d" % daemon.pid)
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    daemon = int(os.read(read_end, 64))
+    deadline = time.monotonic() + 20
+    while not all(os.path.exists(os.path.join(marker_dir, name)) for name in ("plain", "daemon")):
+        if time.monotonic() > deadline:
+            return 3
+        time.sleep(0.02)
+    print("pids", plain.pid, daemon)
+    return 0
+
+
+def kill_leftovers(marker_dir: object) -> list[int]:
+    """SIGKILL what `leaves_subprocesses` started there and is still running (a failed test)."""
+    killed = []
+    for process in psutil.process_iter(["cmdline"]):
+        if any(str(marker_dir) in part for part in process.info["cmdline"] or ()):
+            try:
+                process.kill()
+                killed.append(process.pid)
+            except psutil.NoSuchProcess:
+                pass
+    return killed
+
+
+# DESIGN §2: a process's subprocesses belong to it; they are killed when it exits, after their
+# output is drained, whatever the enforcement (polling too, where nothing but the subreaper
+# finds a setsid daemon whose parent exited).
+@pytest.mark.parametrize("kind", ["cgroup", "poll"])
+def test_a_childs_subprocesses_are_killed_when_it_exits_after_their_output(kind, tmp_path):
+    enforcement = enforcement_of(kind)
+
+    def monitor() -> tuple[Exit, bytes, list[int]]:
+        recorder = Recorder()
+        with closing(Supervisor(enforcement, subreaper=True)) as supervisor:
+            child = supervisor.start(
+                lambda: leaves_subprocesses(str(tmp_path)), on_event=recorder, resources=Resources(mem="200MiB", cpu=1)
+            )
+            drive(supervisor, [child], timeout=30)
+            pids = [int(word) for word in recorder.output(1).split(b"pids ")[-1].split()]
+            alive = [pid for pid in pids if not wait_gone(pid)]  # (SIGKILLed: dead a moment later)
+            return recorder.exit, recorder.output(1), alive
+
+    try:
+        exit, output, alive = in_fork(monitor, timeout=60)
+    finally:
+        left = kill_leftovers(tmp_path)
+    assert left == []
+    assert exit == Exit(code=0, signal=None, reason=None)
+    assert alive == [], f"subprocesses outlived their parent's exit: {alive}"
+    # (Both write 100 KB at once to the same pipe: their bytes may interleave, none is lost.)
+    assert b"plain up " in output and b"daemon up " in output
+    assert output.count(b"x") == 200000, "the subprocesses' output was lost"
+
+
+def test_subprocesses_of_a_killed_child_are_killed_and_reaped_too(tmp_path):
+    enforcement = enforcement_of("poll")
+
+    def killed() -> int:
+        leaves_subprocesses(str(tmp_path))
+        os.kill(os.getpid(), signal.SIGKILL)
+        return 0
+
+    def monitor() -> tuple[Exit, list[int], list[int]]:
+        recorder = Recorder()
+        with closing(Supervisor(enforcement, subreaper=True)) as supervisor:
+            child = supervisor.start(killed, on_event=recorder, resources=Resources(mem="200MiB", cpu=1))
+            drive(supervisor, [child], timeout=30)
+            pids = [int(word) for word in recorder.output(1).split(b"pids ")[-1].split()]
+            poll_until(supervisor, lambda: all(wait_gone(pid, timeout=0) for pid in pids), what="orphans killed")
+            poll_until(supervisor, lambda: not psutil.Process().children(), what="orphans reaped")
+            return recorder.exit, pids, [p.pid for p in psutil.Process().children()]
+
+    try:
+        exit, pids, zombies = in_fork(monitor, timeout=60)
+    finally:
+        left = kill_leftovers(tmp_path)
+    assert left == []
+    assert exit == Exit(code=None, signal="SIGKILL", reason=None)
+    assert len(pids) == 2 and zombies == []

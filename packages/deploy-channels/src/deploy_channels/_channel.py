@@ -7,11 +7,12 @@ import struct
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Generic, TypeVar
 
-from deploy_core import ChannelClosed, PeerExited, Pid
+from deploy_core import ChannelClosed, PeerExited, Pid, SerializationError
 
 from ._default import default_endpoint
 from ._endpoint import Endpoint
-from ._link import AsyncWaiter, Link, deadline_after
+from ._interrupts import DeferredInterrupt, Interrupted
+from ._link import AsyncWaiter, FdWaiter, Link, deadline_after
 from ._typecheck import type_checker, type_name
 from ._wire import decode_message, encode_message
 
@@ -83,9 +84,12 @@ class _Channel(Generic[T]):
     def close(self) -> None:
         """Release the channel (idempotent). Messages already sent are still delivered;
         messages not yet received stay queued for the next Receiver from that pid."""
-        if self._link is not None:
+        link = self._link
+        if link is not None:
             self._link = None
             self.endpoint._close_channel(self._kind, self.pid, self._ref)
+            # Threads and tasks blocked on this channel look again and find it closed.
+            link.wake_all()
 
     def __enter__(self):
         return self
@@ -96,8 +100,15 @@ class _Channel(Generic[T]):
     def _live_link(self) -> Link:
         link = self._link
         if link is None:
-            raise ChannelClosed(f"this {type(self).__name__} to {self.pid} is closed")
+            raise self._closed_error()
+        if link.shut and link.loop.forked:
+            raise link.closed_error()  # inherited through fork: unusable in this process
         return link
+
+    def _closed_error(self) -> ChannelClosed:
+        return ChannelClosed(
+            f"this {type(self).__name__} {'to' if self._kind == 'sender' else 'from'} {self.pid} is closed"
+        )
 
     def _ready(self) -> bool:
         raise NotImplementedError
@@ -117,8 +128,9 @@ class Sender(_Channel[T]):
 
     def send(self, value: T, timeout: float | None = None) -> None:
         """Send ``value``; raises `PeerExited`/`PeerLost` if the peer is gone, TypeError on
-        a value that is not a ``T`` (nothing is sent), TimeoutError if still blocked by
-        back-pressure after ``timeout`` seconds."""
+        a value that is not a ``T``, `SerializationError` on one that cannot be pickled or
+        whose pickle exceeds the endpoint's ``max_frame_size`` (nothing is sent then),
+        TimeoutError if still blocked by back-pressure after ``timeout`` seconds."""
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Sender to {self.pid} is closed")
@@ -131,10 +143,10 @@ class Sender(_Channel[T]):
             # Fast path: these never carry out-of-band buffers and fit one small frame.
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
-            link.push(frame, len(frame), None if timeout is None else deadline_after(timeout))
+            link.push(frame, len(frame), None if timeout is None else deadline_after(timeout), self)
             return
         frame, nbytes = encode_message(value)
-        link.push(frame, nbytes, deadline_after(timeout))
+        link.push(frame, nbytes, deadline_after(timeout), self)
 
     async def asend(self, value: T) -> None:
         """`send` for asyncio: waits for buffer space without blocking the event loop."""
@@ -168,11 +180,87 @@ class Receiver(_Channel[T]):
     _kind = "receiver"
 
     def recv(self, timeout: float | None = None) -> T:
-        """The next message; TimeoutError after ``timeout`` seconds without one."""
+        """The next message; TimeoutError after ``timeout`` seconds without one;
+        `SerializationError` for a message that cannot be unpickled here (it is consumed).
+
+        A KeyboardInterrupt (Ctrl-C) that ends a `recv` takes no message: the next `recv`
+        returns the message this one would have.
+        """
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Receiver from {self.pid} is closed")
-        return self._decode(link.take(deadline_after(timeout)))
+        inbox = link.inbox
+        while inbox:
+            # Decode the first message, then take it, so that a KeyboardInterrupt raised
+            # between two steps leaves it queued: `remove` (of the very object, found at
+            # once) is the commit, and nothing between it and the return runs a handler.
+            try:
+                payload = inbox[0]
+            except IndexError:
+                break
+            try:
+                value = self._decode(payload)
+            except Exception:
+                link.discard(payload)  # a message that cannot be received is consumed
+                raise
+            try:
+                inbox.remove(payload)
+            except ValueError:
+                continue  # another thread received it first
+            except KeyboardInterrupt:
+                inbox.appendleft(payload)  # raised just after the removal
+                raise
+            if link.paused:
+                try:
+                    link.resume_if_due()
+                except KeyboardInterrupt:
+                    inbox.appendleft(payload)
+                    raise
+            return value
+        deadline = deadline_after(timeout)
+        deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
+        if deferred is None:  # no signal handler can raise in this thread
+            return self._decode(link.take(deadline, self))
+        return self._recv_deferring(link, deadline, deferred)
+
+    def _recv_deferring(self, link: Link, deadline: float | None, deferred: DeferredInterrupt) -> T:
+        # The main thread waits with SIGINT deferred (see _interrupts): a signal ends the
+        # wait at a safe point, and a message already in hand goes back to the inbox.
+        while True:
+            payload = None
+            try:
+                payload = link.take(deadline, self, deferred)
+                value = self._decode(payload)
+            except Interrupted:
+                pass
+            except BaseException:
+                pending = deferred.uninstall()
+                if pending is not None:
+                    deferred.deliver(pending)
+                raise
+            if payload is not None and deferred.pending is not None:
+                # Put back while the signal is still deferred: once the user's handler is
+                # back, any Python call may raise.
+                link.put_back(payload, direct=deferred.direct)
+                payload = None
+            try:
+                pending = deferred.uninstall()
+            except BaseException:
+                # The user's handler ran the moment it was back (a signal that came just
+                # then): the message is not delivered, so it stays queued.
+                if payload is not None:
+                    link.put_back(payload, direct=deferred.direct)
+                raise
+            if pending is None:
+                return value
+            if payload is not None:
+                link.put_back(payload, direct=deferred.direct)
+            deferred.deliver(pending)
+            # The user's handler returned instead of raising: wait again.
+            again = DeferredInterrupt.install(FdWaiter.for_this_thread())
+            if again is None:
+                return self._decode(link.take(deadline, self))
+            deferred = again
 
     def recv_nowait(self) -> T:
         """The next message if one is waiting, else raise TimeoutError at once."""
@@ -197,7 +285,14 @@ class Receiver(_Channel[T]):
                 link.rx_watchers.discard(waiter)
 
     def _decode(self, payload: bytes) -> T:
-        value = decode_message(payload)
+        try:
+            value = decode_message(payload)
+        except Exception as error:
+            # A class or module the sender has and this process lacks, typically. The
+            # message is consumed; the ones after it still arrive.
+            raise SerializationError(
+                f"cannot unpickle a message from {self.pid}: {type(error).__name__}: {error}"
+            ) from error
         check = self._check
         if check is not None and not check(value):
             raise TypeError(

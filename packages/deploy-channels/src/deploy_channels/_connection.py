@@ -1,7 +1,11 @@
 """One TCP connection between two endpoints: connect, authenticate, exchange pids, frames.
 
 The handshake names both pids (ours, and the one we connect to), so the pid a hello
-frame announces must be the one the peer authenticated as.
+frame announces must be the one the peer authenticated as. On a protected connection
+(`Endpoint`'s ``protect``) the socket is swapped for a `deploy_core.ProtectedSocket`
+right after the handshake: everything after it (the hello included) travels in
+records with a MAC and a sequence number; the framing above is unchanged. Its sealed
+bytes that the kernel has not taken yet keep WRITE interest and count as unsent.
 
 OS facts relied on:
 - A non-blocking ``connect`` returns EINPROGRESS; the socket turns writable once the
@@ -45,11 +49,11 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
-from deploy_core import AuthenticationError, FrameError, Handshake
+from deploy_core import AuthenticationError, FrameError, Handshake, ProtectedSocket
 
 from . import _wire
 from ._loop import READ, WRITE
-from .framing import FrameDecoder
+from .framing import CLOSED, NEED_DATA, FrameDecoder
 
 if TYPE_CHECKING:
     from ._endpoint import Endpoint
@@ -105,6 +109,7 @@ class Connection:
         self.reading = True  # not paused by back-pressure
         self.writing = False  # output waits for the socket to turn writable
         self.agreed_close = False
+        self.protected = False  # self.sock is a ProtectedSocket
         # The read side: see the module comment.
         self.rlock = threading.Lock()
         self.mask_lock = threading.Lock()
@@ -127,7 +132,14 @@ class Connection:
     # --- set-up -------------------------------------------------------------------------
 
     def start_connect(self) -> None:
-        err = self.sock.connect_ex(tuple(self.link.pid.addr))
+        try:
+            # (A host name is resolved here, in the loop thread.)
+            err = self.sock.connect_ex(tuple(self.link.pid.addr))
+        except OSError as error:  # socket.gaierror: the host does not resolve
+            self.endpoint._connection_failed(
+                self, OSError(f"cannot connect to {_address(self.link.pid.addr)}: {error}")
+            )
+            return
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=True)
             return
@@ -169,6 +181,18 @@ class Connection:
             return
         self.pre_out += self.handshake.data_to_send()
         if self.handshake.done:
+            host = self.link.pid.host if self.initiator else str(self.addr[0])
+            if self.endpoint._protects(host):
+                # The proof (initiator) goes out as it is; everything after it is sealed.
+                self.sock = ProtectedSocket(
+                    self.sock,
+                    self.handshake.key,
+                    initiator=self.initiator,
+                    unsent=bytes(self.pre_out),
+                    peer=self.handshake.peer[:7],
+                )
+                self.protected = True
+                self.pre_out.clear()
             self.state = "hello"
             if self.initiator:
                 self.pre_out += _wire.hello_frame(self.endpoint.pid, self.link.pid)
@@ -193,7 +217,9 @@ class Connection:
             self._connected()
             return
         if mask & WRITE:
-            if self.pre_out:
+            if self.protected and not self._flush_sealed():
+                pass  # sealed bytes still wait for the kernel; WRITE stays on
+            elif self.pre_out:
                 self._write_pre()
             elif self.link is not None and self.link.wconn is self:
                 self.link.flush()
@@ -265,7 +291,7 @@ class Connection:
             while self.state == "hello":
                 # One frame at a time: the pid exchange changes how the rest is read.
                 frame = decoder.next_frame()
-                if type(frame) is not bytes:
+                if frame is NEED_DATA or frame is CLOSED:
                     break
                 self._dispatch([frame])
             frames = decoder.frames() if self.state == "open" else []
@@ -340,8 +366,18 @@ class Connection:
     # --- writing --------------------------------------------------------------------------
 
     def send_setup(self, frame: bytes) -> None:
+        # Only while no data frame can be partly written on this connection (set-up, or
+        # the link's writers stopped with nothing queued): pre_out goes out before data.
         self.pre_out += frame
         self._write_pre()
+
+    def _flush_sealed(self) -> bool:
+        """Protected: send sealed bytes that wait; True once none do."""
+        try:
+            return self.sock.flush()
+        except OSError as error:
+            self.endpoint._connection_failed(self, error)
+            return False
 
     def _write_pre(self) -> None:
         try:
@@ -352,7 +388,11 @@ class Connection:
             self.endpoint._connection_failed(self, error)
             return
         del self.pre_out[:sent]
-        self.want_write(bool(self.pre_out))
+        # `writing` belongs to the link's flush: queued data still wants the socket once
+        # the set-up or control bytes are out.
+        if self.state != "closed":
+            with self.mask_lock:
+                self._apply_mask()
 
     def write_now(self, frame: bytes | list) -> int:
         """User thread, under the link's out_lock, nothing queued: try the socket directly."""
@@ -383,7 +423,8 @@ class Connection:
         if self.state == "closed":
             return
         read = self.reading and not self.user_reading
-        self.loop.modify(self.fd, (READ if read else 0) | (WRITE if self.writing or self.pre_out else 0))
+        write = self.writing or self.pre_out or (self.protected and self.sock.pending_out())
+        self.loop.modify(self.fd, (READ if read else 0) | (WRITE if write else 0))
 
     # --- reading from a user thread -------------------------------------------------------
 
@@ -424,7 +465,7 @@ class Connection:
                 except FrameError:
                     hand_back = True  # the loop meets it again and drops the connection
                     return None
-                if type(frame) is bytes:
+                if type(frame) is bytes or type(frame) is bytearray:
                     if frame and frame[-1] in _DATA_KINDS:
                         if decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)
@@ -502,7 +543,9 @@ class Connection:
             self.endpoint._connection_failed(self, error)
 
     def unsent(self) -> int:
-        return unsent_bytes(self.sock) if self.state != "closed" else 0
+        if self.state == "closed":
+            return 0
+        return unsent_bytes(self.sock) + (self.sock.pending_out() if self.protected else 0)
 
     def close(self) -> None:
         if self.state == "closed":

@@ -39,6 +39,7 @@ OS facts relied on:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import threading
@@ -50,7 +51,7 @@ from deploy_core import ChannelExists, DeployError, Pid
 
 from . import _wire
 from ._connection import SETUP_TIMEOUT, Connection
-from ._link import Link
+from ._link import INHERITED, Link
 from ._loop import READ, EventLoop
 from .framing import DEFAULT_MAX_FRAME_SIZE
 
@@ -77,12 +78,20 @@ _ACCEPT_BATCH = 32
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
 _NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _EVICTION_LOG_EVERY = 10.0
+PROTECT_CHOICES = ("off", "remote", "all")
 
 
 class EndpointState:
     """Module-level registry of live endpoints (for atexit and fork)."""
 
     live: weakref.WeakSet = weakref.WeakSet()
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
@@ -101,6 +110,15 @@ class Endpoint:
     ``Endpoint("127.0.0.1:0", secret=b"...")`` binds and listens; ``Endpoint(secret=...,
     sock=listening_socket, pid=pid)`` adopts a socket already bound and listening at
     ``pid.addr``. Every connection, in and out, must prove the same ``secret``.
+
+    ``protect`` says which connections carry a keyed MAC and a sequence number on every
+    record after the handshake (`deploy_core.ProtectedSocket`), so that frames cannot be
+    changed, injected or replayed: ``"off"`` (none), ``"remote"`` (those whose peer
+    address is not loopback: what cluster mode uses) or ``"all"``. Every endpoint of a
+    run must use the same setting.
+
+    ``max_frame_size`` bounds one message: `Sender.send` refuses a bigger one, and a
+    bigger frame from a peer drops its connection, so peers should use the same value.
     """
 
     def __init__(
@@ -113,10 +131,14 @@ class Endpoint:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         high_water: int = DEFAULT_HIGH_WATER,
         linger: float = DEFAULT_LINGER,
+        protect: str = "off",
         keepalive: float | None = None,
     ):
         if not isinstance(secret, (bytes, bytearray)) or not secret:
             raise ValueError("secret must be non-empty bytes")
+        if protect not in PROTECT_CHOICES:
+            raise ValueError(f"protect must be one of {', '.join(PROTECT_CHOICES)}, not {protect!r}")
+        self._protect = protect
         self._secret = bytes(secret)
         self._max_frame_size = int(max_frame_size)
         self._high_water = int(high_water)
@@ -150,16 +172,17 @@ class Endpoint:
         self._listener = sock
         self.pid: Pid = pid
         self._lock = threading.RLock()
-        self._links: dict[Pid, Link] = {}
-        self._senders: dict[Pid, weakref.ref] = {}
-        self._receivers: dict[Pid, weakref.ref] = {}
-        self._exited: OrderedDict[Pid, tuple[int | None, bool]] = OrderedDict()
+        # Keyed by the peer's 32-hex id, its identity; its address is only where to reach it.
+        self._links: dict[str, Link] = {}
+        self._senders: dict[str, weakref.ref] = {}
+        self._receivers: dict[str, weakref.ref] = {}
+        self._exited: OrderedDict[str, tuple[int | None, bool, str | None]] = OrderedDict()
         self._conns: set[Connection] = set()
         self._authenticating: deque[Connection] = deque()  # accepted, oldest first
         self._accept_backoff = 0.0  # while accepting is paused for lack of descriptors
         self._evicted = 0
         self._evicted_logged = -_EVICTION_LOG_EVERY
-        self._starved: set[Pid] = set()  # links whose connect waits for a descriptor
+        self._starved: set[str] = set()  # links (by pid hex) whose connect waits for a descriptor
         self._closed = False
         self._draining = False
         self._goodbye_frame = b""  # the goodbye frame, once draining
@@ -183,21 +206,22 @@ class Endpoint:
     def _open_channel(self, kind: str, pid: Pid, channel: object) -> tuple[Link, weakref.ref]:
         if not isinstance(pid, Pid):
             raise TypeError(f"a channel needs a deploy_core.Pid, not {type(pid).__name__}")
-        if pid == self.pid or pid.hex == self.pid.hex:
+        if pid.hex == self.pid.hex:
             raise ValueError(f"cannot open a channel to your own pid ({pid})")
         registry = self._senders if kind == "sender" else self._receivers
+        key = pid.hex
         with self._lock:
             self._check_usable()
-            existing = registry.get(pid)
+            existing = registry.get(key)
             if existing is not None and existing() is not None:
                 raise ChannelExists(f"a {kind.capitalize()} to {pid} already exists in this process")
-            link = self._links.get(pid)
+            link = self._links.get(key)
             if link is None:
-                link = self._links[pid] = Link(self, pid)
-                if pid in self._exited:
-                    link.death = self._exited[pid]
+                link = self._links[key] = Link(self, pid)
+                if key in self._exited:
+                    link.death = self._exited[key]
             ref = weakref.ref(channel, lambda ref, kind=kind, pid=pid: self._close_channel(kind, pid, ref))
-            registry[pid] = ref
+            registry[key] = ref
             if kind == "sender":
                 link.has_sender = True
             else:
@@ -211,10 +235,10 @@ class Endpoint:
     def _close_channel(self, kind: str, pid: Pid, ref: weakref.ref) -> None:
         registry = self._senders if kind == "sender" else self._receivers
         with self._lock:
-            if registry.get(pid) is not ref:
+            if registry.get(pid.hex) is not ref:
                 return
-            del registry[pid]
-            link = self._links.get(pid)
+            del registry[pid.hex]
+            link = self._links.get(pid.hex)
             if link is not None:
                 if kind == "sender":
                     link.has_sender = False
@@ -225,9 +249,15 @@ class Endpoint:
 
     def _check_usable(self) -> None:
         if self._loop.forked:
-            raise DeployError("this endpoint belongs to the parent process (it was inherited through fork)")
+            raise DeployError(INHERITED)
         if self._closed:
             raise DeployError(f"the endpoint {self.pid} is closed")
+
+    def _protects(self, host: str) -> bool:
+        """Whether a connection with a peer at ``host`` carries protected frames."""
+        if self._protect == "off":
+            return False
+        return self._protect == "all" or not _is_loopback(host)
 
     # --- links (loop thread) --------------------------------------------------------------
 
@@ -236,7 +266,7 @@ class Endpoint:
             return
         if self._draining and not link.out:
             return
-        if self._links.get(link.pid) is not link or link.pid in self._starved:
+        if self._links.get(link.pid.hex) is not link or link.pid.hex in self._starved:
             return
         self._connect(link, None, _BACKOFF_FIRST)
 
@@ -263,7 +293,7 @@ class Endpoint:
                     error,
                 )
                 return
-            self._starved.add(link.pid)
+            self._starved.add(link.pid.hex)
             self._loop.call_later(delay, self._retry_connect, link, starved_since, min(delay * 2, _BACKOFF_MAX))
             return
         conn = Connection(self, sock, link=link, addr=link.pid.addr)
@@ -295,7 +325,7 @@ class Endpoint:
         link = conn.link
         if link.pending is conn:
             link.pending = None
-        if pid != link.pid:
+        if pid.hex != link.pid.hex:
             log.info("deploy.channels: %s now listens at %s: peer %s is gone", pid, link.pid.addr, link.pid)
             conn.close()
             self._set_dead(link, None, lost=False)
@@ -307,16 +337,16 @@ class Endpoint:
         self._attach(link, conn)
 
     def _incoming_hello(self, conn: Connection, pid: Pid, wanted: Pid | None) -> None:
-        if wanted != self.pid:
+        if wanted is None or wanted.hex != self.pid.hex:
             # The connector checks our pid and treats a mismatch as "peer gone".
             conn.send_setup(_wire.hello_frame(self.pid))
             conn.close()
             return
         with self._lock:
-            link = self._links.get(pid)
+            link = self._links.get(pid.hex)
             if link is None:
-                self._exited.pop(pid, None)
-                link = self._links[pid] = Link(self, pid)
+                self._exited.pop(pid.hex, None)
+                link = self._links[pid.hex] = Link(self, pid)
         conn.link = link
         if link.death is not None:
             conn.close()
@@ -364,7 +394,7 @@ class Endpoint:
             link.pending = None
             if link.conn is None:
                 log.debug("deploy.channels: connecting to %s failed: %s", link.pid, error)
-                self._set_dead(link, None, lost=not refused)
+                self._set_dead(link, None, lost=not refused, reason=str(error))
         elif link.conn is conn:
             link.conn = None
             with link.out_lock:
@@ -373,7 +403,7 @@ class Endpoint:
                 self._after_close(link)
             else:
                 log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
-                self._set_dead(link, None, lost=True)
+                self._set_dead(link, None, lost=True, reason=str(error))
 
     def _goodbye(self, conn: Connection, code: int | None) -> None:
         link = conn.link
@@ -382,14 +412,14 @@ class Endpoint:
             link.conn = None
         self._set_dead(link, code, lost=False)
 
-    def _set_dead(self, link: Link, code: int | None, *, lost: bool) -> None:
+    def _set_dead(self, link: Link, code: int | None, *, lost: bool, reason: str | None = None) -> None:
         if link.death is not None:
             return
-        link.death = (code, lost)
+        link.death = (code, lost, reason)
         with link.out_lock:
             link.wconn = None
         link.discard_output()
-        self._exited[link.pid] = link.death
+        self._exited[link.pid.hex] = link.death
         while len(self._exited) > _EXITED_RECORD:
             self._exited.popitem(last=False)
         for conn in (link.conn, link.pending):
@@ -405,8 +435,8 @@ class Endpoint:
                 return False
             if link.conn is not None or link.pending is not None:
                 return False
-            if self._links.get(link.pid) is link:
-                del self._links[link.pid]
+            if self._links.get(link.pid.hex) is link:
+                del self._links[link.pid.hex]
             return True
 
     # --- reading back-pressure --------------------------------------------------------------
@@ -449,32 +479,62 @@ class Endpoint:
     def _is_idle(self, link: Link) -> bool:
         return not (link.has_sender or link.has_receiver or link.inbox or link.out or link.pending)
 
+    def _stop_writers(self, link: Link) -> bool:
+        """Stop user threads writing to the link's connection, if nothing is queued (then
+        no data frame is partly written and a control frame may go out at once)."""
+        with link.out_lock:
+            if link.out:
+                return False
+            link.wconn = None
+        return True
+
+    def _send_control(self, conn: Connection, kind: int) -> None:
+        # Never inside a data frame: behind what is queued while writers use this
+        # connection, else at once (writers were stopped with nothing queued, see
+        # `_stop_writers`, so nothing queued since was partly written here).
+        link = conn.link
+        frame = _wire.control_frame(kind)
+        with link.out_lock:
+            now = link.wconn is not conn
+            if not now:
+                link.out.append(frame)
+                link.out_bytes += len(frame)
+        if now:
+            conn.send_setup(frame)
+        else:
+            link.flush()
+
     def _linger_over(self, link: Link, token: int) -> None:
         if token != link.idle_token or link.has_sender or link.has_receiver or link.death is not None:
             return
         if self._maybe_forget(link):
             return
-        if self._is_idle(link) and link.conn is not None and not link.closing:
+        conn = link.conn
+        # A frame partly received is a message on its way: not idle.
+        if (
+            self._is_idle(link)
+            and conn is not None
+            and not link.closing
+            and not conn.decoder.buffered()
+            and conn.held is None
+            and self._stop_writers(link)
+        ):
             link.closing = True
-            with link.out_lock:
-                link.wconn = None
             log.debug("deploy.channels: asking %s to close the idle connection", link.pid)
-            link.conn.send_setup(_wire.control_frame(_wire.CLOSE_REQUEST))
+            conn.send_setup(_wire.control_frame(_wire.CLOSE_REQUEST))
             return
         # Still flushing, or unread messages wait for a Receiver: look again later.
         self._loop.call_later(self._linger, self._linger_over, link, token)
 
     def _close_request(self, conn: Connection) -> None:
         link = conn.link
-        if self._is_idle(link) and not self._draining:
+        if self._is_idle(link) and not self._draining and self._stop_writers(link):
             link.closing = True
             conn.agreed_close = True
-            with link.out_lock:
-                link.wconn = None
             # We wait for the requester to close: it has then read all we ever sent.
             conn.send_setup(_wire.control_frame(_wire.CLOSE_OK))
         else:
-            conn.send_setup(_wire.control_frame(_wire.CLOSE_NO))
+            self._send_control(conn, _wire.CLOSE_NO)
 
     def _close_ok(self, conn: Connection) -> None:
         link = conn.link
@@ -506,10 +566,10 @@ class Endpoint:
             self._loop.call_later(self._linger, self._linger_over, link, link.idle_token)
 
     def _retry_connect(self, link: Link, starved_since: float, delay: float) -> None:
-        self._starved.discard(link.pid)
+        self._starved.discard(link.pid.hex)
         if link.death is not None or link.conn is not None or link.pending is not None:
             return
-        if self._links.get(link.pid) is not link or (self._draining and not link.out):
+        if self._links.get(link.pid.hex) is not link or (self._draining and not link.out):
             return
         self._connect(link, starved_since, delay)
 
@@ -674,6 +734,14 @@ class Endpoint:
         for link in list(self._links.values()):
             link.shut = True
             link.out_lock = threading.Lock()
+            link.in_lock = threading.Lock()
+            # Copies of the parent's messages, in and out: the parent delivers them.
+            link.inbox.clear()
+            link.out.clear()
+            link.out_bytes = 0
+            link.conn = link.pending = None
+            link.rx_watchers.clear()
+            link.tx_watchers.clear()
 
 
 def _advertised_host(host: str) -> str:

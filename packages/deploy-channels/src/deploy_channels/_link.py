@@ -17,13 +17,20 @@ import weakref
 from collections import deque
 from typing import TYPE_CHECKING
 
-from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid
+from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
+
+from ._interrupts import Interrupted
+from .framing import HEADER_SIZE
 
 if TYPE_CHECKING:
+    from ._channel import _Channel
     from ._connection import Connection
     from ._endpoint import Endpoint
+    from ._interrupts import DeferredInterrupt
 
 __all__ = ["AsyncWaiter", "FdWaiter", "Link", "Waiter", "deadline_after", "remaining"]
+
+INHERITED = "this endpoint belongs to the parent process (it was inherited through fork)"
 
 # Small frames are gathered into one bytearray up to this size, so the loop writes many
 # messages with a single sendmsg iovec.
@@ -178,6 +185,7 @@ class Link:
         self.pid = pid
         self.loop = endpoint._loop
         self.high_water = endpoint._high_water
+        self.max_frame = endpoint._max_frame_size + HEADER_SIZE  # a whole frame, header included
         # Outgoing; guarded by out_lock. `wconn` is the connection writers may use now
         # (open and not closing); the loop sets it under the lock.
         self.out_lock = threading.Lock()
@@ -207,8 +215,8 @@ class Link:
         self.resume_requested = False
         self.rx_watchers: set = set()
         self.tx_watchers: set = set()
-        # (code, lost) once the peer is gone; checked after the inbox is empty.
-        self.death: tuple[int | None, bool] | None = None
+        # (code, lost, reason) once the peer is gone; checked after the inbox is empty.
+        self.death: tuple[int | None, bool, str | None] | None = None
         self.has_sender = False
         self.has_receiver = False
 
@@ -218,10 +226,14 @@ class Link:
     # --- errors -------------------------------------------------------------------------
 
     def death_error(self) -> Exception:
-        code, lost = self.death
-        return PeerLost(self.pid) if lost else PeerExited(self.pid, code)
+        code, lost, reason = self.death
+        if not lost:
+            return PeerExited(self.pid, code)
+        return PeerLost(self.pid, f"lost the connection to peer {self.pid}: {reason}" if reason else None)
 
-    def closed_error(self) -> ChannelClosed:
+    def closed_error(self) -> DeployError:
+        if self.loop.forked:
+            return DeployError(INHERITED)
         return ChannelClosed(f"the endpoint {self.endpoint.pid} is closed")
 
     # --- user threads: sending ------------------------------------------------------------
@@ -229,11 +241,20 @@ class Link:
     def tx_ready(self) -> bool:
         return self.out_bytes < self.high_water or self.death is not None or self.shut
 
-    def push(self, frame: bytes | list, nbytes: int, deadline: float | None) -> None:
-        """Queue (or write) one framed message; blocks while the buffer is over high water."""
+    def push(self, frame: bytes | list, nbytes: int, deadline: float | None, channel: _Channel) -> None:
+        """Queue (or write) one framed message of ``channel``; blocks while the buffer is
+        over high water (raising `ChannelClosed` if the channel is closed meanwhile)."""
+        if nbytes > self.max_frame:
+            # The peer would drop the connection on reading its header (and lose what follows).
+            raise SerializationError(
+                f"cannot send a message of {nbytes - HEADER_SIZE} bytes to {self.pid}: it exceeds "
+                f"the maximum frame size of {self.max_frame - HEADER_SIZE} bytes (Endpoint max_frame_size)"
+            )
         if self.out_bytes >= self.high_water:
-            self._wait_tx(deadline)
+            self._wait_tx(deadline, channel)
         with self.out_lock:
+            if channel._link is None:
+                raise channel._closed_error()
             if self.shut:
                 raise self.closed_error()
             if self.death is not None:
@@ -248,7 +269,7 @@ class Link:
                     return
             else:
                 conn = self.wconn
-                if conn is not None and not self.flush_scheduled:
+                if conn is not None and not self.flush_scheduled and not conn.pre_out:
                     now = time.perf_counter()
                     direct = now - self.last_direct > _STREAMING_GAP
                     self.last_direct = now
@@ -261,7 +282,7 @@ class Link:
             if type(frame) is bytes:
                 out.append(bytearray(frame) if nbytes < _TAIL_MAX else frame)
             else:
-                out.extend(frame)
+                out.extend(_captured(frame))
             self.out_bytes += nbytes
             if self.wconn is None or self.flush_scheduled:
                 return
@@ -275,11 +296,11 @@ class Link:
             self.out_bytes += len(frame)
         self.flush()
 
-    def _wait_tx(self, deadline: float | None) -> None:
+    def _wait_tx(self, deadline: float | None, channel: _Channel) -> None:
         waiter = Waiter()
         self.tx_watchers.add(waiter)
         try:
-            while not self.tx_ready():
+            while not self.tx_ready() and channel._link is not None:
                 waiter.wait(remaining(deadline))
         finally:
             self.tx_watchers.discard(waiter)
@@ -294,6 +315,8 @@ class Link:
             if conn is None or not out:
                 self.flush_scheduled = False
                 more = False
+            elif conn.pre_out:
+                more = True  # a control frame goes first; the next write event flushes
             else:
                 sock = conn.sock
                 while out:
@@ -342,18 +365,46 @@ class Link:
     def rx_ready(self) -> bool:
         return bool(self.inbox) or self.death is not None or self.shut
 
-    def take(self, deadline: float | None) -> bytes:
-        """The next message's payload; blocks until one arrives, the peer dies or the deadline."""
+    def take(self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None = None) -> bytes:
+        """The next message's payload for ``channel``; blocks until one arrives, the peer
+        dies, the deadline passes or the channel is closed (`ChannelClosed`)."""
         inbox = self.inbox
         try:
             # (Checked first: raising IndexError on every blocking recv costs a microsecond.)
-            payload = inbox.popleft() if inbox else self._wait_rx(deadline)
+            payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel, deferred)
         except IndexError:  # another thread took it
-            payload = self._wait_rx(deadline)
+            payload = self._wait_rx(deadline, channel, deferred)
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
             self.loop.call_soon(self.endpoint._resume_reading, self)
         return payload
+
+    def resume_if_due(self) -> None:
+        """A user thread took a message: ask the loop to read again once few are left."""
+        if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
+            self.resume_requested = True
+            try:
+                self.loop.call_soon(self.endpoint._resume_reading, self)
+            except BaseException:
+                self.resume_requested = False  # (a KeyboardInterrupt) the next take asks again
+                raise
+
+    def discard(self, payload: bytes) -> None:
+        """Drop a message that could not be received (it failed to decode)."""
+        try:
+            self.inbox.remove(payload)
+        except ValueError:
+            pass
+
+    def put_back(self, payload: bytes, *, direct: bool) -> None:
+        """Return a taken message to the front of the inbox (its recv was interrupted);
+        ``direct`` if it was read off the socket and never counted in."""
+        self.inbox.appendleft(payload)  # first: a KeyboardInterrupt after it loses nothing
+        if direct:
+            with self.in_lock:
+                self.total_in += 1
+                self.total_in_bytes += len(payload)
+        self.wake_rx()
 
     def take_nowait(self) -> bytes | None:
         try:
@@ -369,19 +420,29 @@ class Link:
             self.loop.call_soon(self.endpoint._resume_reading, self)
         return payload
 
-    def _wait_rx(self, deadline: float | None) -> bytes:
+    def _wait_rx(self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None) -> bytes:
         waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)
         try:
             while True:
+                if channel._link is None:
+                    raise channel._closed_error()
+                if deferred is not None and deferred.pending is not None:
+                    raise Interrupted
                 conn = self.conn
                 if conn is not None and not self.inbox:
                     # Read the socket ourselves rather than wait for the loop to hand us
                     # the message (see _connection's module comment).
                     payload = conn.read_direct(self, deadline, waiter)
-                    if type(payload) is bytes:
+                    if type(payload) is bytes or type(payload) is bytearray:
+                        if deferred is not None:
+                            deferred.direct = True
                         return payload
                     if payload is not None:  # woken: look again
+                        if channel._link is None:
+                            raise channel._closed_error()
+                        if deferred is not None and deferred.pending is not None:
+                            raise Interrupted
                         payload = self.take_nowait()
                         if payload is not None:
                             return payload
@@ -452,6 +513,13 @@ class Link:
     def wake_all(self) -> None:
         self.wake_rx()
         self.wake_tx()
+
+
+def _captured(chunks: list) -> list:
+    # A message's value is taken when send() returns: what the kernel did not take yet of
+    # the caller's own buffers (views of anything but immutable bytes) is copied, since
+    # the caller may refill them at once. Our own chunks are bytes, never copied.
+    return [bytes(chunk) if type(chunk) is memoryview and type(chunk.obj) is not bytes else chunk for chunk in chunks]
 
 
 def _rest(frame: bytes | list, sent: int) -> bytes | list:

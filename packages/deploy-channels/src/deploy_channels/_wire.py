@@ -59,22 +59,30 @@ _OOB_MIN = 64 * 1024
 _SPLIT_MIN = 64 * 1024
 
 
-def _dumps(value: Any, buffers: list) -> bytes:
+def _dumps(value: Any, buffers: list | None) -> bytes:
+    """Pickle ``value`` (out-of-band buffers appended to ``buffers``; in band if None)."""
+    callback = None if buffers is None else buffers.append
     try:
-        return pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        return pickle.dumps(value, protocol=5, buffer_callback=callback)
     except Exception:
-        buffers.clear()
+        if buffers is not None:
+            buffers.clear()
     # Lambdas, closures and classes defined in __main__ need cloudpickle; its output loads
     # with plain pickle on the other side.
     import cloudpickle
 
     try:
-        return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        return cloudpickle.dumps(value, protocol=5, buffer_callback=callback)
     except Exception as error:
+        raise SerializationError(f"cannot send {_shown(value)} to another process: {error}") from error
+
+
+def _shown(value: Any) -> str:
+    try:
         shown = repr(value)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        raise SerializationError(f"cannot send {shown} to another process: {error}") from error
+    except Exception:  # a broken __repr__ must not hide the real error
+        shown = f"<{type(value).__name__} object>"
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def encode_message(value: Any) -> tuple[bytes | list, int]:
@@ -87,7 +95,7 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
         views = [buffer.raw() for buffer in buffers]
         sizes = [view.nbytes for view in views]
         if sum(sizes) < _OOB_MIN:
-            data = pickle.dumps(value, protocol=5)
+            data = _dumps(value, None)  # small buffers: cheaper in band
         else:
             meta = _COUNTS.pack(len(views), len(data)) + b"".join(_LENGTH.pack(size) for size in sizes)
             length = len(meta) + len(data) + sum(sizes) + 1
@@ -98,7 +106,7 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
     return b"".join((_HEADER_PACK(length), data, _DATA_TAIL)), length + 4
 
 
-def decode_message(payload: bytes) -> Any:
+def decode_message(payload: bytes | bytearray) -> Any:
     """Unpickle a data frame's payload (either data kind)."""
     if payload[-1] == DATA:
         return pickle.loads(payload)
@@ -109,9 +117,13 @@ def decode_message(payload: bytes) -> Any:
     offset += 8 * count
     data = view[offset : offset + pickle_length]
     offset += pickle_length
+    # The decoder hands over large frames as bytearrays: buffers built on them are
+    # writable, as the sender's were (a bytes payload would give read-only ones).
+    writable = type(payload) is bytearray
     buffers = []
     for size in sizes:
-        buffers.append(view[offset : offset + size])
+        buffer = view[offset : offset + size]
+        buffers.append(buffer if writable else bytearray(buffer))
         offset += size
     return pickle.loads(data, buffers=buffers)
 

@@ -16,6 +16,12 @@ bytes it returns, so it is tested on bytes alone and reused for any byte stream
 A frame longer than ``max_frame_size`` raises `deploy_core.FrameError` as soon as its
 header is seen, before any buffer is allocated for it; EOF in the middle of a frame
 raises `FrameError` too (a broken peer), whereas EOF between frames yields `CLOSED`.
+
+A payload of 64 KiB or more comes back as a ``bytearray`` that the caller
+owns (writable, so out-of-band pickle buffers built on it are too); once such a frame's
+header is in, the decoder allocates it whole and copies each later read straight into
+place, rather than growing a buffer and copying the frame out at the end. Smaller
+payloads are ``bytes``.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ HEADER_SIZE = _HEADER.size
 MAX_FRAME_SIZE_LIMIT = 2**32 - 1
 #: 1 GiB of message plus room for its pickle header and channel framing.
 DEFAULT_MAX_FRAME_SIZE = 2**30 + 2**20
+#: Payloads at least this long are returned as a bytearray, assembled in place.
+_LARGE_FRAME = 64 * 1024
 
 
 class _Sentinel:
@@ -86,7 +94,7 @@ class FrameDecoder:
     readers that handle a whole read in one step.
     """
 
-    __slots__ = ("_buf", "_pos", "_eof", "_max", "_unpack_from")
+    __slots__ = ("_buf", "_pos", "_eof", "_max", "_unpack_from", "_large", "_filled")
 
     def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
         if not isinstance(max_frame_size, int) or not 0 < max_frame_size <= MAX_FRAME_SIZE_LIMIT:
@@ -98,6 +106,10 @@ class FrameDecoder:
         self._eof = False
         self._max = max_frame_size
         self._unpack_from = _HEADER.unpack_from
+        # A large frame being assembled: its payload so far is _large[:_filled]; while it
+        # is incomplete, _buf holds nothing.
+        self._large: bytearray | None = None
+        self._filled = 0
 
     @property
     def max_frame_size(self) -> int:
@@ -113,10 +125,14 @@ class FrameDecoder:
 
     def buffered(self) -> int:
         """How many fed bytes have not been returned as frames yet."""
+        if self._large is not None:
+            return HEADER_SIZE + self._filled + len(self._buf) - self._pos
         return len(self._buf) - self._pos
 
     def pending_size(self) -> int | None:
         """The payload length of the next frame once its header is buffered, else None."""
+        if self._large is not None:
+            return len(self._large)
         if len(self._buf) - self._pos < HEADER_SIZE:
             return None
         return self._unpack_from(self._buf, self._pos)[0]
@@ -130,6 +146,15 @@ class FrameDecoder:
         if not data:
             self._eof = True
             return
+        large = self._large
+        if large is not None and self._filled < len(large):
+            with memoryview(data) as view:
+                taken = min(len(large) - self._filled, view.nbytes)
+                large[self._filled : self._filled + taken] = view[:taken]
+                self._filled += taken
+                if taken == view.nbytes:
+                    return
+                data = bytes(view[taken:])
         if self._pos == len(self._buf):
             self._buf = data if isinstance(data, bytes) else bytes(data)
             self._pos = 0
@@ -139,11 +164,19 @@ class FrameDecoder:
                 self._pos = 0
             self._buf += data
 
-    def next_frame(self) -> bytes | _Sentinel:
+    def next_frame(self) -> bytes | bytearray | _Sentinel:
         """The next complete frame's payload, `NEED_DATA` or `CLOSED`.
 
         Raises `FrameError` for a frame over the maximum size and for EOF mid-frame.
         """
+        large = self._large
+        if large is not None:
+            if self._filled < len(large):
+                if self._eof:
+                    raise FrameError(f"the stream ended in the middle of a frame ({self._filled + 4} bytes left over)")
+                return NEED_DATA
+            self._large = None
+            return large
         buf, pos = self._buf, self._pos
         available = len(buf) - pos
         if available >= HEADER_SIZE:
@@ -153,28 +186,40 @@ class FrameDecoder:
             end = pos + HEADER_SIZE + length
             if end <= len(buf):
                 self._pos = end
+                if length >= _LARGE_FRAME:
+                    with memoryview(buf) as view:
+                        return bytearray(view[pos + HEADER_SIZE : end])
                 if isinstance(buf, bytearray):
                     with memoryview(buf) as view:
                         return bytes(view[pos + HEADER_SIZE : end])
                 return buf[pos + HEADER_SIZE : end]
+            if not self._eof and length >= _LARGE_FRAME:
+                self._start_large(pos, length)
+                return NEED_DATA
         if not self._eof:
             return NEED_DATA
         if available:
             raise FrameError(f"the stream ended in the middle of a frame ({available} bytes left over)")
         return CLOSED
 
-    def frames(self) -> list[bytes]:
+    def frames(self) -> list[bytes | bytearray]:
         """Every complete frame buffered now (possibly none); stops before `CLOSED`.
 
         Raises like `next_frame`, after the frames before the bad one have been consumed
         (they are lost to the caller; use `next_frame` to keep each one).
         """
+        out = []
+        append = out.append
+        large = self._large
+        if large is not None:
+            frame = self.next_frame()
+            if frame is NEED_DATA:
+                return out
+            append(frame)
         buf, pos, limit, unpack = self._buf, self._pos, self._max, self._unpack_from
         size = len(buf)
         # Slicing a bytearray through a memoryview copies once (straight into bytes).
         view = memoryview(buf) if isinstance(buf, bytearray) else buf
-        out = []
-        append = out.append
         while size - pos >= HEADER_SIZE:
             (length,) = unpack(buf, pos)
             if length > limit:
@@ -185,8 +230,17 @@ class FrameDecoder:
             start = pos + HEADER_SIZE
             end = start + length
             if end > size:
+                if length >= _LARGE_FRAME and not self._eof:
+                    if view is not buf:
+                        view.release()
+                    self._start_large(pos, length)
+                    return out
                 break
-            append(view[start:end] if view is buf else bytes(view[start:end]))
+            if length >= _LARGE_FRAME:
+                with memoryview(buf) as whole:
+                    append(bytearray(whole[start:end]))
+            else:
+                append(view[start:end] if view is buf else bytes(view[start:end]))
             pos = end
         self._pos = pos
         if view is not buf:
@@ -194,6 +248,17 @@ class FrameDecoder:
         if self._eof and pos < size and not out:
             raise FrameError(f"the stream ended in the middle of a frame ({size - pos} bytes left over)")
         return out
+
+    def _start_large(self, pos: int, length: int) -> None:
+        # The rest of the buffer is the start of one large frame: allocate it whole.
+        large = bytearray(length)
+        with memoryview(self._buf) as view:
+            part = view[pos + HEADER_SIZE :]
+            large[: part.nbytes] = part
+            self._filled = part.nbytes
+        self._large = large
+        self._buf = b""
+        self._pos = 0
 
     @property
     def at_eof(self) -> bool:

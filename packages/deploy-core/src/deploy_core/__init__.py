@@ -1,7 +1,7 @@
 """deploy-core: the pieces every deploy package shares.
 
-Process ids, resource requirements, the error hierarchy, the shared-secret handshake and
-the spawn protocol messages.
+Process ids, resource requirements, the error hierarchy, the shared-secret handshake, the
+protection of the frames that follow it, and the spawn protocol messages.
 """
 
 import logging
@@ -21,6 +21,7 @@ from ._errors import (
 )
 from ._pid import Pid
 from ._pid import _from_wire as _from_wire  # pickled pids refer to it here
+from ._protect import Opener, ProtectedSocket, Sealer
 from ._protocol import SpawnReply, SpawnRequest, dumps_user, loads_plain, loads_user
 from ._resources import Cpu, Mem, Resources
 from ._version import __version__
@@ -40,10 +41,13 @@ __all__ = [
     "Handshake",
     "Mem",
     "NoCapacity",
+    "Opener",
     "PeerExited",
     "PeerLost",
     "Pid",
+    "ProtectedSocket",
     "Resources",
+    "Sealer",
     "SerializationError",
     "SpawnReply",
     "SpawnRequest",

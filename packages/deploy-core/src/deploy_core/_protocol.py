@@ -1,9 +1,21 @@
 """The spawn protocol: what a spawn request and its reply carry, with versioned encoding.
 
-A message is ``MAGIC + VERSION + pickle(tuple of plain values)``: plain values only
-(bytes, str, int, float, tuples, dicts), so decoding never runs user code. The user's
-function and argument travel inside as opaque cloudpickle bytes and are only loaded by
-the process that runs them.
+A reply is ``MAGIC + VERSION + pickle(tuple of plain values)``: plain values only (bytes,
+str, int, float, tuples, dicts), so decoding never runs user code. A request is::
+
+    b"DSQ" VERSION  header length (4 bytes, big-endian)  pickle(header)
+    function  argument  buffer 1 ... buffer n
+
+The header is a tuple of plain values (the lengths of what follows, resources, parent,
+argv, environment, flags, directory, sys.path). The user's function and argument follow
+it as opaque cloudpickle bytes, only loaded by the process that runs them; the argument's
+pickle-5 out-of-band buffers (numpy arrays, `pickle.PickleBuffer`) follow as they are.
+
+An argument of N bytes costs about N once on each side: it is pickled once, never pickled
+again inside another pickle; `SpawnRequest.encode_parts` gives the pieces to write with one
+scatter-gather call (no concatenation), and `SpawnRequest.decode` slices the received
+buffer with memoryviews instead of copying. Out-of-band buffers are not copied at all
+before they are written, and unpickle as views of the received buffer.
 """
 
 from __future__ import annotations
@@ -11,6 +23,7 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import struct
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,15 +38,36 @@ from ._resources import Resources
 
 __all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_plain", "loads_user"]
 
-VERSION = 1
+# 2: requests carry the working directory and sys.path; 3: a request is a header and raw parts.
+VERSION = 3
 _REQUEST = b"DSQ"
 _REPLY = b"DSR"
+_HEADER_LENGTH = struct.Struct(">I")
+_PREFIX = len(_REQUEST) + 1 + _HEADER_LENGTH.size
+
+Buffer = bytes | bytearray | memoryview
 
 
-def dumps_user(value: Any, what: str) -> bytes:
-    """Cloudpickle a user's function or value; on failure name it and say why."""
+def _out_of_band(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], bool]:
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        try:
+            buffers.append(buffer.raw())
+        except BufferError:  # not contiguous: pickle copies it in band
+            return True
+        return False
+
+    return keep
+
+
+def dumps_user(value: Any, what: str, buffers: list[memoryview] | None = None) -> bytes:
+    """Cloudpickle a user's function or value; on failure name it and say why.
+
+    With ``buffers``, pickle-5 out-of-band buffers are appended there instead of copied in.
+    """
     try:
-        return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        if buffers is None:
+            return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        return cloudpickle.dumps(value, protocol=5, buffer_callback=_out_of_band(buffers))
     except Exception as error:
         try:
             shown = repr(value)
@@ -44,9 +78,10 @@ def dumps_user(value: Any, what: str) -> bytes:
         raise SerializationError(f"cannot send the {what} {shown} to another process: {error}") from error
 
 
-def loads_user(data: bytes) -> Any:
-    """Unpickle a user's function or value: only in the process that runs it."""
-    return pickle.loads(data)
+def loads_user(data: Buffer, buffers: tuple[Buffer, ...] = ()) -> Any:
+    """Unpickle a user's function or value (with its out-of-band ``buffers``): only in the
+    process that runs it."""
+    return pickle.loads(data, buffers=buffers)
 
 
 class _PlainUnpickler(pickle.Unpickler):
@@ -68,10 +103,23 @@ def loads_plain(data: bytes | bytearray | memoryview) -> Any:
         raise DeployError(f"malformed message: {error}") from None
 
 
-def _bytes(value: object) -> bytes:
-    if not isinstance(value, (bytes, bytearray)):
-        raise TypeError(f"expected bytes, not {type(value).__name__}")
-    return bytes(value)
+def _length(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise TypeError(f"expected a length, not {value!r}")
+    return value
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected str, not {type(value).__name__}")
+    return value
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:  # removed since we entered it
+        return ""
 
 
 def _encode(magic: bytes, fields: tuple) -> bytes:
@@ -83,8 +131,12 @@ def _decode(magic: bytes, data: bytes, name: str) -> tuple:
         raise DeployError(f"not a {name} message")
     if data[3] != VERSION:
         raise DeployError(f"{name} message version {data[3]} is not supported (this side speaks {VERSION})")
+    return _decode_plain(memoryview(data)[4:], name)
+
+
+def _decode_plain(data: memoryview, name: str) -> tuple:
     try:
-        fields = _PlainUnpickler(io.BytesIO(memoryview(data)[4:])).load()
+        fields = _PlainUnpickler(io.BytesIO(data)).load()
     except Exception as error:  # whatever a crafted pickle makes the unpickler raise
         raise DeployError(f"malformed {name} message: {error}") from None
     if not isinstance(fields, tuple):
@@ -96,13 +148,16 @@ def _decode(magic: bytes, data: bytes, name: str) -> tuple:
 class SpawnRequest:
     """Ask the fabric to start ``function(parent, argument)`` in a new process."""
 
-    function: bytes
-    argument: bytes
+    function: Buffer
+    argument: Buffer
     resources: Resources
     parent: Pid | None
     argv: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     block: bool = True
+    cwd: str = ""  # "" when the spawner's working directory no longer exists
+    path: tuple[str, ...] = ()  # sys.path
+    buffers: tuple[Buffer, ...] = ()  # the argument's out-of-band pickle buffers
 
     @classmethod
     def build(
@@ -114,39 +169,93 @@ class SpawnRequest:
         *,
         block: bool = True,
     ) -> SpawnRequest:
-        """A request for ``function(parent, argument)`` with this process's argv and environment."""
+        """A request for ``function(parent, argument)`` with this process's argv, environment,
+        working directory and ``sys.path`` as they are now."""
         if not callable(function):
             raise TypeError(f"spawn needs a callable, not {type(function).__name__}")
         if not isinstance(resources, Resources):
             raise TypeError(f"resources must be a deploy.Resources, not {type(resources).__name__}")
+        buffers: list[memoryview] = []
         return cls(
             function=dumps_user(function, "function"),
-            argument=dumps_user(argument, "argument"),
+            argument=dumps_user(argument, "argument", buffers),
             resources=resources,
             parent=parent,
             argv=tuple(sys.argv),
             env=strip_deploy_vars(dict(os.environ)),
             block=block,
+            cwd=_cwd(),
+            path=tuple(str(entry) for entry in sys.path),
+            buffers=tuple(buffers),
         )
 
-    def encode(self) -> bytes:
+    def function_and_argument(self, *, release: bool = False) -> tuple[Callable[..., Any], Any]:
+        """Unpickle the function and the argument (user code runs: only where it is to run).
+
+        ``release``: then let go of their pickles, so that the buffer they were received in
+        can be freed before the function runs (out-of-band buffers stay: the argument is
+        made of them). The request's ``function`` and ``argument`` are empty afterwards.
+        """
+        loaded = loads_user(self.function), loads_user(self.argument, self.buffers)
+        if release:
+            # Frozen for everyone else; the owner of a received request may drop its pickles.
+            object.__setattr__(self, "function", b"")
+            object.__setattr__(self, "argument", b"")
+        return loaded
+
+    @staticmethod
+    def recognise(data: Buffer) -> bool:
+        """Whether ``data`` starts as an encoded request does (a pickle never does)."""
+        return bytes(memoryview(data)[: len(_REQUEST)]) == _REQUEST
+
+    def encode_parts(self) -> list[Buffer]:
+        """The encoded request as pieces to write in order, the big ones not copied."""
         parent = self.parent.format() if self.parent is not None else None
         resources = (int(self.resources.mem), float(self.resources.cpu))
-        return _encode(_REQUEST, (self.function, self.argument, resources, parent, self.argv, self.env, self.block))
+        sizes = tuple(memoryview(part).nbytes for part in (self.function, self.argument, *self.buffers))
+        header = pickle.dumps(
+            (sizes, resources, parent, self.argv, self.env, self.block, self.cwd, self.path), protocol=5
+        )
+        prefix = _REQUEST + bytes([VERSION]) + _HEADER_LENGTH.pack(len(header)) + header
+        return [prefix, self.function, self.argument, *self.buffers]
+
+    def encode(self) -> bytes:
+        """The encoded request as one bytes object (a copy; see `encode_parts`)."""
+        return b"".join(self.encode_parts())
 
     @classmethod
-    def decode(cls, data: bytes) -> SpawnRequest:
-        fields = _decode(_REQUEST, data, "spawn request")
+    def decode(cls, data: Buffer) -> SpawnRequest:
+        """Decode a request without copying its parts: they are views of ``data``."""
+        view = memoryview(data).cast("B") if isinstance(data, memoryview) else memoryview(data)
+        if len(view) < _PREFIX or bytes(view[:3]) != _REQUEST:
+            raise DeployError("not a spawn request message")
+        if view[3] != VERSION:
+            raise DeployError(f"spawn request message version {view[3]} is not supported (this side speaks {VERSION})")
+        (header_length,) = _HEADER_LENGTH.unpack_from(view, 4)
+        fields = _decode_plain(view[_PREFIX : _PREFIX + header_length], "spawn request")
         try:
-            function, argument, (mem, cpu), parent, argv, env, block = fields
+            sizes, (mem, cpu), parent, argv, env, block, cwd, path = fields
+            sizes = [_length(size) for size in sizes]
+            if len(sizes) < 2:
+                raise ValueError("a request has a function and an argument")
+            offset = _PREFIX + header_length
+            parts = []
+            for size in sizes:
+                parts.append(view[offset : offset + size])
+                offset += size
+            if offset != len(view):
+                raise ValueError(f"{len(view)} bytes where the header announces {offset}")
             return cls(
-                function=_bytes(function),
-                argument=_bytes(argument),
+                function=parts[0],
+                argument=parts[1],
+                buffers=tuple(parts[2:]),
                 resources=Resources(mem, cpu),
                 parent=Pid.parse(parent) if parent is not None else None,
                 argv=tuple(str(arg) for arg in argv),
                 env={str(key): str(value) for key, value in dict(env).items()},
                 block=bool(block),
+                cwd=_str(cwd),
+                path=tuple(_str(entry) for entry in path),
             )
         except (TypeError, ValueError) as error:
             raise DeployError(f"malformed spawn request: {error}") from None

@@ -7,12 +7,13 @@ mode is a master with one node sized to this machine and the bridge, in the proc
 of ``python job.py``.
 """
 
-from ._daemon import serve_master, serve_worker
+from ._cluster import serve_master
 from ._output import HumanFormatter, JsonFormatter
 from ._process import init, pid, resources, spawn, try_spawn
 from ._push import push, status
 from ._scheduler import Node, Scheduler
 from ._version import __version__
+from ._worker import serve_worker
 
 __all__ = [
     "HumanFormatter",

@@ -118,8 +118,8 @@ class Agent:
         for message in messages:
             try:
                 self._handle(message)
-            except (TypeError, ValueError) as error:
-                log.warning("ignored a malformed %s message: %s", message[0].value, error)
+            except Exception as error:  # whatever a malformed message makes us raise
+                log.warning("ignored a bad %s message from the master: %r", message[0].value, error)
         if not data or self._reader.closed:
             self.close()
 
@@ -213,6 +213,7 @@ class Agent:
                 process_side.ZYGOTE_FDS: f"{requests.fileno()},{replies.fileno()}",
                 process_side.RUN_SECRET: secret,
                 process_side.NODE_HOST: self.host,
+                process_side.BUNDLE: str(root),
                 "DEPLOY_FABRIC": master,
             }
         )

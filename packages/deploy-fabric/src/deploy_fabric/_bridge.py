@@ -9,9 +9,8 @@ the process that ran ``python job.py``, in cluster mode in ``deploy push``.
 
 from __future__ import annotations
 
-import signal
-
 from deploy_core import Pid, Resources
+from deploy_monitor import Exit
 
 from ._output import Formatter
 
@@ -46,7 +45,8 @@ class Bridge:
         self._done.add(pid.hex)
         self._out.exit(pid, code, signal_name, reason)
         if code != 0 or signal_name is not None:
-            self.failed(code if signal_name is None else 128 + signal.Signals[signal_name].value)
+            # (The monitor's decoding owns signal names: SIGRTMIN+2 has no signal.Signals member.)
+            self.failed(code if signal_name is None else 128 - Exit(code=None, signal=signal_name).returncode)
 
     def failed(self, code: int) -> None:
         """The run fails with ``code`` unless it has failed already."""

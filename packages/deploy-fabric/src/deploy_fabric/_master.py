@@ -36,7 +36,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from deploy_core import AuthenticationError, DeployError, Handshake, Pid, Resources, SpawnReply, SpawnRequest
+from deploy_core import (
+    AuthenticationError,
+    DeployError,
+    Handshake,
+    Pid,
+    ProtectedSocket,
+    Resources,
+    SpawnReply,
+    SpawnRequest,
+)
 
 from . import _wire as wire
 from ._bridge import Bridge
@@ -112,7 +121,10 @@ class Master:
         selector: selectors.BaseSelector | None = None,
         scheduler: Scheduler | None = None,
         handle_for: Callable[[Node], NodeHandle] | None = None,
+        protect: str = "off",
     ):
+        wire.protects(protect, "127.0.0.1")  # a bad setting fails here, not at the first connection
+        self._protect = protect  # which control connections carry protected records
         self.selector = selector or selectors.DefaultSelector()
         self._listener = listener
         self._secret = secret
@@ -167,14 +179,17 @@ class Master:
         return self.finish()
 
     def start(self, top: Resources) -> str | None:
-        """Place and start the top process; why it cannot be, or None."""
+        """Place and start the top process, or queue it until there is room; why no node
+        could ever hold it, or None."""
         assert self._scheduler is not None, "a master needs a node"
+        problem = self._scheduler.impossible(top)
+        if problem is not None:
+            return problem
         self._listener.setblocking(False)
         self.selector.register(self._listener, selectors.EVENT_READ, self._accept)
-        node = self._scheduler.place(top)
-        if node is None:
-            return self._scheduler.impossible(top) or "no capacity"
-        self._fork(_Pending(None, None, top, None, node))
+        pending = _Pending(None, None, top, None)
+        if not self._try_place(pending):
+            self._queue.append(pending)
         return None
 
     def finish(self) -> int:
@@ -298,7 +313,12 @@ class Master:
                 conn.handshake.receive_data(data)
                 self._send(conn, conn.handshake.data_to_send())
                 if conn.handshake.done:
-                    conn.peer, conn.handshake = conn.handshake.peer, None
+                    handshake, conn.handshake = conn.handshake, None
+                    conn.peer = handshake.peer
+                    if wire.protects(self._protect, conn.sock.getpeername()[0]):
+                        conn.sock = ProtectedSocket(  # type: ignore[assignment]
+                            conn.sock, handshake.key, initiator=False, peer=handshake.peer[:7]
+                        )
                 return
             data = conn.sock.recv(1 << 18)
         except (BlockingIOError, InterruptedError):
@@ -320,11 +340,17 @@ class Master:
             self._queue = deque(pending for pending in self._queue if pending.requester is not conn)
 
     def _send(self, conn: _Conn, data: bytes) -> None:
-        if data and send_or_keep(conn.sock, conn.outbox, data):
+        if data and (send_or_keep(conn.sock, conn.outbox, data) or _sealed_waiting(conn)):
             self.selector.modify(conn.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, conn.on_ready)
 
     def _flush(self, conn: _Conn) -> None:
-        if not flush_kept(conn.sock, conn.outbox):
+        if isinstance(conn.sock, ProtectedSocket):
+            try:
+                if not conn.sock.flush():
+                    return  # sealed bytes still wait: WRITE stays on
+            except OSError:
+                conn.outbox.clear()
+        if not flush_kept(conn.sock, conn.outbox) and not _sealed_waiting(conn):
             self.selector.modify(conn.sock, selectors.EVENT_READ, conn.on_ready)
 
     def _drop(self, conn: _Conn) -> None:
@@ -422,14 +448,23 @@ class Master:
             self._reply(conn, SpawnReply(error=problem, no_capacity=True))
             return
         pending = _Pending(conn, data, request.resources, request.parent)
+        # First come, first placed: while blocking spawns wait, a new one, even a small one
+        # that fits, waits behind them (else a stream of small spawns could starve a big one).
         if self._queue or not self._try_place(pending):
             if request.block:
                 self._queue.append(pending)
             else:
-                free = self._scheduler.describe_free()
-                self._reply(
-                    conn, SpawnReply(error=f"no capacity for {request.resources} now: {free}", no_capacity=True)
-                )
+                self._reply(conn, SpawnReply(error=self._no_capacity(request.resources), no_capacity=True))
+
+    def _no_capacity(self, resources: Resources) -> str:
+        """Why ``resources`` cannot be placed now, true to what is free and what waits."""
+        assert self._scheduler is not None
+        free = self._scheduler.describe_free()
+        waiting = len(self._queue)
+        if not waiting:
+            return f"no capacity for {resources} now: {free}"
+        spawns = "1 blocking spawn is" if waiting == 1 else f"{waiting} blocking spawns are"
+        return f"no capacity for {resources} now: {spawns} waiting ahead of it, first for {self._queue[0].resources} ({free})"
 
     def _try_place(self, pending: _Pending) -> bool:
         assert self._scheduler is not None
@@ -489,6 +524,10 @@ class Master:
         self._queue.clear()
         for handle in self._nodes.values():
             handle.stop()
+
+
+def _sealed_waiting(conn: _Conn) -> bool:
+    return isinstance(conn.sock, ProtectedSocket) and conn.sock.pending_out() > 0
 
 
 def _who(conn: _Conn) -> str:

@@ -23,7 +23,11 @@ Facts relied on:
   each page it writes next: it forks its spares in a batch, paying that once per batch.
 - SCM_RIGHTS over a unix socket hands the node its end of each process's event stream; a
   SOCK_SEQPACKET socket keeps each reply and its fd together in one message.
-- A pipe holds 64 KiB: a bigger job is written as the process reads it, from the loop.
+- A pipe holds 64 KiB: a bigger job is written as the process reads it, from the loop,
+  through memoryviews (slicing one copies nothing); the process reads it into one buffer
+  of the announced size, so a job of N bytes costs the process N, not a chunk list and
+  its join. The request decodes into views of that buffer, and it is let go of once the
+  function and argument are unpickled, before the function runs.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import deploy_channels
-from deploy_core import DeployError, Handshake, Pid, Resources, SpawnRequest, loads_user
+from deploy_core import DeployError, Handshake, Pid, Resources, SpawnRequest
 from deploy_monitor import Child, Exit, Output, Supervisor, detect_enforcement
 
 from . import _wire as wire
@@ -102,7 +106,7 @@ class _Process:
     events: socket.socket | None = None  # None until a spawn takes this spare
     backlog: list = field(default_factory=list)  # events from before that
     child: Child | None = None
-    job: bytes = b""  # what is still to be written to the process
+    job: list[memoryview] = field(default_factory=list)  # what is still to be written to the process
     job_fd: int = -1
 
     def on_event(self, event: Output | Exit) -> None:
@@ -138,7 +142,9 @@ class _Zygote:
         self.host = host
         self.start = start
         self.run_process = run
-        self.supervisor = Supervisor()
+        # Every child of the zygote is a process it started: an orphan of one of them (a
+        # subprocess left running, a setsid daemon) is killed when that process exits.
+        self.supervisor = Supervisor(subreaper=True)
         self.reader = wire.MessageReader()
         self.spares: deque[_Process] = deque()
         # A request like those spawns carry, for the spares to warm up with.
@@ -221,16 +227,23 @@ class _Zygote:
         except OSError as error:
             self.spare_error = f"cannot open a port for the new process: {error}"
             return
-        job_r, job_w = os.pipe()
+        try:
+            job_r, job_w = os.pipe()
+        except OSError as error:  # out of fds: this spawn fails, the zygote serves on
+            listener.close()
+            self.spare_error = f"cannot make a pipe for the new process: {error}"
+            return
         process = _Process(pid)
 
         def target() -> int:
             endpoint = self.start(pid, listener)
             _warm_up(self.sample, self.secret)
-            request = _read_job(job_r)
-            if not request:
+            job = _read_job(job_r)
+            if job is None:
                 return 0  # a spare that never got a job
-            return self.run_process(SpawnRequest.decode(request), pid, endpoint)
+            request = SpawnRequest.decode(job)
+            del job  # (the request's views hold it, until it lets go of them)
+            return self.run_process(request, pid, endpoint)
 
         try:
             process.child = self.supervisor.start(
@@ -279,7 +292,12 @@ class _Zygote:
         if spare is None or spare.child is None:
             self._reply(ticket, None, self.spare_error or "the fork server could not start the process", None)
             return
-        events, node_end = socket.socketpair()
+        try:
+            events, node_end = socket.socketpair()
+        except OSError as error:  # out of fds: this spawn fails, the spare waits for the next
+            self.spares.appendleft(spare)
+            self._reply(ticket, None, f"the fork server cannot connect the new process: {error}", None)
+            return
         self._reply(ticket, spare.pid, None, node_end, spare.child.pid)
         spare.child.set_limits(Resources(**resources))  # (before the job: user code runs limited)
         spare.events = events
@@ -290,17 +308,21 @@ class _Zygote:
                 break
         spare.backlog.clear()
         spare.child.set_lifeline(events.fileno())
-        spare.job = _JOB_LENGTH.pack(len(request)) + request
+        spare.job = [memoryview(_JOB_LENGTH.pack(len(request))), memoryview(request)]
         self._write_job(spare)
 
     def _write_job(self, process: _Process, events: int = 0) -> None:
+        written = 0
         try:
-            written = os.write(process.job_fd, process.job)
+            written = os.writev(process.job_fd, process.job)
         except BlockingIOError:
-            written = 0
+            pass
         except OSError:
-            written = len(process.job)  # it died: its exit says so
-        process.job = process.job[written:]
+            process.job = []  # it died: its exit says so
+        while process.job and written >= len(process.job[0]):
+            written -= len(process.job.pop(0))
+        if process.job and written:
+            process.job[0] = process.job[0][written:]
         if process.job:
             if not events:
                 os.set_blocking(process.job_fd, False)
@@ -339,7 +361,8 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     """Run, once, what a spawned process runs first (see the module's facts)."""
     request = SpawnRequest.decode(sample)
     _ = dict(os.environ) == request.env
-    loads_user(request.function)(request.parent, loads_user(request.argument))
+    function, argument = request.function_and_argument()
+    function(request.parent, argument)
     initiator = Handshake(secret, initiator=True, identity=request.parent.hex, wanted=wire.BRIDGE)
     acceptor = Handshake(secret, initiator=False, identity=wire.BRIDGE)
     for source, target in ((initiator, acceptor), (acceptor, initiator), (initiator, acceptor)):
@@ -352,25 +375,27 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     deploy_channels.Sender[int], deploy_channels.Receiver[int]  # noqa: B018  (the typed classes are cached)
 
 
-def _read_job(fd: int) -> bytes:
-    """The spawn request the zygote writes: its length, then itself (b"" if none comes)."""
+def _read_job(fd: int) -> bytearray | None:
+    """The spawn request the zygote writes: its length, then itself (None if none comes)."""
     with open(fd, "rb", buffering=0, closefd=True) as pipe:
         head = _read_exactly(pipe, _JOB_LENGTH.size)
-        if len(head) < _JOB_LENGTH.size:
-            return b""
+        if head is None:
+            return None
         (length,) = _JOB_LENGTH.unpack(head)
         return _read_exactly(pipe, length)
 
 
-def _read_exactly(pipe, size: int) -> bytes:
-    chunks = []
-    while size:
-        chunk = pipe.read(size)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        size -= len(chunk)
-    return b"".join(chunks)
+def _read_exactly(pipe, size: int) -> bytearray | None:
+    """``size`` bytes read into one buffer of that size; None if the pipe ends before."""
+    buffer = bytearray(size)
+    with memoryview(buffer) as view:
+        done = 0
+        while done < size:
+            count = pipe.readinto(view[done:])
+            if not count:
+                return None
+            done += count
+    return buffer
 
 
 # --- the node's end of the zygote ---------------------------------------------------------

@@ -9,6 +9,7 @@ connection per thread.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,8 +25,8 @@ from typing import Any
 
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
-from deploy_core import DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env, loads_user
-from deploy_monitor import exit_code, flush_stdio
+from deploy_core import AuthenticationError, DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env
+from deploy_monitor import OrphanReaper, become_subreaper, child_pids, exit_code, flush_stdio
 
 from . import _wire as wire
 from ._bridge import Bridge
@@ -44,8 +46,10 @@ ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": 
 ZYGOTE_FDS = "DEPLOY_ZYGOTE_FDS"  # "R,W": the request stream and the reply packet socket
 RUN_SECRET = "DEPLOY_RUN_SECRET"  # hex: the run's own secret
 NODE_HOST = "DEPLOY_NODE_HOST"  # the host the node's processes listen on
-# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds.
-PEER_LOST_AFTER = 5.0
+BUNDLE = "DEPLOY_BUNDLE"  # the unpacked bundle's root on this node (its name is the bundle's hash)
+# In cluster mode a peer on a machine that is cut off is PeerLost within this many seconds
+# (DESIGN: 5 s; a second of room for the moment the cut happens between probes).
+PEER_LOST_AFTER = 4.0
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _Process:
 
 
 _me: _Process | None = None
+_bundle_root: str | None = None  # cluster mode: this node's copy of the run's bundle
 _init_called = False
 _control = threading.local()
 
@@ -109,7 +114,10 @@ def init(resources: Resources | None = None) -> None:
     requests_out, requests_in = socket.socketpair()
     replies_in, replies_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     flush_stdio()
-    if os.fork() == 0:
+    become_subreaper()  # if the zygote dies, what its processes started comes to us (see _end_orphans)
+    before = child_pids()  # the script's own, from before init(): not the run's to end
+    zygote = os.fork()
+    if zygote == 0:
         for sock in (listener, requests_out, replies_in):
             sock.close()
         top = serve(
@@ -125,14 +133,33 @@ def init(resources: Resources | None = None) -> None:
     requests_in.close()
     replies_out.close()
     code = 1
+    link = None
     try:
         master = Master(listener, secret, Bridge(formatter))
-        master.add_node(Node("local", capacity), ZygoteLink(requests_out, replies_in, master.selector, master))
+        link = ZygoteLink(requests_out, replies_in, master.selector, master)
+        master.add_node(Node("local", capacity), link)
         code = master.run(resources)
     except BaseException:
         traceback.print_exc()
     finally:
-        os._exit(code)
+        try:
+            _end_orphans(zygote, before, lost=link is None or not link.alive)
+        finally:
+            os._exit(code)
+
+
+def _end_orphans(zygote: int, before: set[int], *, lost: bool, patience: float = 2.0) -> None:
+    """The run is over. If the zygote (every process's monitor, and their subreaper) died,
+    what its processes started was reparented to us, the next subreaper up: once the zygote
+    is gone for good, kill and reap all of that. (A living zygote ends its processes itself
+    when we exit.)"""
+    deadline = time.monotonic() + patience
+    if lost:  # its sockets are closed, but its children come to us only once it has exited
+        while not os.waitpid(zygote, os.WNOHANG)[0] and time.monotonic() < deadline:
+            time.sleep(0.01)
+    reaper = OrphanReaper()
+    while reaper.sweep(before if lost else {zygote, *before}) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def _serve_cluster_node() -> None:
@@ -143,6 +170,8 @@ def _serve_cluster_node() -> None:
     host, port = os.environ.pop(env.FABRIC).rsplit(":", 1)
     fabric = (host, int(port))
     node_host = os.environ.pop(NODE_HOST)
+    global _bundle_root
+    _bundle_root = os.environ.pop(BUNDLE, None)
     _configure_logging()
     flush_stdio()
     top = serve(
@@ -189,10 +218,14 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
     connection = getattr(_control, "connection", None)
     if connection is None:
-        connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        try:
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, (Kind.HELLO_PROCESS, me.pid.format()))
+        except (OSError, AuthenticationError) as error:  # out of fds here or there; the fabric gone
+            why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise DeployError(f"cannot connect to the fabric to spawn: {why}") from None
         _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     try:
-        wire.send_message(connection, (Kind.SPAWN, request.encode()))
+        wire.send_parts(connection, request.encode_parts())  # (the argument is not copied again)
         message = wire.recv_message(connection, _control.decoder)
     except OSError as error:
         message = None
@@ -235,14 +268,34 @@ def _become(
 def run_spawned(
     request: SpawnRequest, pid: Pid, endpoint: deploy_channels.Endpoint, *, fabric: tuple[str, int], secret: bytes
 ) -> int:
-    """Run a spawned process's function in this (monitored) process; return its exit code."""
+    """Run a spawned process's function in this (monitored) process, with the spawner's argv,
+    environment, sys.path and working directory; return its exit code."""
     if dict(os.environ) != request.env:  # usually equal: rewriting it costs a fresh process ~1 ms
         os.environ.clear()
         os.environ.update(request.env)
     sys.argv[:] = list(request.argv)
+    if _bundle_root is not None:
+        request = _localised(request, _bundle_root)
+    sys.path[:] = list(request.path)  # (before unpickling: the function's module may need it)
     _become(pid, request.parent, request.resources, fabric, secret, endpoint)
     try:
-        function, argument = loads_user(request.function), loads_user(request.argument)
+        _enter(request.cwd)
+    except OSError as error:  # one sentence, not our traceback
+        print(f"deploy: cannot work in the spawner's directory {request.cwd}: {error.strerror}", file=sys.stderr)
+        code = 1
+    else:
+        code = _call(request)
+    flush_stdio()
+    assert _me is not None
+    _me.endpoint.close(exit_code=code)
+    return code
+
+
+def _call(request: SpawnRequest) -> int:
+    """Run the request's function as a process's main, then wait for its non-daemon threads;
+    its exit code, as the interpreter gives it."""
+    try:
+        function, argument = request.function_and_argument(release=True)  # (the received job freed)
         function(request.parent, argument)
         code = 0
     except SystemExit as exit:
@@ -250,10 +303,48 @@ def run_spawned(
     except BaseException:
         traceback.print_exc()
         code = 1
-    flush_stdio()
-    assert _me is not None
-    _me.endpoint.close(exit_code=code)
+    _wait_for_threads()
     return code
+
+
+def _localised(request: SpawnRequest, root: str) -> SpawnRequest:
+    """The spawner's directory and sys.path, which name places in its node's copy of the
+    bundle, as the same places in this node's copy (the copies' roots differ, their last
+    component, the bundle's hash, does not)."""
+    name = os.path.basename(root)
+
+    def here(path: str) -> str:
+        parts = path.split(os.sep)
+        if not path or name not in parts:
+            return path
+        return os.path.join(root, *parts[parts.index(name) + 1 :])
+
+    fields = {"cwd": here(request.cwd)}
+    if hasattr(request, "path"):
+        fields["path"] = tuple(here(entry) for entry in request.path)
+    return dataclasses.replace(request, **fields)
+
+
+def _wait_for_threads() -> None:
+    """Join every non-daemon thread, those they start included, as the interpreter does at
+    exit (``threading._shutdown``); an exception in one is printed by ``threading.excepthook``
+    and leaves the exit code alone, as in plain Python."""
+    me = threading.current_thread()
+    while waiting := [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]:
+        for thread in waiting:
+            thread.join()
+
+
+def _enter(directory: str) -> None:
+    """Work in the spawner's directory ("" if it had been removed: stay where we are)."""
+    if not directory:
+        return
+    try:
+        if os.getcwd() == directory:
+            return
+    except OSError:
+        pass
+    os.chdir(directory)
 
 
 def _machine() -> Resources:

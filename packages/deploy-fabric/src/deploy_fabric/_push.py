@@ -23,7 +23,7 @@ from deploy_core import DeployError, Pid, Resources
 from . import _wire as wire
 from ._bridge import Bridge
 from ._bundle import Bundle
-from ._daemon import BRIDGE, PUSH, STATUS, connect_authenticated
+from ._connections import BRIDGE, PUSH, STATUS, connect_authenticated
 from ._output import HumanFormatter, JsonFormatter
 from ._version import __version__
 from ._wire import Kind

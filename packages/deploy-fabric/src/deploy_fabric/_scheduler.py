@@ -23,18 +23,25 @@ class Node:
 
 
 class Scheduler:
-    """Chooses a node for each request; the caller queues what does not fit yet."""
+    """Chooses a node for each request; the caller queues what does not fit yet.
 
-    def __init__(self, nodes: list[Node]):
+    ``absent`` are nodes expected but not up (a cluster's listed workers that are down):
+    nothing is placed on them, but a request only they could hold is not impossible, it
+    waits for them.
+    """
+
+    def __init__(self, nodes: list[Node], absent: list[Node] | None = None):
         if not nodes:
             raise ValueError("a scheduler needs at least one node")
         self.nodes = nodes
+        self.absent = [] if absent is None else absent
 
     def impossible(self, request: Resources) -> str | None:
         """Why no node could ever hold ``request`` (even empty), or None if one could."""
-        if any(request.fits_in(node.capacity) for node in self.nodes):
+        every = [*self.nodes, *self.absent]
+        if any(request.fits_in(node.capacity) for node in every):
             return None
-        biggest = max(self.nodes, key=lambda node: (int(node.capacity.mem), node.capacity.cpu.micros))
+        biggest = max(every, key=lambda node: (int(node.capacity.mem), node.capacity.cpu.micros))
         return f"no node can hold {request}: the largest, {biggest.name}, has {biggest.capacity} in all"
 
     def place(self, request: Resources) -> Node | None:

@@ -5,6 +5,11 @@ tuples, lists, dicts), pickled with protocol 5 into one deploy_channels frame. D
 refuses every global, so a control message can never make its reader call anything; the
 kind travels as its string value and comes back as a `Kind`.
 
+A spawn request is the exception: it travels as the encoded `SpawnRequest` itself, one
+frame whose payload starts with the request's magic (which no pickle starts with), so the
+user's pickled function and argument are never pickled a second time; `send_parts` writes
+it with one scatter-gather call, without joining its parts.
+
 Every control connection over TCP (a process asking its master for spawns) first passes
 deploy_core's handshake, as the process's pid's hex wanting `BRIDGE`, so by the time a
 message is decoded its sender has proven it knows the run's secret, and the master
@@ -18,14 +23,25 @@ helpers serve the simple clients; loops read the same frames without blocking th
 from __future__ import annotations
 
 import enum
+import ipaddress
 import pickle
 import socket
 from typing import Any
 
-from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame
-from deploy_core import DeployError, authenticate, loads_plain
+from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame, frame_header
+from deploy_core import DeployError, ProtectedSocket, SpawnRequest, authenticate, loads_plain
 
-__all__ = ["FrameDecoder", "Kind", "MessageReader", "connect", "encode", "load", "recv_message", "send_message"]
+__all__ = [
+    "FrameDecoder",
+    "Kind",
+    "MessageReader",
+    "connect",
+    "encode",
+    "load",
+    "recv_message",
+    "send_message",
+    "send_parts",
+]
 
 # Control messages are small; a spawn request carries the user's pickled function and
 # argument, so leave room for big arguments.
@@ -33,13 +49,30 @@ MAX_MESSAGE = 1 << 30
 
 #: The bridge's identity in the handshake; a process's is its pid's hex.
 BRIDGE = "bridge"
+#: Which control connections carry protected records after the handshake (as
+#: `deploy_channels.Endpoint`'s ``protect``): none, those with a non-loopback peer, all.
+PROTECT_CHOICES = ("off", "remote", "all")
+
+
+def protects(setting: str, host: str) -> bool:
+    """Whether a connection with a peer at ``host`` is protected under ``setting``."""
+    if setting not in PROTECT_CHOICES:
+        raise ValueError(f"protect must be one of {', '.join(PROTECT_CHOICES)}, not {setting!r}")
+    if setting == "off":
+        return False
+    if setting == "all":
+        return True
+    try:
+        return not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return host != "localhost"
 
 
 class Kind(str, enum.Enum):
     """What a control message is; its fields follow it in the tuple."""
 
     HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection
-    SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes)
+    SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes), sent as the raw request
     SPAWNED = "spawned"  # master -> process: (kind, SpawnReply bytes)
     OUTPUT = "output"  # monitor -> node: (kind, fd, data)
     EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
@@ -83,6 +116,18 @@ def send_message(sock: socket.socket, message: tuple) -> None:
     sock.sendall(encode(message))
 
 
+def send_parts(sock: socket.socket, parts: list) -> None:
+    """Send one frame made of ``parts`` (buffers) with scatter-gather writes, copying none."""
+    views = [memoryview(part).cast("B") for part in parts]
+    views = [memoryview(frame_header(sum(view.nbytes for view in views))), *(v for v in views if v.nbytes)]
+    while views:
+        sent = sock.sendmsg(views[:512])  # (IOV_MAX is at least 1024 on Linux)
+        while views and sent >= views[0].nbytes:
+            sent -= views.pop(0).nbytes
+        if sent:
+            views[0] = views[0][sent:]
+
+
 def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
     """The next message from a blocking socket, or None at a clean end of stream."""
     while True:
@@ -95,33 +140,53 @@ def recv_message(sock: socket.socket, decoder: FrameDecoder) -> tuple | None:
 
 
 def connect(
-    addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
+    addr: tuple[str, int],
+    secret: bytes,
+    identity: str,
+    hello: tuple,
+    *,
+    timeout: float = 10.0,
+    protect: str = "off",
 ) -> socket.socket:
     """A blocking control connection to the fabric, authenticated as ``identity``, that has
-    introduced itself."""
+    introduced itself; a `ProtectedSocket` when ``protect`` says so for ``addr``."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
-        introduce(sock, addr, secret, identity, hello, timeout=timeout)
+        return introduce(sock, addr, secret, identity, hello, timeout=timeout, protect=protect)
     except BaseException:
         sock.close()
         raise
-    return sock
 
 
 def introduce(
-    sock: socket.socket, addr: tuple[str, int], secret: bytes, identity: str, hello: tuple, *, timeout: float = 10.0
-) -> None:
-    """Connect ``sock`` to the fabric, authenticate as ``identity`` and send ``hello``."""
+    sock: socket.socket,
+    addr: tuple[str, int],
+    secret: bytes,
+    identity: str,
+    hello: tuple,
+    *,
+    timeout: float = 10.0,
+    protect: str = "off",
+) -> socket.socket:
+    """Connect ``sock`` to the fabric, authenticate as ``identity`` and send ``hello``;
+    returns the socket to use from then on (``sock``, or a `ProtectedSocket` around it)."""
     sock.settimeout(timeout)
     sock.connect(addr)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
+    handshake = authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
     sock.settimeout(None)
-    send_message(sock, hello)
+    channel: socket.socket = sock
+    if protects(protect, addr[0]):
+        channel = ProtectedSocket(sock, handshake.key, initiator=True, peer=BRIDGE)  # type: ignore[assignment]
+    send_message(channel, hello)
+    return channel
 
 
 def load(frame: Any) -> tuple:
-    """Decode one message; DeployError for anything but a tuple of plain values led by a kind."""
+    """Decode one message; DeployError for anything but a tuple of plain values led by a kind
+    (or a raw spawn request, which is ``(Kind.SPAWN, frame)``)."""
+    if SpawnRequest.recognise(frame):
+        return (Kind.SPAWN, frame)
     message = loads_plain(frame)  # DeployError if it is not plain values
     if not isinstance(message, tuple) or not message or not isinstance(message[0], str):
         raise DeployError("malformed control message")

@@ -11,6 +11,7 @@ from ._cgroups import Enforcement, detect_enforcement
 from ._child import exit_code, flush_stdio
 from ._events import Exit, Output
 from ._monitor import run_monitored
+from ._reaper import OrphanReaper, become_subreaper, child_pids
 from ._supervisor import Child, Supervisor
 from ._version import __version__
 
@@ -18,9 +19,12 @@ __all__ = [
     "Child",
     "Enforcement",
     "Exit",
+    "OrphanReaper",
     "Output",
     "Supervisor",
     "__version__",
+    "become_subreaper",
+    "child_pids",
     "detect_enforcement",
     "exit_code",
     "flush_stdio",

@@ -17,6 +17,11 @@ Facts this module relies on (cgroups(7), the kernel's cgroup-v1/memory.rst and c
   never moves them). A freshly forked child shares its parent's pages without being charged
   for them; the copies it makes on write are charged to it. So a child's charge is the memory
   it owns, which is what DESIGN §2 asks a limit to count.
+- Pages of a tmpfs file (``/dev/shm``, shared memory) stay charged to the cgroup that first
+  touched them for as long as the file exists, long after every process of the group exited.
+  Reclaim (v1 ``memory.force_empty``, v2 ``memory.reclaim``) drops page cache but can only
+  swap such pages out, never uncharge them; ``rmdir`` still succeeds and the charge stays with
+  the removed group. Usage is v1 ``memory.usage_in_bytes``, v2 ``memory.current``.
 - When a cgroup reaches its memory limit and reclaim cannot free enough, the kernel's OOM
   killer SIGKILLs a process inside that cgroup and counts it: v2 ``memory.events`` line
   ``oom_kill N``, v1 ``memory.oom_control`` line ``oom_kill N`` (Linux >= 4.13; older kernels
@@ -63,6 +68,7 @@ KINDS = ("cgroup2", "cgroup1", "poll")
 _OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
 _MOUNT_OPTIONS = {"rw", "ro", "xattr", "noprefix", "clone_children", "cpuset_v2_mode", "nsdelegate"}  # not controllers
 _RMDIR_PATIENCE = 2.0  # seconds to wait for a cgroup's last process to leave before giving up
+REUSE_CHARGE = 1 << 20  # a group still charged more than this after reclaim is not reused
 
 
 @dataclass(frozen=True)
@@ -440,6 +446,22 @@ class Cgroup:
                 pass
         return found
 
+    def charge(self) -> int:
+        """Bytes of memory charged to the group now; ``OSError`` if unreadable."""
+        name = "memory.current" if self.kind == "cgroup2" else "memory.usage_in_bytes"
+        return int(_read(os.path.join(self.memory_dir, name)))
+
+    def reclaim(self) -> None:
+        """Ask the kernel to reclaim what it can of the group's charge (best effort)."""
+        if self.kind == "cgroup2":
+            path, value = os.path.join(self.memory_dir, "memory.reclaim"), str(max(self.charge(), 1))
+        else:
+            path, value = os.path.join(self.memory_dir, "memory.force_empty"), "0"
+        try:
+            _write(path, value)
+        except OSError as exc:  # EAGAIN when v2 could not reclaim it all; no such file on old kernels
+            log.debug("cgroup %s: reclaim left some charge: %s", self.memory_dir, exc)
+
     def oom_killed(self) -> bool:
         """Whether the OOM killer killed a process of this group since it was (re)used."""
         kills = self.oom_kills()
@@ -496,8 +518,10 @@ class Cgroup:
 
 class CgroupPool:
     """Empty cgroups kept for the next processes: making and removing a cgroup costs the
-    kernel more than a fork does. A group is reused only once nothing is left in it, with
-    its memory limit lifted and its OOM count noted."""
+    kernel more than a fork does. A group is reused only once nothing is left in it and its
+    charge is (near) zero, with its memory limit lifted and its OOM count noted: a group
+    still charged for what its last process left behind (a file in ``/dev/shm``) is removed,
+    or the next process would start with that charge counted against its own limit."""
 
     def __init__(self, size: int = 16):
         self.size = size
@@ -514,6 +538,13 @@ class CgroupPool:
             group.remove()
             return
         try:
+            if group.charge() > REUSE_CHARGE:
+                group.reclaim()
+                left = group.charge()
+                if left > REUSE_CHARGE:
+                    log.debug("cgroup %s: still charged %s bytes, not reusing it", group.memory_dir, left)
+                    group.remove()
+                    return
             group.lift_limits()
             if group.kind == "cgroup1":
                 try:

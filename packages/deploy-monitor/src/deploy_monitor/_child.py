@@ -41,6 +41,7 @@ from ._limits import Limits
 __all__ = ["flush_stdio", "load_libc", "prepare_child", "run_child"]
 
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 _libc: ctypes.CDLL | None = None
 
 
@@ -128,9 +129,14 @@ def prepare_child(
     keep_stdin: bool,
     monitor_pid: int,
     limits: Limits | None,
+    subreaper: bool = False,
 ) -> None:
-    """Everything the child does before user code: die with the monitor, stdio, limits."""
+    """Everything the child does before user code: die with the monitor, stdio, limits
+    (``subreaper``: and keep its orphaned descendants as its own children, see `_reaper`)."""
     _die_with_monitor(monitor_pid)
+    libc = load_libc()
+    if subreaper and libc is not None:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
     for fd in close:
         try:
             os.close(fd)

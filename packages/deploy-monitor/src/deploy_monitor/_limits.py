@@ -7,7 +7,9 @@ Facts this module relies on (proc(5), psutil):
   neither's USS, so USS is the memory the child owns: a small child of a big fork server
   stays small (DESIGN §2).
 - A process's descendants are found by scanning ``/proc`` (psutil ``children(recursive=True)``);
-  a grandchild whose parent already exited is reparented away and no longer found.
+  a grandchild whose parent already exited is reparented away and no longer found, unless
+  the child is a child subreaper (`Supervisor(subreaper=True)` makes it one): then orphans
+  are reparented to the child and stay in its tree.
 - SIGKILL cannot be caught or ignored; ``kill`` on an exited but unreaped child (a zombie)
   succeeds and does nothing; on a reaped one it raises ``ProcessLookupError``.
 """
@@ -73,6 +75,9 @@ class Limits(Protocol):
     def kill(self, pid: int) -> None:
         """SIGKILL the child and whatever it started."""
 
+    def kill_rest(self) -> None:
+        """After reaping: SIGKILL whatever the child left running that these limits can find."""
+
     def close(self) -> None:
         """After reaping: release what was made for this child."""
 
@@ -133,6 +138,9 @@ class CgroupLimits:
     def kill(self, pid: int) -> None:
         kill_tree(pid)
         self.group.kill_all()
+
+    def kill_rest(self) -> None:
+        self.group.kill_all()  # (its process is gone: the rest are its descendants)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -202,6 +210,9 @@ class PollLimits:
 
     def kill(self, pid: int) -> None:
         kill_tree(pid)
+
+    def kill_rest(self) -> None:
+        pass  # its orphans were reparented away: only a subreaper finds them
 
     def close(self) -> None:
         self.process = None

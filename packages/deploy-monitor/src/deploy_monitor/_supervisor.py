@@ -17,7 +17,11 @@ Facts this module relies on (fork(2), pipe(7), poll(2), waitpid(2), pidfd_open(2
   closed; ``read`` returns ``b""`` (EOF) when it is drained. Every process holding a copy of
   the write end keeps it open, grandchildren included: EOF can come long after the child
   exits, or never. Whatever the child wrote before exiting is in the pipe by the time
-  ``waitpid`` reports the exit, so after reaping we read only what is already there.
+  ``waitpid`` reports the exit, and what a killed grandchild wrote is there once it is dead.
+- The rule for a child's own subprocesses: they belong to it. Once it has exited, whatever
+  it left running is SIGKILLed (its cgroup's processes; with ``subreaper``, every orphan,
+  which the kernel reparents to us, see `_reaper`), then its pipes are read to EOF (at most
+  `DRAIN_LIMIT` seconds, from the loop) and only then is its `Exit` reported.
 - A socket polls POLLRDHUP when its peer shut down or closed, POLLERR|POLLHUP when reset;
   a pipe polls POLLHUP when its other end is closed. POLLHUP and POLLERR are reported even
   when not asked for; POLLRDHUP only when asked. Not asking for POLLIN on the lifeline means
@@ -42,6 +46,7 @@ from ._cgroups import CgroupPool, Enforcement
 from ._child import flush_stdio, load_libc, run_child
 from ._events import Exit, Output, exit_from_status
 from ._limits import Limits, kill_tree, limits_for
+from ._reaper import OrphanReaper, become_subreaper
 
 __all__ = ["Child", "Supervisor"]
 
@@ -49,7 +54,7 @@ log = logging.getLogger("deploy.monitor")
 
 CHUNK = 64 * 1024  # bytes read from a pipe at a time
 REAP_TICK = 0.05  # seconds between two waitpid(WNOHANG) when there is no pidfd
-DRAIN_LIMIT = 1.0  # seconds spent reading what is left in the pipes after the child exited
+DRAIN_LIMIT = 1.0  # seconds the pipes may stay open after the child exited and its rest was killed
 LOST_REASON = "bridge lost"
 _USE_PIDFD = hasattr(os, "pidfd_open")  # tests turn it off to exercise the polling fallback
 _POLLRDHUP = getattr(select, "POLLRDHUP", 0)
@@ -58,13 +63,16 @@ _ALWAYS = select.POLLHUP | select.POLLERR | select.POLLNVAL
 
 def _pipe() -> tuple[int, int]:
     """A pipe whose ends are not 0, 1 or 2 (the monitor's own stdio may be closed)."""
-    ends = []
-    for fd in os.pipe():
-        if fd <= 2:
-            high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+    ends = list(os.pipe())
+    try:
+        for index, fd in enumerate(ends):
+            if fd <= 2:
+                ends[index] = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3)
+                os.close(fd)
+    except OSError:
+        for fd in ends:
             os.close(fd)
-            fd = high
-        ends.append(fd)
+        raise
     return ends[0], ends[1]
 
 
@@ -94,6 +102,7 @@ class Child:
         self.kill_reason: str | None = None
         self.next_check: float | None = None
         self.exited = False  # its pidfd said so: reap it after this round
+        self.drain_until: float | None = None  # reaped: its Exit waits for its pipes' EOF until then
         self.exit: Exit | None = None
 
     def __repr__(self) -> str:
@@ -176,23 +185,18 @@ class Child:
         self.status = status
         return True
 
-    def _drain(self) -> None:
-        """After reaping: forward what is already in the pipes (a grandchild may go on writing,
-        so only for `DRAIN_LIMIT` seconds)."""
-        until = time.monotonic() + DRAIN_LIMIT
-        poller = select.poll()
-        for fd in self.pipes:
-            poller.register(fd, select.POLLIN)
-        while self.pipes and time.monotonic() < until:
-            ready = poller.poll(0)
-            if not ready:
-                return
-            for fd, _ in ready:
-                if fd in self.pipes and not self._readable(fd):
-                    poller.unregister(fd)
+    def _ended(self, now: float) -> None:
+        """Just reaped: end what it left running, then let the loop drain its pipes."""
+        for fd in (self.pidfd, self.lifeline):  # both would poll ready on every round from now
+            if fd is not None:
+                self.supervisor._forget(fd, close=fd != self.lifeline)
+        self.pidfd = self.lifeline = None
+        if self.limits is not None:
+            self.limits.kill_rest()
+        self.supervisor._sweep_orphans()
+        self.drain_until = now + DRAIN_LIMIT
 
     def _finish(self) -> None:
-        self._drain()
         if self.status is None:
             exit = Exit(code=255, signal=None, reason="exit status lost: the process was reaped by someone else")
         else:
@@ -234,10 +238,19 @@ class Supervisor:
 
     ``watch`` lets the caller's own descriptors (a fork server's request socket) share the
     loop. ``enforcement`` overrides what `detect_enforcement` found for every child.
+
+    A child's own subprocesses belong to it: when it exits they are killed, what they wrote
+    is forwarded, then its `Exit` is reported. The cgroup finds them; ``subreaper=True``
+    finds them in every mode (polling included, ``setsid`` ones too): this process becomes
+    a child subreaper, each child another, and any child of this process that it did not
+    start here is taken for an orphan and killed. Use it only in a process whose children
+    are all this supervisor's (a fork server).
     """
 
-    def __init__(self, enforcement: Enforcement | None = None):
+    def __init__(self, enforcement: Enforcement | None = None, *, subreaper: bool = False):
         self.enforcement = enforcement
+        # Every child of this process not started here is an orphan of one of ours.
+        self._reaper = OrphanReaper() if subreaper and become_subreaper() else None
         self._poller = select.poll()
         self._handlers: dict[int, Callable[[int], object]] = {}
         self._owned: set[int] = set()  # descriptors the supervisor closes itself
@@ -277,15 +290,18 @@ class Supervisor:
         keep. With ``target=None`` this returns None in the child, wired up, like ``fork``.
         """
         limits = limits_for(resources, self.enforcement, later=limits_later, pool=self._cgroups)
-        out_r, out_w = _pipe()
-        err_r, err_w = _pipe()
-        load_libc()
-        flush_stdio()
-        monitor_pid = os.getpid()
+        made: list[int] = []
         try:
+            out_r, out_w = _pipe()
+            made += (out_r, out_w)
+            err_r, err_w = _pipe()
+            made += (err_r, err_w)
+            load_libc()
+            flush_stdio()
+            monitor_pid = os.getpid()
             pid = os.fork()
-        except BaseException:
-            for fd in (out_r, out_w, err_r, err_w):
+        except BaseException:  # out of descriptors or processes: nothing made for it stays
+            for fd in made:
                 os.close(fd)
             if limits is not None:
                 limits.close()
@@ -301,12 +317,14 @@ class Supervisor:
                 keep_stdin=keep_stdin,
                 monitor_pid=monitor_pid,
                 limits=limits,
+                subreaper=self._reaper is not None,
             )
             # Only with target=None does run_child return: this child goes back to the caller
             # and must never touch the supervisor's descriptors (their numbers may be reused)
             # nor its children's cgroups.
             self._poller = select.poll()
             self._handlers, self._owned, self._closing, self._children = {}, set(), [], {}
+            self._reaper = None
             return None
         os.close(out_w)
         os.close(err_w)
@@ -336,10 +354,12 @@ class Supervisor:
         now = time.monotonic()
         deadline = math.inf if timeout is None else now + timeout
         for child in self._children.values():
-            if child.pidfd is None:
+            if (child.pidfd is None and not child.reaped) or (self._reaper is not None and self._reaper.pending):
                 deadline = min(deadline, now + REAP_TICK)
             if child.next_check is not None:
                 deadline = min(deadline, child.next_check)
+            if child.drain_until is not None:
+                deadline = min(deadline, child.drain_until)
         wait = None if deadline == math.inf else max(0, math.ceil((deadline - now) * 1000))
         try:
             ready = self._poller.poll(wait)
@@ -358,13 +378,20 @@ class Supervisor:
 
     def _after_round(self) -> None:
         now = time.monotonic()
+        if self._reaper is not None and self._reaper.pending:
+            self._sweep_orphans()
         for child in list(self._children.values()):
-            if child.reaped:
-                continue
-            if (child.exited or child.pidfd is None) and child._reap():
+            if not child.reaped:
+                if (child.exited or child.pidfd is None) and child._reap():
+                    child._ended(now)
+                else:
+                    child._check(now)
+            if child.drain_until is not None and (not child.pipes or now >= child.drain_until):
                 child._finish()
-            else:
-                child._check(now)
+
+    def _sweep_orphans(self) -> None:
+        if self._reaper is not None:
+            self._reaper.sweep(self._children)
 
     def run_until(self, child: Child) -> Exit:
         """Run the loop until ``child`` has exited and been reported."""
@@ -376,6 +403,7 @@ class Supervisor:
         """Kill and reap every child still running, close everything; no events are reported."""
         for child in list(self._children.values()):
             child._stop()
+        self._sweep_orphans()
         self._cgroups.close()
         for fd in self._closing:
             try:

@@ -1,311 +1,64 @@
-"""The cluster's daemons: the master (`serve_master`) and a worker (`serve_worker`).
+"""The master daemon (`serve_master`): the cluster's nodes, its runs, pushes and status.
 
-The master daemon holds the cluster's nodes (its own, the static list, those that join),
-serves pushes and status on its bridge port and drives one `Master` per run from its one
-selector loop, every run sharing the nodes' capacity. A run's processes reach their
-master on a port of the run's own, authenticated with the run's own secret, so they can
-reach neither another run nor the fabric's ports (which use the cluster secret).
+It holds the cluster's nodes (its own, an agent on a socketpair in this loop; the static
+list; those that join), serves pushes and status on its bridge port and drives one
+`Master` per run from its one selector loop, every run sharing the nodes' capacity. A
+run's processes reach their master on a port of the run's own, authenticated with the
+run's own secret, so they can reach neither another run nor the fabric's ports (which
+use the cluster secret).
 
 Facts relied on:
 - A node that dies or is cut off without a FIN sends nothing more: the master pings every
-  node each second and takes one silent for 5 s as lost; a node does the same with a
-  master that stops pinging.
-- With PR_SET_CHILD_SUBREAPER a daemon becomes the parent of any orphan among its
-  descendants (a process whose zygote was killed), so it can find and kill them at exit.
+  node each second and takes one silent for 4 s as lost (DESIGN: within 5 s).
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import os
-import queue
-import selectors
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
-from deploy_core import AuthenticationError, DeployError, Pid, Resources, authenticate, env
+from deploy_core import DeployError, Pid, Resources, env
 
-from . import _wire as wire
 from ._agent import Agent, command, inside
 from ._bundle import BundleCache
+from ._connections import (
+    BRIDGE,
+    CONNECT_RETRY,
+    LOST_AFTER,
+    MASTER,
+    NODE,
+    PING_EVERY,
+    PUSH,
+    STATUS,
+    Channel,
+    Loop,
+    accept_authenticated,
+    cache_directory,
+    connect_authenticated,
+    daemon_setup,
+    kill_descendants,
+    listen,
+    parse_addr,
+)
 from ._master import Master
-from ._node import flush_kept, send_or_keep
 from ._scheduler import Node, Scheduler
 from ._version import __version__
 from ._wire import Kind
 
-__all__ = ["serve_master", "serve_worker"]
+__all__ = ["serve_master"]
 
 log = logging.getLogger("deploy.fabric")
 
-CACHE = "DEPLOY_CACHE"  # a daemon's bundle cache directory
-
-# Identities in the handshake (deploy_core.Handshake): a worker's port accepts only the
-# master, the master's port only nodes, its bridge port only push and status. A joining
-# worker names itself "node:BIND".
-MASTER = "master"
-NODE = "node"
-BRIDGE = "bridge"
-PUSH = "push"
-STATUS = "status"
-PING_EVERY = 1.0
-LOST_AFTER = 5.0
 _RECCE_TIMEOUT = 60.0
-_CONNECT_RETRY = 1.0
 _STOP_GRACE = 3.0
-
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    if not host or not port.isdigit():
-        raise DeployError(f"{addr!r} is not an address: expected HOST:PORT")
-    return host.strip("[]"), int(port)
-
-
-def listen(addr: str) -> socket.socket:
-    host, port = parse_addr(addr)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError as error:
-        sock.close()
-        raise DeployError(f"cannot listen on {addr}: {error.strerror or error}") from None
-    return sock
-
-
-def keepalive(sock: socket.socket) -> None:
-    """Cut-off peers show as errors within about 5 s, not the kernel's two hours."""
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (("TCP_KEEPIDLE", 2), ("TCP_KEEPINTVL", 1), ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", 5000)):
-        option = getattr(socket, name, None)
-        if option is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, option, value)
-
-
-def _daemon_setup() -> None:
-    if os.environ.get(env.LOG):
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="deploy[%(process)d] %(name)s: %(message)s")
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    except (OSError, AttributeError):
-        pass
-
-
-def cache_directory() -> Path:
-    """Where a daemon keeps its bundles: DEPLOY_CACHE, else the user's cache directory."""
-    chosen = os.environ.get(CACHE)
-    if chosen:
-        return Path(chosen)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "deploy" / "bundles"
-
-
-def kill_descendants() -> None:
-    """Kill whatever is left below this daemon (orphans adopted as a subreaper included)."""
-    try:
-        children = psutil.Process().children(recursive=True)
-    except psutil.Error:
-        return
-    for child in children:
-        try:
-            child.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(children, timeout=2)
-
-
-class _Loop:
-    """One selector, calls posted from other threads, signals, and a stop flag."""
-
-    def __init__(self) -> None:
-        self.selector = selectors.DefaultSelector()
-        self._calls: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self.selector.register(self._wake_r, selectors.EVENT_READ, self._drain)
-        self._signal_r, self._signal_w = socket.socketpair()
-        self._signal_r.setblocking(False)
-        self._signal_w.setblocking(False)
-        self.selector.register(self._signal_r, selectors.EVENT_READ, self._signals)
-        self.stopping: float | None = None
-
-    def install_signals(self) -> None:
-        signal.set_wakeup_fd(self._signal_w.fileno(), warn_on_full_buffer=False)
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(signum, lambda signum, frame: None)
-
-    def post(self, call: Callable[[], None]) -> None:
-        self._calls.put(call)
-        try:
-            self._wake_w.send(b"x")
-        except (BlockingIOError, OSError):
-            pass
-
-    def _drain(self, mask: int) -> None:
-        try:
-            self._wake_r.recv(4096)
-        except (BlockingIOError, InterruptedError):
-            pass
-        while True:
-            try:
-                call = self._calls.get_nowait()
-            except queue.Empty:
-                return
-            call()
-
-    def _signals(self, mask: int) -> None:
-        try:
-            data = self._signal_r.recv(512)
-        except (BlockingIOError, InterruptedError):
-            return
-        if data and self.stopping is None:
-            log.info("%s: stopping", signal.Signals(data[0]).name)
-            self.stopping = time.monotonic()
-
-    def once(self, timeout: float) -> None:
-        for key, mask in self.selector.select(timeout):
-            key.data(mask)
-
-
-class _Channel:
-    """A non-blocking, authenticated connection that carries control messages both ways."""
-
-    def __init__(self, sock: socket.socket, loop: _Loop, on_message: Callable, on_closed: Callable):
-        self.sock = sock
-        self._loop = loop
-        self._reader = wire.MessageReader()
-        self._outbox = bytearray()
-        self._on_message = on_message
-        self._on_closed = on_closed
-        self.closed = False
-        self.seen = time.monotonic()
-        sock.setblocking(False)
-        loop.selector.register(sock, selectors.EVENT_READ, self._ready)
-
-    def send(self, message: tuple) -> None:
-        if not self.closed and send_or_keep(self.sock, self._outbox, wire.encode(message)):
-            self._loop.selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._ready)
-
-    def _ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and not flush_kept(self.sock, self._outbox) and not self.closed:
-            self._loop.selector.modify(self.sock, selectors.EVENT_READ, self._ready)
-        if not mask & selectors.EVENT_READ or self.closed:
-            return
-        try:
-            data = self.sock.recv(1 << 18)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        self.seen = time.monotonic()
-        try:
-            messages = self._reader.feed(data)
-        except DeployError as error:
-            log.warning("dropped a connection that sent a bad frame: %s", error)
-            messages, data = [], b""
-        for message in messages:
-            if self.closed:
-                return
-            try:
-                self._on_message(self, message)
-            except (TypeError, ValueError, KeyError) as error:
-                log.warning("ignored a malformed %s message: %s", message[0].value, error)
-        if not data or self._reader.closed:
-            self.close()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        try:
-            self._loop.selector.unregister(self.sock)
-        except (KeyError, ValueError):
-            pass
-        self.sock.close()
-        self._on_closed(self)
-
-
-def _accept_authenticated(
-    listener: socket.socket,
-    secret: bytes,
-    identity: str,
-    peers: tuple[str, ...],
-    loop: _Loop,
-    on_ready: Callable[[socket.socket], None],
-) -> None:
-    """Accept connections as ``identity`` from peers whose identity starts with one of ``peers``;
-    each is authenticated on a thread of its own, then handed to the loop."""
-
-    def handshake(sock: socket.socket) -> None:
-        try:
-            peer = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0).peer
-        except (AuthenticationError, OSError) as error:
-            log.warning("dropped a connection that failed authentication: %s", error)
-            sock.close()
-            return
-        if not peer.startswith(peers):
-            log.warning("dropped a connection from %r, which has no business on the %s port", peer, identity)
-            sock.close()
-            return
-        sock.settimeout(None)
-        loop.post(lambda: on_ready(sock))
-
-    def accept(mask: int) -> None:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as error:
-                log.warning("cannot accept a connection: %s", error)
-                return
-            keepalive(sock)
-            threading.Thread(target=handshake, args=(sock,), daemon=True).start()
-
-    listener.setblocking(False)
-    loop.selector.register(listener, selectors.EVENT_READ, accept)
-
-
-def connect_authenticated(
-    addr: str, secret: bytes, identity: str, wanted: str, *, timeout: float = 10.0
-) -> socket.socket:
-    """A blocking TCP connection to a fabric port, authenticated as ``identity`` to ``wanted``."""
-    host, port = parse_addr(addr)
-    try:
-        sock = socket.create_connection((host, port), timeout=timeout)
-    except OSError as error:
-        raise DeployError(f"cannot reach {addr}: {error.strerror or error}") from None
-    keepalive(sock)
-    try:
-        authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
-    except AuthenticationError as error:
-        sock.close()
-        raise AuthenticationError(f"{addr} refused this secret ({error})") from None
-    except OSError as error:
-        sock.close()
-        if isinstance(error, (ConnectionResetError, BrokenPipeError)) or not error.strerror:
-            raise AuthenticationError(f"{addr} closed the connection during authentication: wrong secret?") from None
-        raise DeployError(f"lost {addr} during authentication: {error.strerror}") from None
-    sock.settimeout(None)
-    return sock
-
-
-# --- the master daemon -----------------------------------------------------------------------
 
 
 @dataclass
@@ -313,7 +66,7 @@ class _NodeRecord:
     """A node as the master daemon knows it."""
 
     node: Node
-    channel: _Channel
+    channel: Channel
     host: str
     up_since: float = field(default_factory=time.time)
     memory: dict[str, int] = field(default_factory=dict)
@@ -323,7 +76,7 @@ class _NodeRecord:
 @dataclass
 class _ClusterRun:
     run_id: str
-    push: _Channel
+    push: Channel
     program: list[str]
     secret: bytes
     digest: str
@@ -381,7 +134,7 @@ class _RunOnNode:
 class _ForwardingBridge:
     """The bridge of a cluster run, as the master sees it: events go on to `deploy push`."""
 
-    def __init__(self, push: _Channel):
+    def __init__(self, push: Channel):
         self._push = push
         self.code: int | None = None
 
@@ -413,7 +166,7 @@ class _MasterDaemon:
         bridge_bind: str | None,
         workers: list[tuple[str, Resources]],
     ):
-        self.loop = _Loop()
+        self.loop = Loop()
         self.secret = secret
         self.bind = bind
         self.host = parse_addr(bind)[0]
@@ -427,7 +180,7 @@ class _MasterDaemon:
         self.bundles: dict[str, bytes] = {}
         self.next_ping = 0.0
         # Status requests waiting for every node's fresh memory figures: (channel, nodes, deadline).
-        self.status_waiting: list[tuple[_Channel, set[str], float]] = []
+        self.status_waiting: list[tuple[Channel, set[str], float]] = []
         # The master's own node: an agent on a socketpair in this same loop.
         ours, theirs = socket.socketpair()
         self.own_agent = Agent(
@@ -439,11 +192,11 @@ class _MasterDaemon:
             cache=self.cache,
         )
         self._node_channel(ours, expected=(bind, capacity))
-        _accept_authenticated(
+        accept_authenticated(
             self.listener, secret, MASTER, ("node:",), self.loop, lambda sock: self._node_channel(sock, None)
         )
         if self.bridge_listener is not None:
-            _accept_authenticated(self.bridge_listener, secret, BRIDGE, (PUSH, STATUS), self.loop, self._client)
+            accept_authenticated(self.bridge_listener, secret, BRIDGE, (PUSH, STATUS), self.loop, self._client)
         for addr in self.static:
             self._connect_worker(addr)
 
@@ -456,7 +209,7 @@ class _MasterDaemon:
                     sock = connect_authenticated(addr, self.secret, MASTER, NODE, timeout=5.0)
                 except DeployError as error:
                     log.info("worker %s: %s; retrying", addr, error)
-                    time.sleep(_CONNECT_RETRY)
+                    time.sleep(CONNECT_RETRY)
                     continue
                 self.loop.post(functools.partial(self._node_channel, sock, (addr, self.static[addr])))
                 return
@@ -466,7 +219,7 @@ class _MasterDaemon:
     def _node_channel(self, sock: socket.socket, expected: tuple[str, Resources] | None) -> None:
         state: dict[str, _NodeRecord] = {}
 
-        def on_message(channel: _Channel, message: tuple) -> None:
+        def on_message(channel: Channel, message: tuple) -> None:
             kind = message[0]
             if "record" not in state:
                 if kind != Kind.NODE_HELLO:
@@ -483,14 +236,14 @@ class _MasterDaemon:
                 return
             self._from_node(state["record"], message)
 
-        def on_closed(channel: _Channel) -> None:
+        def on_closed(channel: Channel) -> None:
             record = state.get("record")
             if record is not None:
                 self._node_lost(record, "connection closed")
 
-        _Channel(sock, self.loop, on_message, on_closed)
+        Channel(sock, self.loop, on_message, on_closed)
 
-    def _node_up(self, name: str, size: Resources, channel: _Channel, sock: socket.socket) -> _NodeRecord:
+    def _node_up(self, name: str, size: Resources, channel: Channel, sock: socket.socket) -> _NodeRecord:
         old = self.nodes.get(name)
         if old is not None:
             self._node_lost(old, "replaced")
@@ -501,9 +254,11 @@ class _MasterDaemon:
         record = _NodeRecord(Node(name, size), channel, host)
         self.nodes[name] = record
         if self.scheduler is None:
-            self.scheduler = Scheduler([record.node])
+            absent = [Node(addr, size) for addr, size in self.static.items() if addr != name]
+            self.scheduler = Scheduler([record.node], absent)
         else:
             self.scheduler.nodes.append(record.node)
+            self.scheduler.absent = [node for node in self.scheduler.absent if node.name != name]
         log.info("node %s is up with %s", name, size)
         for run in self.runs.values():
             if run.master is not None:
@@ -517,6 +272,8 @@ class _MasterDaemon:
         del self.nodes[record.node.name]
         assert self.scheduler is not None
         self.scheduler.nodes.remove(record.node)
+        if record.node.name in self.static:  # listed: it is waited for until it is back
+            self.scheduler.absent.append(Node(record.node.name, record.node.capacity))
         record.channel.close()
         for run in self.runs.values():
             if run.master is not None:
@@ -565,7 +322,7 @@ class _MasterDaemon:
     def _client(self, sock: socket.socket) -> None:
         state: dict[str, object] = {}
 
-        def on_message(channel: _Channel, message: tuple) -> None:
+        def on_message(channel: Channel, message: tuple) -> None:
             kind = message[0]
             run = state.get("run")
             if run is None and "pending" not in state:
@@ -604,12 +361,12 @@ class _MasterDaemon:
             elif kind == Kind.INTERRUPT and isinstance(run, _ClusterRun) and run.master is not None:
                 run.master.interrupt(signal.SIGINT)
 
-        def on_closed(channel: _Channel) -> None:
+        def on_closed(channel: Channel) -> None:
             run = state.get("run")
             if isinstance(run, _ClusterRun) and run.master is not None:
                 run.master.interrupt(signal.SIGINT)
 
-        _Channel(sock, self.loop, on_message, on_closed)
+        Channel(sock, self.loop, on_message, on_closed)
 
     def _stdin(self, state: dict, data: bytes) -> None:
         run = state.get("run")
@@ -622,7 +379,7 @@ class _MasterDaemon:
         else:
             record.channel.send((Kind.STDIN, run.run_id, data))
 
-    def _recce(self, channel: _Channel, state: dict) -> None:
+    def _recce(self, channel: Channel, state: dict) -> None:
         digest, program, args, environment, cwd = state["pending"]
         root = self.cache.path(digest)
         directory = inside(root, cwd)
@@ -633,7 +390,7 @@ class _MasterDaemon:
 
         threading.Thread(target=recce, daemon=True).start()
 
-    def _start_run(self, channel: _Channel, state: dict, outcome: Resources | str) -> None:
+    def _start_run(self, channel: Channel, state: dict, outcome: Resources | str) -> None:
         if channel.closed:
             return
         if isinstance(outcome, str):
@@ -672,7 +429,7 @@ class _MasterDaemon:
         assert run.master is not None
         return run.master.addr
 
-    def _ask_status(self, channel: _Channel) -> None:
+    def _ask_status(self, channel: Channel) -> None:
         """Answer once every node has reported its processes' memory afresh (1 s at most)."""
         for record in self.nodes.values():
             record.channel.send((Kind.PING, time.time()))
@@ -750,6 +507,9 @@ class _MasterDaemon:
                 if not self.runs or time.monotonic() - self.loop.stopping > _STOP_GRACE:
                     break
             self.loop.once(timeout)
+            for run in list(self.runs.values()):  # room another run's exits made
+                assert run.master is not None
+                run.master.place_queued()
         for run in list(self.runs.values()):
             self._end(run)
         self.own_agent.stop_all()
@@ -818,66 +578,6 @@ def serve_master(
     workers: list[tuple[str, Resources]],
 ) -> int:
     """Run the master daemon (with a node of its own of size ``capacity``) until SIGINT/SIGTERM."""
-    _daemon_setup()
+    daemon_setup()
     daemon = _MasterDaemon(bind, capacity, secret, bridge_bind, workers)
     return daemon.serve()
-
-
-# --- the worker daemon -----------------------------------------------------------------------
-
-
-def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | None = None) -> int:
-    """Run a worker daemon until SIGINT/SIGTERM: it waits for the master (or joins ``join``)."""
-    _daemon_setup()
-    loop = _Loop()
-    host = parse_addr(bind)[0]
-    listener = listen(bind)
-    cache = BundleCache(cache_directory())
-    agents: list[Agent] = []
-    last_ping: dict[int, float] = {}
-
-    def on_closed(agent: Agent) -> None:
-        if agent in agents:
-            agents.remove(agent)
-        last_ping.pop(id(agent), None)
-        if join is not None and loop.stopping is None:
-            joining()
-
-    def adopt(sock: socket.socket) -> None:
-        agent = Agent(sock, loop.selector, name=bind, host=host, capacity=capacity, cache=cache, on_closed=on_closed)
-        agents.append(agent)
-        last_ping[id(agent)] = time.monotonic()
-
-    def joining() -> None:
-        assert join is not None
-
-        def attempt() -> None:
-            while loop.stopping is None:
-                try:
-                    sock = connect_authenticated(join, secret, f"node:{bind}", MASTER, timeout=5.0)
-                except DeployError as error:
-                    log.info("joining %s: %s; retrying", join, error)
-                    time.sleep(_CONNECT_RETRY)
-                    continue
-                loop.post(functools.partial(adopt, sock))
-                return
-
-        threading.Thread(target=attempt, daemon=True).start()
-
-    _accept_authenticated(listener, secret, NODE, (MASTER,), loop, adopt)
-    if join is not None:
-        joining()
-    loop.install_signals()
-    while loop.stopping is None:
-        now = time.monotonic()
-        for agent in list(agents):
-            if now - agent.seen > LOST_AFTER:
-                log.warning("the master has been silent for %.0f s: dropping its runs", LOST_AFTER)
-                agent.close()
-            agent.reap()
-        loop.once(0.5)
-    for agent in list(agents):
-        agent.close()
-    time.sleep(0.1)
-    kill_descendants()
-    return 0
