@@ -142,11 +142,6 @@ def test_out_of_fds_connections_waiting_to_be_accepted_are_served_after(out_of_f
     assert out_of_fds["accepted_after"] == [0, 1, 2], out_of_fds
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploy-fabric: _process._spawn lets the OSError (EMFILE) of wire.connect escape instead of "
-    "a DeployError in one sentence",
-)
 def test_out_of_fds_a_spawn_fails_with_a_deploy_error_and_works_after(out_of_fds):
     assert out_of_fds["spawn_is_deploy_error"], out_of_fds["spawn"]
     assert out_of_fds["spawn_after"] == "spawned", out_of_fds
@@ -209,20 +204,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize(
-    "which",
-    [
-        "bridge",
-        pytest.param(
-            "zygote",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="deploy-fabric: _node._Zygote._fork_spare lets os.pipe()'s EMFILE escape run(): the zygote dies "
-                "and takes every process of the run with it (killed: SIGKILL (its monitor died))",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("which", ["bridge", "zygote"])
 def test_the_bridge_or_zygote_out_of_fds_recovers_without_spinning(tmp_path, which):
     path = tmp_path / "job.py"
     path.write_text(RUNTIME_OUT_OF_FDS)

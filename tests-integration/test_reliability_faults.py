@@ -159,11 +159,6 @@ def test_kill_9_of_the_bridge_leaves_no_process(script):
             process.kill()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="deploy-channels: Receiver._decode lets pickle's ModuleNotFoundError escape instead of a "
-    "SerializationError naming the sender and the cause (DESIGN §2)",
-)
 def test_a_message_of_a_class_missing_on_the_receiver_raises_serialization_error(script):
     job = script(
         """
