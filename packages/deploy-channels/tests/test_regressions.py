@@ -8,11 +8,12 @@ import os
 import pickle
 import random
 import signal
+import socket
 import threading
 import time
 
 import pytest
-from deploy_channels import Receiver, Sender, _wire, aselect, select
+from deploy_channels import Endpoint, Receiver, Sender, _wire, aselect, select
 from deploy_core import ChannelClosed, ChannelExists, DeployError, PeerLost, Pid, SerializationError
 
 pytestmark = pytest.mark.timeout(60)
@@ -94,8 +95,9 @@ def test_closing_a_receiver_wakes_a_blocked_thread(pair, how):
     tx.send("hello")
     assert rx.recv(timeout=10) == "hello"
     wait = rx.recv if how == "recv" else lambda: select(rx)
+    link = b._links[a.pid.hex]
     thread, outcome = in_thread(wait)
-    time.sleep(0.2)  # let it block (nothing to wait for: a bare sleep only gives it time)
+    wait_until(lambda: link.rx_watchers)  # blocked on the link
     assert not outcome
     rx.close()
     thread.join(5)
@@ -111,9 +113,12 @@ def test_closing_a_receiver_wakes_a_blocked_task(pair, how):
     Sender(b.pid, endpoint=a)
     rx = Receiver(a.pid, endpoint=b)
 
+    link = b._links[a.pid.hex]
+
     async def main():
         task = asyncio.ensure_future(rx.arecv() if how == "arecv" else aselect(rx))
-        await asyncio.sleep(0.2)
+        while not link.rx_watchers:  # until the task waits on the link
+            await asyncio.sleep(0.005)
         assert not task.done()
         rx.close()
         return await asyncio.wait_for(task, 5)
@@ -147,6 +152,7 @@ def test_closing_a_sender_wakes_a_send_blocked_by_backpressure(make_endpoint):
 
 INTERRUPTED_RECEIVER = """
 import signal
+import socket
 ep = dc.Endpoint("127.0.0.1:0", secret=SECRET)
 parent = Pid.parse(sys.argv[1])
 count = int(sys.argv[2])
@@ -414,3 +420,27 @@ def test_inherited_channels_fail_in_a_forked_child_and_the_parent_keeps_them(pai
     assert [rx.recv(timeout=5) for _ in range(3)] == [0, 1, 2]
     tx.send("after")
     assert rx.recv(timeout=5) == "after"
+
+
+# --- (lead's note) the exit drain waits for a live peer that has not accepted yet ---------
+
+
+def test_close_waits_for_a_peer_whose_kernel_holds_the_connection(make_endpoint):
+    # The peer's socket listens (its kernel completes our connect and keeps it in the
+    # backlog) but its process accepts nothing for longer than the drain's stall bound.
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    peer = Pid.new("127.0.0.1", listener.getsockname()[1])
+    a = make_endpoint()
+    Sender(peer, endpoint=a).send("accepted by send()")
+    closing, outcome = in_thread(lambda: a.close(timeout=15))
+    time.sleep(4.0)  # longer than the 3 s without progress after which close used to give up
+    assert not outcome, "close() gave up while the peer's kernel held the connection"
+    b = Endpoint(secret=a._secret, sock=listener, pid=peer)
+    try:
+        assert Receiver(a.pid, endpoint=b).recv(timeout=10) == "accepted by send()"
+        closing.join(15)
+        assert outcome == [None]
+    finally:
+        b.close(timeout=2)

@@ -19,13 +19,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-import pytest
 from deploy_core import AuthenticationError, Handshake
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule  # noqa: E402
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 SECRET = b"the run's secret"
 ATTACKER_SECRET = b"a guess"

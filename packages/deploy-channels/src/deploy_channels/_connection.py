@@ -47,7 +47,7 @@ import struct
 import termios
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deploy_core import AuthenticationError, FrameError, Handshake, ProtectedSocket
 
@@ -91,9 +91,11 @@ class Connection:
     def __init__(self, endpoint: Endpoint, sock: socket.socket, *, link: Link | None, addr: object):
         self.endpoint = endpoint
         self.loop = endpoint._loop
-        self.sock = sock
+        # A socket.socket, or once sealed a deploy_core.ProtectedSocket that adds flush()
+        # and pending_out() (used only when self.protected).
+        self.sock: Any = sock
         self.fd = sock.fileno()
-        self.addr = addr
+        self.addr: Any = addr
         self.link = link
         self.initiator = link is not None
         self.state = "connecting" if self.initiator else "auth"
@@ -132,6 +134,7 @@ class Connection:
     # --- set-up -------------------------------------------------------------------------
 
     def start_connect(self) -> None:
+        assert self.link is not None, "a connection we make is for a link"
         try:
             # (A host name is resolved here, in the loop thread.)
             err = self.sock.connect_ex(tuple(self.link.pid.addr))
@@ -174,6 +177,7 @@ class Connection:
             self.handshake.receive_data(data)
         except AuthenticationError as error:
             if self.initiator:
+                assert self.link is not None
                 log.warning("deploy.channels: connection to %s failed authentication: %s", self.link.pid, error)
             else:
                 log.warning("deploy.channels: dropped a connection from %s: %s", _address(self.addr), error)
@@ -181,7 +185,7 @@ class Connection:
             return
         self.pre_out += self.handshake.data_to_send()
         if self.handshake.done:
-            host = self.link.pid.host if self.initiator else str(self.addr[0])
+            host = self.link.pid.host if self.initiator and self.link is not None else str(self.addr[0])
             if self.endpoint._protects(host):
                 # The proof (initiator) goes out as it is; everything after it is sealed.
                 self.sock = ProtectedSocket(
@@ -195,6 +199,7 @@ class Connection:
                 self.pre_out.clear()
             self.state = "hello"
             if self.initiator:
+                assert self.link is not None
                 self.pre_out += _wire.hello_frame(self.endpoint.pid, self.link.pid)
         self._write_pre()
 
@@ -316,6 +321,7 @@ class Connection:
                 nbytes += len(payload)
                 continue
             if batch:
+                assert link is not None, "data frames come only on an open connection, which has a link"
                 link.deliver(batch, nbytes)
                 batch, nbytes = [], 0
             self._control(kind, payload)
@@ -323,6 +329,7 @@ class Connection:
                 return
             link = self.link
         if batch:
+            assert link is not None
             link.deliver(batch, nbytes)
         if link is not None:
             self.endpoint._after_delivery(link)
@@ -397,7 +404,7 @@ class Connection:
     def write_now(self, frame: bytes | list) -> int:
         """User thread, under the link's out_lock, nothing queued: try the socket directly."""
         try:
-            if type(frame) is bytes:
+            if isinstance(frame, bytes):
                 return self.sock.send(frame)
             return self.sock.sendmsg(frame)
         except OSError:
@@ -485,7 +492,7 @@ class Connection:
                 if woken:
                     return RETRY
                 if not readable:
-                    if timeout is not None and time.monotonic() >= deadline:
+                    if deadline is not None and time.monotonic() >= deadline:
                         return RETRY  # the caller raises TimeoutError
                     continue
                 try:

@@ -46,8 +46,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
-from deploy_core import ChannelExists, DeployError, Pid
+from deploy_core import ChannelExists, DeployError, PeerExited, PeerLost, Pid
 
 from . import _wire
 from ._connection import SETUP_TIMEOUT, Connection
@@ -87,6 +88,26 @@ class EndpointState:
     live: weakref.WeakSet = weakref.WeakSet()
 
 
+def _why(error: BaseException) -> str:
+    # What PeerLost says of how the connection ended.
+    if isinstance(error, ConnectionResetError):
+        return "connection reset"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, EOFError):
+        return "the connection closed without a goodbye"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or type(error).__name__
+
+
+def _link_of(conn: Connection) -> Link:
+    # Connections reach these handlers only once their hello has given them a link.
+    link = conn.link
+    assert link is not None, f"{conn!r} has no link"
+    return link
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
@@ -98,10 +119,10 @@ def _parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if isinstance(address, tuple):
         host, port = address
         return str(host), int(port)
-    host, sep, port = str(address).rpartition(":")
+    host, sep, port_text = str(address).rpartition(":")
     if not sep:
         raise ValueError(f"invalid address {address!r}: expected 'host:port'")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]") or "127.0.0.1", int(port_text)
 
 
 class Endpoint:
@@ -119,6 +140,11 @@ class Endpoint:
 
     ``max_frame_size`` bounds one message: `Sender.send` refuses a bigger one, and a
     bigger frame from a peer drops its connection, so peers should use the same value.
+
+    ``peer_status(pid)``, when given, is asked (in the thread about to raise) what became
+    of a peer that is gone without having said its exit code: it returns the `PeerExited`
+    or `PeerLost` to raise, or None when it does not know. The deploy runtime answers from
+    its record of every process's exit.
     """
 
     def __init__(
@@ -132,6 +158,7 @@ class Endpoint:
         high_water: int = DEFAULT_HIGH_WATER,
         linger: float = DEFAULT_LINGER,
         protect: str = "off",
+        peer_status: Callable[[Pid], PeerExited | PeerLost | None] | None = None,
         keepalive: float | None = None,
     ):
         if not isinstance(secret, (bytes, bytearray)) or not secret:
@@ -143,6 +170,7 @@ class Endpoint:
         self._max_frame_size = int(max_frame_size)
         self._high_water = int(high_water)
         self._linger = float(linger)
+        self._peer_status_of = peer_status
         # Seconds after which a peer that went silent without a FIN (a cut-off machine) is
         # lost: TCP keepalive probes and TCP_USER_TIMEOUT on every connection. None: the
         # kernel's defaults (hours), fine on one machine where a dead peer always resets.
@@ -220,7 +248,11 @@ class Endpoint:
                 link = self._links[key] = Link(self, pid)
                 if key in self._exited:
                     link.death = self._exited[key]
-            ref = weakref.ref(channel, lambda ref, kind=kind, pid=pid: self._close_channel(kind, pid, ref))
+
+            def collected(ref: weakref.ref[object]) -> None:
+                self._close_channel(kind, pid, ref)
+
+            ref = weakref.ref(channel, collected)
             registry[key] = ref
             if kind == "sender":
                 link.has_sender = True
@@ -277,7 +309,7 @@ class Endpoint:
         except OSError as error:
             if error.errno not in _NO_DESCRIPTORS:
                 log.warning("deploy.channels: cannot open a socket to %s: %s", link.pid, error)
-                self._set_dead(link, None, lost=True)
+                self._set_dead(link, None, lost=True, reason=_why(error))
                 return
             # Our shortage, not the peer's fault: retry, and never call the peer lost.
             now = time.monotonic()
@@ -322,7 +354,7 @@ class Endpoint:
             link.out_bytes += len(self._goodbye_frame)
 
     def _outgoing_hello(self, conn: Connection, pid: Pid) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if link.pending is conn:
             link.pending = None
         if pid.hex != link.pid.hex:
@@ -368,7 +400,7 @@ class Endpoint:
         self._attach(link, conn)
 
     def _duplicate(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         log.debug("deploy.channels: %s refused our connection as a duplicate", link.pid)
         conn.close()
         if link.pending is conn:
@@ -394,7 +426,7 @@ class Endpoint:
             link.pending = None
             if link.conn is None:
                 log.debug("deploy.channels: connecting to %s failed: %s", link.pid, error)
-                self._set_dead(link, None, lost=not refused, reason=str(error))
+                self._set_dead(link, None, lost=not refused, reason=_why(error))
         elif link.conn is conn:
             link.conn = None
             with link.out_lock:
@@ -403,10 +435,10 @@ class Endpoint:
                 self._after_close(link)
             else:
                 log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
-                self._set_dead(link, None, lost=True, reason=str(error))
+                self._set_dead(link, None, lost=True, reason=_why(error))
 
     def _goodbye(self, conn: Connection, code: int | None) -> None:
-        link = conn.link
+        link = _link_of(conn)
         conn.close()
         if link.conn is conn:
             link.conn = None
@@ -492,7 +524,7 @@ class Endpoint:
         # Never inside a data frame: behind what is queued while writers use this
         # connection, else at once (writers were stopped with nothing queued, see
         # `_stop_writers`, so nothing queued since was partly written here).
-        link = conn.link
+        link = _link_of(conn)
         frame = _wire.control_frame(kind)
         with link.out_lock:
             now = link.wconn is not conn
@@ -527,7 +559,7 @@ class Endpoint:
         self._loop.call_later(self._linger, self._linger_over, link, token)
 
     def _close_request(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if self._is_idle(link) and not self._draining and self._stop_writers(link):
             link.closing = True
             conn.agreed_close = True
@@ -537,7 +569,7 @@ class Endpoint:
             self._send_control(conn, _wire.CLOSE_NO)
 
     def _close_ok(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         conn.agreed_close = True
         conn.close()
         if link.conn is conn:
@@ -552,7 +584,7 @@ class Endpoint:
             self._ensure_connected(link)
 
     def _close_no(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if link.conn is not conn or conn.agreed_close:
             # Both sides asked at once and we agreed to the peer's request: the peer closes
             # this connection as soon as it reads our agreement, so it must carry no more.
@@ -635,12 +667,23 @@ class Endpoint:
 
     # --- closing ------------------------------------------------------------------------------
 
+    def _peer_status(self, pid: Pid) -> PeerExited | PeerLost | None:
+        # User thread (Link.death_error): the runtime's word on a peer gone without a code.
+        if self._peer_status_of is None:
+            return None
+        try:
+            return self._peer_status_of(pid)
+        except Exception as error:  # no better answer than the channel's own
+            log.debug("deploy.channels: could not learn how %s ended: %s", pid, error)
+            return None
+
     def close(self, exit_code: int | None = None, timeout: float = 10.0) -> None:
         """Deliver what was sent, say goodbye (with ``exit_code``) and close; idempotent.
 
         Waits while data still flows, until every peer's kernel has acknowledged every
         byte (``TIOCOUTQ`` is 0), giving up after a few seconds without progress or
-        ``timeout`` seconds in all. Channels of this endpoint then raise `ChannelClosed`.
+        ``timeout`` seconds in all (only the latter while messages wait for a live peer
+        that has not accepted our connection yet). Channels of this endpoint then raise `ChannelClosed`.
         """
         with self._lock:
             if self._closed or self._loop.forked:
@@ -680,11 +723,18 @@ class Endpoint:
         # attempts in progress, connections being torn down, and (briefly) connections
         # from peers still in set-up, which are owed a goodbye rather than a reset.
         unsent = unsettled = 0
+        # A live peer whose kernel completed our connect but whose process has not
+        # accepted it yet: no progress shows, yet the bytes are owed (DESIGN §2); wait for
+        # it up to the deadline (its set-up times out after SETUP_TIMEOUT, then it is lost).
+        held = False
         for link in list(self._links.values()):
             if link.death is not None:
                 continue
             if link.pending is not None or (link.conn is not None and link.closing):
                 unsettled += 1
+                owed = link.out_bytes - (len(self._goodbye_frame) if link.goodbye_queued else 0)
+                if link.pending is not None and link.pending.state != "connecting" and owed > 0:
+                    held = True
             unsent += link.out_bytes
             if link.conn is not None:
                 unsent += link.conn.unsent()
@@ -694,7 +744,7 @@ class Endpoint:
         pending = unsent + unsettled
         if last is None or pending < last:
             progress_at = now
-        if pending and now < deadline and now - progress_at < _DRAIN_STALL:
+        if pending and now < deadline and (held or now - progress_at < _DRAIN_STALL):
             self._loop.call_later(_DRAIN_TICK, self._drain_tick, deadline, pending, progress_at)
             return
         if pending:

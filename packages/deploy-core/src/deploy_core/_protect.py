@@ -237,6 +237,9 @@ class ProtectedSocket:
                         continue
                     self._out += part[sent:]
                     sent = 0
+                if self.raw.gettimeout() != 0.0:  # a blocking socket: nothing may stay behind
+                    self.raw.sendall(self._out)
+                    self._out.clear()
             return total
 
     def sendall(self, data: bytes | bytearray | memoryview, flags: int = 0) -> None:

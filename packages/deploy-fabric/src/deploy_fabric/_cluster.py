@@ -416,6 +416,7 @@ class _MasterDaemon:
             selector=self.loop.selector,
             scheduler=self.scheduler,
             handle_for=lambda node: _RunOnNode(self, run, self.nodes[node.name]),
+            protect="remote",  # a run's processes protect what leaves their machine (issue 13)
         )
         self.runs[run.run_id] = run
         state["run"] = run

@@ -363,6 +363,7 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     _ = dict(os.environ) == request.env
     function, argument = request.function_and_argument()
     function(request.parent, argument)
+    assert request.parent is not None, "the sample request names a parent"
     initiator = Handshake(secret, initiator=True, identity=request.parent.hex, wanted=wire.BRIDGE)
     acceptor = Handshake(secret, initiator=False, identity=wire.BRIDGE)
     for source, target in ((initiator, acceptor), (acceptor, initiator), (initiator, acceptor)):

@@ -74,6 +74,10 @@ class Kind(str, enum.Enum):
     HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection
     SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes), sent as the raw request
     SPAWNED = "spawned"  # master -> process: (kind, SpawnReply bytes)
+    PEER_EXIT = "peer-exit"  # process -> master: (kind, pid hex): how did it end?
+    # master -> process, once that process has exited: (kind, code, signal, reason); all
+    # None at once for a pid that is not one of the run's
+    PEER_EXITED = "peer-exited"
     OUTPUT = "output"  # monitor -> node: (kind, fd, data)
     EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
     FORK = "fork"  # node -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
@@ -206,7 +210,7 @@ class MessageReader:
     def feed(self, data: bytes) -> list[tuple]:
         """Messages completed by ``data`` (``b""`` marks the end of the stream)."""
         self._decoder.feed(data)
-        messages = []
+        messages: list[tuple[Any, ...]] = []
         while True:
             frame = self._decoder.next_frame()
             if frame is NEED_DATA:
