@@ -164,3 +164,64 @@ def test_a_peer_whose_port_no_longer_listens_is_exited_at_once(make_endpoint):
     with pytest.raises(PeerExited):
         Receiver(gone, endpoint=a).recv(timeout=5)
     assert time.monotonic() - start < 2
+
+
+def test_an_exiting_sender_waits_through_failed_set_ups_and_delivers(make_endpoint, flaky):
+    a = make_endpoint()
+    peer = flaky(drop=3, how="reset")
+    tx = Sender(peer.pid, endpoint=a)
+    for i in range(5):
+        tx.send(i)
+    a.close(exit_code=0, timeout=10)  # exit: its drain waits for the retries
+    assert peer.ready.wait(20)
+    assert peer.endpoint is not None
+    rx = Receiver(a.pid, endpoint=peer.endpoint)
+    assert [rx.recv(timeout=10) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(PeerExited) as info:
+        rx.recv(timeout=10)
+    assert info.value.code == 0
+
+
+def test_a_failed_authentication_is_not_retried(make_endpoint):
+    from deploy_core import Handshake
+
+    a = make_endpoint()
+    listener = socket.create_server(("127.0.0.1", 0))
+    pid = Pid.new("127.0.0.1", listener.getsockname()[1])
+    accepted = []
+
+    def impostor() -> None:
+        # Claims the wanted identity but does not know the secret: its proof fails.
+        listener.settimeout(0.2)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                continue
+            accepted.append(sock)
+            sock.settimeout(5)
+            handshake = Handshake(b"another secret", initiator=False, identity=pid.hex)
+            try:
+                while True:  # read the hello, send the challenge (with a MAC under the wrong key)
+                    handshake.receive_data(sock.recv(handshake.bytes_needed()))
+                    out = handshake.data_to_send()
+                    if out:
+                        sock.sendall(out)
+                        break
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(PeerLost):
+            Receiver(pid, endpoint=a).recv(timeout=5)
+        assert time.monotonic() - start < 2
+        thread.join(10)
+        assert len(accepted) == 1, "a failed authentication was retried"
+    finally:
+        for sock in accepted:
+            sock.close()
+        listener.close()

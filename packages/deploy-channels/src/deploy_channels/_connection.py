@@ -620,8 +620,8 @@ def _handshake_identities(raw: bytes | bytearray) -> tuple[bytes, bytes] | None:
     if len(raw) < 39:
         return None
     first, second = raw[37], raw[38]
-    if len(raw) < 39 + first + second:
-        return None
+    if not first or not second or len(raw) < 39 + first + second:
+        return None  # (a failure before the identities: nothing to answer or learn)
     return bytes(raw[39 : 39 + first]), bytes(raw[39 + first : 39 + first + second])
 
 
