@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import SECRET
-from deploy_channels import Endpoint, Receiver, Sender, _endpoint, _link
+from deploy_channels import Endpoint, Receiver, Sender, _connection, _endpoint, _link
 from deploy_core import PeerExited, PeerLost, Pid
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,8 +98,8 @@ def test_a_connection_ended_before_the_handshake_is_retried_and_nothing_is_lost(
 
 
 def test_a_set_up_timeout_is_retried_and_the_message_delivered(make_endpoint, flaky, monkeypatch):
-    monkeypatch.setattr(_link, "SETUP_TIMEOUT", 0.5)
-    monkeypatch.setattr(_endpoint, "SETUP_TIMEOUT", 0.5)
+    for module in (_connection, _link, _endpoint):
+        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.5, raising=False)
     a = make_endpoint()
     peer = flaky(drop=1, how="silent")
     tx = Sender(peer.pid, endpoint=a)
@@ -123,7 +123,7 @@ def test_a_receiver_waits_through_failed_set_ups_for_a_live_peer(make_endpoint, 
 
 
 def test_set_up_that_keeps_failing_ends_in_peer_lost_with_the_reason(make_endpoint, monkeypatch):
-    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.0)
+    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.0, raising=False)
     a = make_endpoint()
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
