@@ -31,6 +31,7 @@ EXPECTED = {
     "SerializationError",
     "SpawnReply",
     "SpawnRequest",
+    "TamperedError",
     "__version__",
     "authenticate",
     "dumps_user",
