@@ -31,7 +31,6 @@ EXPECTED = {
     "SerializationError",
     "SpawnReply",
     "SpawnRequest",
-    "TamperedError",
     "__version__",
     "authenticate",
     "dumps_user",

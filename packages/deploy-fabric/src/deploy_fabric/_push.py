@@ -18,7 +18,8 @@ import threading
 import time
 from typing import Any
 
-from deploy_core import DeployError, Pid, Resources, TamperedError
+from deploy_core import DeployError, Pid, Resources
+from deploy_core._protect import TamperedError  # (a ConnectionError, so not a public DeployError)
 
 from . import _wire as wire
 from ._bridge import Bridge
