@@ -16,9 +16,17 @@ The acceptor decides which connection survives, and both sides must agree on it:
 - the side refused as a duplicate keeps its queued messages and waits for the peer's
   connection (retrying its own if none comes), and exit waits for that too;
 - an exiting endpoint still completes connections that reach it and says goodbye on
-  them, so its peers see `PeerExited`; a connection reset before authenticating counts
-  as refused (the listener closed with it in the backlog). Only an established
-  connection broken without goodbye is `PeerLost`.
+  them, so its peers see `PeerExited`. Only evidence that the process is gone makes a
+  peer `PeerExited`: a goodbye, a connect refused (nothing listens at its port), or
+  another process answering at its address. An established connection broken without
+  goodbye is `PeerLost`.
+- an attempt that ends otherwise during set-up (EOF or reset during the handshake, the
+  set-up timeout, a connect error) proves nothing: the peer's listener may have
+  evicted it or be too loaded to accept in time. It is retried with back-off (the
+  set-up timeout doubling after each timeout) for `SETUP_RETRY_FOR` seconds, and only
+  then is the peer `PeerLost`, with the last reason. Queued messages wait meanwhile: no
+  data goes out before set-up completes, so nothing is sent twice. A handshake that
+  fails authentication is never retried.
 
 Strangers (issue 13). At most `MAX_UNAUTHENTICATED` accepted connections may be
 authenticating at once: a newcomer over the cap evicts the oldest, since an honest
@@ -77,6 +85,8 @@ _RECEIVER_CONNECT_DELAY = 0.05
 MAX_UNAUTHENTICATED = 128
 _ACCEPT_BATCH = 32
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
+#: How long set-up that failed with the peer possibly alive is retried (see above).
+SETUP_RETRY_FOR = 60.0
 _NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _EVICTION_LOG_EVERY = 10.0
 PROTECT_CHOICES = ("off", "remote", "all")
@@ -297,7 +307,7 @@ class Endpoint:
     # --- links (loop thread) --------------------------------------------------------------
 
     def _ensure_connected(self, link: Link) -> None:
-        if link.death is not None or link.conn is not None or link.pending is not None:
+        if link.death is not None or link.conn is not None or link.pending is not None or link.setup_retry:
             return
         if self._draining and not link.out:
             return
@@ -338,6 +348,9 @@ class Endpoint:
 
     def _attach(self, link: Link, conn: Connection) -> None:
         conn.opened()
+        link.setup_since = None
+        link.setup_failures = 0
+        link.setup_timeout = SETUP_TIMEOUT
         link.conn = conn
         link.closing = False
         conn.set_reading(not link.paused)
@@ -414,8 +427,16 @@ class Endpoint:
             self._loop.call_later(_RETRY_DUPLICATE, self._ensure_connected, link)
 
     def _connection_failed(
-        self, conn: Connection, error: BaseException, *, refused: bool = False, logged: bool = False
+        self,
+        conn: Connection,
+        error: BaseException,
+        *,
+        refused: bool = False,
+        logged: bool = False,
+        final: bool = False,
     ) -> None:
+        # refused: the peer is gone (PeerExited). logged: already reported (a failed
+        # handshake, a protocol error), and like final, never retried into success.
         was = conn.state
         conn.close()
         link = conn.link
@@ -429,7 +450,12 @@ class Endpoint:
             link.pending = None
             if link.conn is None:
                 log.debug("deploy.channels: connecting to %s failed: %s", link.pid, error)
-                self._set_dead(link, None, lost=not refused, reason=_why(error))
+                if refused:
+                    self._set_dead(link, None, lost=False)
+                elif logged or final:
+                    self._set_dead(link, None, lost=True, reason=_why(error))
+                else:
+                    self._setup_failed(link, error)
         elif link.conn is conn:
             link.conn = None
             with link.out_lock:
@@ -439,6 +465,57 @@ class Endpoint:
             else:
                 log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
                 self._set_dead(link, None, lost=True, reason=_why(error))
+
+    def _setup_failed(self, link: Link, error: BaseException) -> None:
+        # The peer may well be alive (see the module comment): try again, for a while.
+        if self._links.get(link.pid.hex) is not link:
+            return
+        if not (link.has_sender or link.has_receiver or link.out):
+            self._forget_setup(link)  # nobody needs the connection now: the next one starts afresh
+            return
+        now = time.monotonic()
+        if link.setup_since is None:
+            link.setup_since = now
+        link.setup_failures += 1
+        if isinstance(error, TimeoutError):
+            link.setup_timeout = min(link.setup_timeout * 2, SETUP_RETRY_FOR)
+        elapsed = now - link.setup_since
+        if elapsed >= SETUP_RETRY_FOR:
+            log.warning(
+                "deploy.channels: gave up connecting to %s after %d failed attempts in %.0fs: %s",
+                link.pid,
+                link.setup_failures,
+                elapsed,
+                error,
+            )
+            self._set_dead(
+                link, None, lost=True, reason=f"no connection set-up succeeded in {elapsed:.0f}s: {_why(error)}"
+            )
+            return
+        if link.setup_failures == 1 or isinstance(error, TimeoutError):
+            log.info("deploy.channels: connecting to %s failed (%s); retrying", link.pid, error)
+        delay = min(_BACKOFF_FIRST * 2 ** (link.setup_failures - 1), _BACKOFF_MAX)
+        link.setup_retry = True
+        self._loop.call_later(delay, self._retry_setup, link)
+
+    def _retry_setup(self, link: Link) -> None:
+        link.setup_retry = False
+        if link.death is not None or link.conn is not None or link.pending is not None:
+            return
+        if self._links.get(link.pid.hex) is not link:
+            return
+        if self._draining and not link.out:
+            return
+        if not (link.has_sender or link.has_receiver or link.out):
+            self._forget_setup(link)
+            return
+        self._ensure_connected(link)
+
+    def _forget_setup(self, link: Link) -> None:
+        link.setup_since = None
+        link.setup_failures = 0
+        link.setup_timeout = SETUP_TIMEOUT
+        self._maybe_forget(link)
 
     def _goodbye(self, conn: Connection, code: int | None) -> None:
         link = _link_of(conn)
@@ -733,10 +810,10 @@ class Endpoint:
         for link in list(self._links.values()):
             if link.death is not None:
                 continue
-            if link.pending is not None or (link.conn is not None and link.closing):
+            if link.pending is not None or link.setup_retry or (link.conn is not None and link.closing):
                 unsettled += 1
                 owed = link.out_bytes - (len(self._goodbye_frame) if link.goodbye_queued else 0)
-                if link.pending is not None and link.pending.state != "connecting" and owed > 0:
+                if owed > 0 and (link.setup_retry or link.pending is not None and link.pending.state != "connecting"):
                     held = True
             unsent += link.out_bytes
             if link.conn is not None:

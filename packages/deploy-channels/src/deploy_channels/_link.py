@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
 
+from ._connection import SETUP_TIMEOUT
 from ._interrupts import Interrupted
 from .framing import HEADER_SIZE
 
@@ -202,6 +203,13 @@ class Link:
         self.pending: Connection | None = None  # our outgoing attempt
         self.closing = False  # a close request or reply is outstanding
         self.idle_token = 0
+        # Set-up that failed with the peer possibly alive (see Endpoint._setup_failed):
+        # when the first attempt of this series failed, how many failed, whether the next
+        # one is scheduled, and the set-up timeout the next attempt gets.
+        self.setup_since: float | None = None
+        self.setup_failures = 0
+        self.setup_retry = False
+        self.setup_timeout = SETUP_TIMEOUT
         # Incoming: the loop appends, user threads popleft (both atomic on a deque).
         self.inbox: deque = deque()
         self.in_lock = threading.Lock()

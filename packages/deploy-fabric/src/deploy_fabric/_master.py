@@ -373,6 +373,7 @@ class Master:
             if pid.hex != conn.peer:
                 raise DeployError(f"its hello names pid {pid}, but it authenticated as {conn.peer!r}")
             conn.pid = pid.hex
+            self._send(conn, wire.encode((Kind.HELLO_PROCESS, message[1])))  # set-up is done
         elif kind == Kind.SPAWN and len(message) == 2:
             self._spawn_requested(conn, message[1])
         elif kind == Kind.PEER_EXIT and len(message) == 2 and isinstance(message[1], str):

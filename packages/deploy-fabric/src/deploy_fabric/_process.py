@@ -54,6 +54,8 @@ log = logging.getLogger("deploy.fabric")
 _HOST = "127.0.0.1"
 # How long a channel's error waits for the master to hear of a peer's exit from its monitor.
 _PEER_STATUS_WAIT = 2.0
+_SETUP_TIMEOUT = 10.0  # for the master's echo of our hello, once authenticated
+_SETUP_RETRY_FOR = 60.0  # how long a control connection's failed set-up is retried
 A = TypeVar("A")  # what a spawned function takes as its argument
 
 # Internal variables with which a cluster node starts `python SCRIPT ARGS` as a run's zygote.
@@ -242,13 +244,7 @@ def _ask(
     answer, or None if the connection failed or no answer came within ``timeout`` seconds."""
     connection = getattr(_control, "connection", None)
     if connection is None:
-        try:
-            hello = (Kind.HELLO_PROCESS, me.pid.format())
-            connection = wire.connect(me.fabric, me.secret, me.pid.hex, hello, protect=_protect)
-        except (OSError, AuthenticationError) as error:  # out of fds here or there; the fabric gone
-            why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            raise DeployError(f"cannot connect to the fabric to spawn: {why}") from None
-        _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
+        connection = _control_connection(me)
     try:
         wire.send_parts(connection, parts)
         connection.settimeout(timeout)
@@ -261,6 +257,57 @@ def _ask(
         connection.close()
         _control.connection = None
     return reply
+
+
+def _control_connection(me: _Process) -> socket.socket:
+    # This thread's control connection, set up once the master has echoed our hello: only
+    # then is the set-up done and a request sent on it surely read. A connection that
+    # ends or times out before that proves nothing (the fabric port evicts the oldest of
+    # its connections authenticating when a flood holds it): it is retried with back-off
+    # for `_SETUP_RETRY_FOR`, no request having been sent on it. A refused connect (the
+    # fabric is gone), a descriptor shortage or a failed authentication is reported at once.
+    hello = (Kind.HELLO_PROCESS, me.pid.format())
+    give_up = time.monotonic() + _SETUP_RETRY_FOR
+    delay = 0.01
+    while True:
+        decoder = FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
+        connection = None
+        try:
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, hello, protect=_protect)
+            connection.settimeout(_SETUP_TIMEOUT)
+            echo = wire.recv_message(connection, decoder)
+            connection.settimeout(None)
+            if echo is None:
+                raise ConnectionResetError("the fabric closed the connection before answering the hello")
+            if echo[0] != Kind.HELLO_PROCESS:
+                raise DeployError(f"the fabric answered the hello with {echo[0].value!r}")
+            _control.connection, _control.decoder = connection, decoder
+            return connection
+        except (ConnectionRefusedError, AuthenticationError, DeployError) as error:
+            _close_quietly(connection)
+            raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
+        except (ConnectionError, TimeoutError) as error:
+            _close_quietly(connection)
+            if time.monotonic() + delay >= give_up:
+                raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
+            log.debug("control connection set-up failed (%s); retrying", error)
+        except OSError as error:  # out of fds here or there
+            _close_quietly(connection)
+            raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
+        time.sleep(delay)  # back-off before the next attempt (this thread waits for it anyway)
+        delay = min(delay * 2, 1.0)
+
+
+def _close_quietly(connection: Any) -> None:
+    if connection is not None:
+        try:
+            connection.close()
+        except OSError:
+            pass
+
+
+def _why_failed(error: BaseException) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
 
 
 def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, *, block: bool) -> Pid:

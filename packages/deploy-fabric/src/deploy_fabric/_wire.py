@@ -26,10 +26,11 @@ import enum
 import ipaddress
 import pickle
 import socket
+import time
 from typing import Any
 
 from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame, frame_header
-from deploy_core import DeployError, ProtectedSocket, SpawnRequest, authenticate, loads_plain
+from deploy_core import DeployError, Handshake, ProtectedSocket, SpawnRequest, loads_plain
 
 __all__ = [
     "FrameDecoder",
@@ -79,7 +80,8 @@ def protects(setting: str, host: str) -> bool:
 class Kind(str, enum.Enum):
     """What a control message is; its fields follow it in the tuple."""
 
-    HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection
+    HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection;
+    # master -> process: the same back once it has authenticated and read it (set-up done)
     SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes), sent as the raw request
     SPAWNED = "spawned"  # master -> process: (kind, SpawnReply bytes)
     PEER_EXIT = "peer-exit"  # process -> master: (kind, pid hex): how did it end?
@@ -185,13 +187,35 @@ def introduce(
     sock.settimeout(timeout)
     sock.connect(addr)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    handshake = authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
+    handshake = _authenticate(sock, secret, identity, timeout)
     sock.settimeout(None)
     channel: socket.socket = sock
     if protects(protect, sock.getpeername()[0]):
         channel = ProtectedSocket(sock, handshake.key, initiator=True, peer=BRIDGE)  # type: ignore[assignment]
     send_message(channel, hello)
     return channel
+
+
+def _authenticate(sock: socket.socket, secret: bytes, identity: str, timeout: float) -> Handshake:
+    # deploy_core.authenticate, except that a connection that ends or times out during
+    # the handshake raises the OSError it is (ConnectionResetError, TimeoutError): that
+    # proves nothing about either side (the fabric port may have evicted it, over its cap
+    # of connections authenticating), so the caller may retry it. AuthenticationError is
+    # kept for an answer that fails the check, which a retry cannot mend.
+    handshake = Handshake(secret, initiator=True, identity=identity, wanted=BRIDGE)
+    deadline = time.monotonic() + timeout
+    while True:
+        out = handshake.data_to_send()
+        if out:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(out)
+        if handshake.done:
+            return handshake
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        data = sock.recv(handshake.bytes_needed())
+        if not data:
+            raise ConnectionResetError("the fabric closed the connection during the handshake")
+        handshake.receive_data(data)
 
 
 def load(frame: Any) -> tuple:
