@@ -216,8 +216,7 @@ class Connection:
             return
         self.pre_out += self.handshake.data_to_send()
         if self.handshake.done:
-            host = self.link.pid.host if self.initiator and self.link is not None else str(self.addr[0])
-            if self.endpoint._protects(host):
+            if self.endpoint._protects(self._peer_host()):
                 # The proof (initiator) goes out as it is; everything after it is sealed.
                 self.sock = ProtectedSocket(
                     self.sock,
@@ -428,6 +427,15 @@ class Connection:
         except OSError as error:
             self.endpoint._connection_failed(self, error)
             return False
+
+    def _peer_host(self) -> str:
+        """The address the socket reports for the peer: both ends judge "remote" on what
+        their sockets see (a pid's host may be a name of this machine, or 0.0.0.0, that
+        reaches loopback), so they agree without negotiating."""
+        try:
+            return str(self.sock.getpeername()[0])
+        except OSError:  # reset meanwhile: the next read or write ends the connection
+            return self.link.pid.host if self.link is not None else str(self.addr[0])
 
     def _write_pre(self) -> None:
         try:

@@ -120,9 +120,12 @@ def _link_of(conn: Connection) -> Link:
 
 def _is_loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
+    return address.is_loopback
 
 
 def _parse_address(address: str | tuple[str, int]) -> tuple[str, int]:

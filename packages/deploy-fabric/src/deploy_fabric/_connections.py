@@ -49,6 +49,10 @@ STATUS = "status"
 # Frame protection (deploy_core.ProtectedSocket) on every fabric connection whose peer is
 # not on this machine: daemons, pushes, a run's control connections and its channels.
 PROTECT = "remote"
+# Internal, for tests: "1" protects the daemons' own connections (node<->master,
+# push/status<->bridge) on loopback too, so that one machine can exercise them. Every
+# daemon, push and status of the cluster must then have it (there is no negotiation).
+PROTECT_ALL = "DEPLOY_PROTECT_ALL"
 
 PING_EVERY = 1.0  # the master pings each node this often
 LOST_AFTER = 4.0  # a peer daemon silent this long is lost (DESIGN: within 5 s)
@@ -99,8 +103,10 @@ def keepalive(sock: socket.socket) -> None:
 
 
 def daemon_setup() -> None:
-    if os.environ.get(env.LOG):
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="deploy[%(process)d] %(name)s: %(message)s")
+    # A daemon's stderr is its log: warnings (a dropped connection, a lost node) always go
+    # there (DESIGN §4: a bad connection is closed and logged), tracing with DEPLOY_LOG.
+    level = logging.DEBUG if os.environ.get(env.LOG) else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="deploy[%(process)d] %(name)s: %(message)s")
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
@@ -263,19 +269,18 @@ def accept_authenticated(
     def handshake(sock: socket.socket) -> None:
         try:
             done = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0)
-            peer, host = done.peer, sock.getpeername()[0]
+            ready = protected(sock, done.key, initiator=False, peer=done.peer)
         except (AuthenticationError, OSError) as error:
             log.warning("dropped a connection that failed authentication: %s", error)
             sock.close()
             return
         finally:
             pending.release()
-        if not peer.startswith(peers):
-            log.warning("dropped a connection from %r, which has no business on the %s port", peer, identity)
+        if not done.peer.startswith(peers):
+            log.warning("dropped a connection from %r, which has no business on the %s port", done.peer, identity)
             sock.close()
             return
         sock.settimeout(None)
-        ready = protected(sock, done.key, initiator=False, host=host, peer=peer)
         loop.post(lambda: on_ready(ready))
 
     def resume() -> None:
@@ -316,6 +321,8 @@ def connect_authenticated(
     keepalive(sock)
     try:
         done = authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
+        sock.settimeout(None)
+        return protected(sock, done.key, initiator=True, peer=wanted)
     except AuthenticationError as error:
         sock.close()
         raise AuthenticationError(f"{addr} refused this secret ({error})") from None
@@ -324,13 +331,13 @@ def connect_authenticated(
         if isinstance(error, (ConnectionResetError, BrokenPipeError)) or not error.strerror:
             raise AuthenticationError(f"{addr} closed the connection during authentication: wrong secret?") from None
         raise DeployError(f"lost {addr} during authentication: {error.strerror}") from None
-    sock.settimeout(None)
-    return protected(sock, done.key, initiator=True, host=host, peer=wanted)
 
 
-def protected(sock: socket.socket, key: bytes, *, initiator: bool, host: str, peer: str) -> socket.socket:
+def protected(sock: socket.socket, key: bytes, *, initiator: bool, peer: str) -> socket.socket:
     """``sock``, or a `ProtectedSocket` around it when its peer is on another machine
-    (DESIGN §4: connections that cross machines protect every frame)."""
-    if not wire.protects(PROTECT, host):
+    (DESIGN §4: connections that cross machines protect every frame). Both ends judge the
+    address their socket reports for the other, so they agree without negotiating."""
+    setting = "all" if os.environ.get(PROTECT_ALL) == "1" else PROTECT
+    if not wire.protects(setting, sock.getpeername()[0]):
         return sock
     return ProtectedSocket(sock, key, initiator=initiator, peer=peer)  # type: ignore[return-value]

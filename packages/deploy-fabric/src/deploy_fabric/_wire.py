@@ -56,7 +56,12 @@ PROTECT_CHOICES = ("off", "remote", "all")
 
 
 def protects(setting: str, host: str) -> bool:
-    """Whether a connection with a peer at ``host`` is protected under ``setting``."""
+    """Whether a connection with a peer at ``host`` is protected under ``setting``.
+
+    Both ends must decide alike, so each passes the address its connected socket reports
+    for the other (``getpeername``), never a name it dialed: a name of this machine, or
+    0.0.0.0, reaches loopback, and the acceptor sees 127.0.0.1. An IPv4-mapped address
+    (a dual-stack listener's view) counts as the IPv4 address it maps."""
     if setting not in PROTECT_CHOICES:
         raise ValueError(f"protect must be one of {', '.join(PROTECT_CHOICES)}, not {setting!r}")
     if setting == "off":
@@ -64,9 +69,12 @@ def protects(setting: str, host: str) -> bool:
     if setting == "all":
         return True
     try:
-        return not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return host != "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_loopback
 
 
 class Kind(str, enum.Enum):
@@ -182,7 +190,7 @@ def introduce(
     handshake = _authenticate(sock, secret, identity, timeout)
     sock.settimeout(None)
     channel: socket.socket = sock
-    if protects(protect, addr[0]):
+    if protects(protect, sock.getpeername()[0]):
         channel = ProtectedSocket(sock, handshake.key, initiator=True, peer=BRIDGE)  # type: ignore[assignment]
     send_message(channel, hello)
     return channel
