@@ -155,8 +155,8 @@ class Connection:
             )
             return
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            error = OSError(err, errno.errorcode.get(err, str(err)))
-            self.endpoint._connection_failed(self, error, refused=err == errno.ECONNREFUSED)
+            failure = OSError(err, errno.errorcode.get(err, str(err)))
+            self.endpoint._connection_failed(self, failure, refused=err == errno.ECONNREFUSED)
             return
         self.loop.register(self.fd, WRITE, self.on_event)
         self.loop.call_later(self.setup_timeout, self._setup_deadline)
