@@ -225,3 +225,21 @@ def test_a_failed_authentication_is_not_retried(make_endpoint):
         for sock in accepted:
             sock.close()
         listener.close()
+
+
+def test_set_up_timeouts_are_retried_within_the_bound(make_endpoint, monkeypatch):
+    for module in (_connection, _link, _endpoint):
+        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.3, raising=False)
+    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.5, raising=False)
+    a = make_endpoint()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts in the kernel, never answers
+    try:
+        pid = Pid.new("127.0.0.1", listener.getsockname()[1])
+        start = time.monotonic()
+        with pytest.raises(PeerLost) as info:
+            Receiver(pid, endpoint=a).recv(timeout=10)
+        took = time.monotonic() - start
+        assert "no connection set-up succeeded" in str(info.value.reason)
+        assert 1.4 <= took < 3.5, took  # retried until the bound, not past it
+    finally:
+        listener.close()

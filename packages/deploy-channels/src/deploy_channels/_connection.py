@@ -117,6 +117,7 @@ class Connection:
         self.decoder = FrameDecoder(_SETUP_MAX_FRAME)
         self.setup_in = bytearray()  # the handshake bytes received (at most ~600)
         self.setup_timeout = link.setup_timeout if link is not None else SETUP_TIMEOUT
+        self.started = time.monotonic()
         self.replaced = False  # another process answered at the pid's address
         self.pre_out = bytearray()
         self.reading = True  # not paused by back-pressure
