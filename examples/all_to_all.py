@@ -6,7 +6,7 @@ N = 6
 
 
 def worker(parent: deploy.Pid, index: int) -> None:
-    peers: list[deploy.Pid] = deploy.Receiver[list](parent).recv()
+    peers = deploy.Receiver[list[deploy.Pid]](parent).recv()
     others = [pid for pid in peers if pid != deploy.pid()]
     for pid in others:
         deploy.Sender[int](pid).send(index)
@@ -18,7 +18,7 @@ def main() -> None:
     deploy.init()
     pids = [deploy.spawn(worker, index) for index in range(N)]
     for pid in pids:
-        deploy.Sender[list](pid).send(pids)
+        deploy.Sender[list[deploy.Pid]](pid).send(pids)
     totals = [deploy.Receiver[int](pid).recv() for pid in pids]
     expected = [sum(range(N)) - index for index in range(N)]
     print(f"totals {totals}, {'correct' if totals == expected else 'WRONG'}")

@@ -7,7 +7,7 @@ WORKERS = 4
 
 
 def worker(parent: deploy.Pid, _: None) -> None:
-    with deploy.Receiver[int](parent) as tasks, deploy.Sender[tuple](parent) as results:
+    with deploy.Receiver[int](parent) as tasks, deploy.Sender[tuple[int, int]](parent) as results:
         while True:
             task = tasks.recv()
             if task < 0:
@@ -19,11 +19,11 @@ def main() -> None:
     deploy.init()
     pids = [deploy.spawn(worker, None) for _ in range(WORKERS)]
     senders = {pid: deploy.Sender[int](pid) for pid in pids}
-    receivers = {deploy.Receiver[tuple](pid): pid for pid in pids}
+    receivers = {deploy.Receiver[tuple[int, int]](pid): pid for pid in pids}
     queue = list(TASKS)
     for sender in senders.values():  # one task in flight per worker
         sender.send(queue.pop())
-    squares = {}
+    squares: dict[int, int] = {}
     busy = dict(receivers)
     while busy:
         ready = deploy.select(*busy)

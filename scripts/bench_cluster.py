@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import secrets
 import signal
 import socket
@@ -114,9 +115,15 @@ JOB = textwrap.dedent(
 
 
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A free port below the ephemeral range, which other programs' connections cannot take."""
+    while True:
+        port = random.randrange(20000, 32000)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 class Fabric:
@@ -148,9 +155,11 @@ class Fabric:
             )
             if result.returncode == 0 and len(json.loads(result.stdout)["nodes"]) == 3:
                 break
-            if time.monotonic() > deadline:
+            exited = [index for index, daemon in enumerate(self.daemons) if daemon.poll() is not None]
+            if exited or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the fabric did not come up: {result.stderr.decode()}")
+                logs = "".join((folder / f"node{index}" / "log").read_text() for index in exited)
+                raise RuntimeError(f"the fabric did not come up: {result.stderr.decode()}{logs}")
             time.sleep(0.2)
 
     def push(self, script: Path, *args: str) -> subprocess.CompletedProcess:

@@ -38,7 +38,9 @@ def closed_by_the_bridge(sock, payload):
     sock.sendall(encode_frame(payload))
     sock.settimeout(20)
     try:
-        return sock.recv(1 << 16) == b""
+        while sock.recv(1 << 16):
+            pass  # (the bridge's echo of an accepted hello comes first)
+        return True
     except ConnectionResetError:
         return True
     finally:

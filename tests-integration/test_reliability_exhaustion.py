@@ -204,13 +204,7 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.parametrize(
-    "which",
-    [
-        "bridge",
-        "zygote",
-    ],
-)
+@pytest.mark.parametrize("which", ["bridge", "zygote"])
 def test_the_bridge_or_zygote_out_of_fds_recovers_without_spinning(tmp_path, which):
     path = tmp_path / "job.py"
     path.write_text(RUNTIME_OUT_OF_FDS)

@@ -30,6 +30,33 @@ def test_lambdas_and_closures_run_in_the_child(script):
     assert result.output(result.top) == b"42 101\n"
 
 
+def test_a_function_sees_the_globals_as_they_are_at_spawn_not_at_init(script):
+    job = script(
+        """
+        import deploy
+
+        SETTINGS = None
+        SEEN = []
+
+        def report(parent, _):
+            deploy.Sender[str](parent).send(f"{SETTINGS} {SEEN}")
+
+        def main():
+            global SETTINGS
+            deploy.init()
+            SETTINGS = "configured after init"
+            SEEN.append("appended after init")
+            print(deploy.Receiver[str](deploy.spawn(report, None)).recv())
+
+        if __name__ == "__main__":
+            main()
+        """
+    )
+    result = run(job)
+    result.check_tree()
+    assert result.output(result.top) == b"configured after init ['appended after init']\n"
+
+
 def test_argv_and_environment_are_those_at_spawn_time(script):
     job = script(
         """

@@ -290,6 +290,8 @@ def test_asyncio_api(pair):
                 await asyncio.sleep(0.001)
 
         tick_task = asyncio.ensure_future(ticker())
+        # The echo task now waits in arecv with nothing sent: the loop must keep ticking.
+        await asyncio.sleep(0.05)
         for i in range(10):
             await tx.asend(i)
         got = [await back_rx.arecv() for _ in range(10)]

@@ -439,7 +439,22 @@ def test_status_for_people_is_a_table(fabric, capsys):
     assert any(line.startswith("ababab") and "job.py x" in line for line in lines)
     assert "processes (1):" in lines
     process = next(line for line in lines if line.startswith("3fecd01"))
-    assert process.split() == ["3fecd01", "abababa", "127.0.0.1:7000", "100MiB", "/", "0.05", "cpu", "1m15s", "12MiB"]
+    assert process.split() == ["3fecd01", "abababa", "127.0.0.1:7000", "100MiB", "/", "0.05", "cpu", "1m15s", "12.0MiB"]
+
+
+def test_memory_in_use_reads_as_one_decimal(fabric, capsys):
+    fabric["status"].result = {
+        "nodes": [],
+        "runs": [],
+        "processes": [
+            {**STATUS["processes"][0], "memory": memory, "pid": f"{index:032x}"}
+            for index, memory in enumerate([3984 * 1024, 512, 3 * 2**30 // 2, None])
+        ],
+    }
+    assert main(["status", "127.0.0.1:7100"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    shown = [line.split()[-1] for line in lines[lines.index("processes (4):") + 2 :]]
+    assert shown == ["3.9MiB", "512B", "1.5GiB", "?"]
 
 
 def test_status_of_an_empty_cluster(fabric, capsys):

@@ -68,12 +68,29 @@ def test_peer_exited_custom_message() -> None:
     assert error.code == -9
 
 
-@pytest.mark.parametrize("error", [PeerExited(PID, 3), PeerExited(), PeerExited(PID, None, "gone for good")])
+def test_peer_exited_says_the_exit_code_or_signal_and_why() -> None:
+    assert str(PeerExited(PID, 1)) == f"peer {PID} has exited with code 1"
+    killed = PeerExited(PID, signal="SIGKILL", reason="memory limit 20MiB exceeded")
+    assert (killed.code, killed.signal, killed.reason) == (None, "SIGKILL", "memory limit 20MiB exceeded")
+    assert str(killed) == f"peer {PID} was killed by SIGKILL (memory limit 20MiB exceeded)"
+    assert str(PeerExited(PID, 0, reason="interrupted")) == f"peer {PID} has exited with code 0 (interrupted)"
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        PeerExited(PID, 3),
+        PeerExited(),
+        PeerExited(PID, None, "gone for good"),
+        PeerExited(PID, signal="SIGTERM", reason="interrupted"),
+    ],
+)
 def test_peer_exited_pickles(error: PeerExited) -> None:
     copied = pickle.loads(pickle.dumps(error))
     assert type(copied) is PeerExited
     assert copied.peer == error.peer
     assert copied.code == error.code
+    assert (copied.signal, copied.reason) == (error.signal, error.reason)
     assert str(copied) == str(error)
 
 
@@ -84,11 +101,21 @@ def test_peer_lost_carries_peer() -> None:
     assert str(PeerLost()) == "lost the connection to peer"
 
 
-@pytest.mark.parametrize("error", [PeerLost(PID), PeerLost(), PeerLost(PID, "node lost")])
+def test_peer_lost_says_why() -> None:
+    error = PeerLost(PID, reason="connection reset")
+    assert error.reason == "connection reset"
+    assert str(error) == f"lost the connection to peer {PID}: connection reset"
+    assert PeerLost(PID).reason is None
+
+
+@pytest.mark.parametrize(
+    "error", [PeerLost(PID), PeerLost(), PeerLost(PID, "node lost"), PeerLost(PID, reason="timed out")]
+)
 def test_peer_lost_pickles(error: PeerLost) -> None:
     copied = pickle.loads(pickle.dumps(error))
     assert type(copied) is PeerLost
     assert copied.peer == error.peer
+    assert copied.reason == error.reason
     assert str(copied) == str(error)
 
 

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import gc
+import linecache
 import os
 import pickle
 import socket
 import sys
+import textwrap
 import threading
+import traceback
+import types
+import weakref
+from collections.abc import Iterator
 
 import pytest
 from deploy_core import (
@@ -18,6 +25,7 @@ from deploy_core import (
     SpawnRequest,
     dumps_user,
     loads_user,
+    snapshot_main,
 )
 from deploy_core._protocol import VERSION
 
@@ -414,6 +422,91 @@ def test_dumps_and_loads_user_round_trip() -> None:
     assert loads_user(data)(1) == 2
 
 
+@pytest.fixture
+def fake_main(monkeypatch: pytest.MonkeyPatch) -> Iterator[types.ModuleType]:
+    main = types.ModuleType("__main__")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    yield main
+    monkeypatch.undo()
+    snapshot_main()  # back to pytest's own __main__
+
+
+def _define(main: types.ModuleType, source: str) -> None:
+    exec(compile(textwrap.dedent(source), "/home/user/job.py", "exec"), main.__dict__)
+
+
+def test_main_functions_and_classes_seen_at_init_travel_by_reference(fake_main: types.ModuleType) -> None:
+    _define(
+        fake_main,
+        """
+        class Job:
+            def run(self): ...
+
+        def early(parent, job):
+            return job
+        """,
+    )
+    snapshot_main()
+    data = dumps_user(fake_main.early, "function")
+    assert b"early" in data and b"return job" not in data and len(data) < 40
+    assert loads_user(data) is fake_main.early
+    assert loads_user(dumps_user(fake_main.Job, "argument")) is fake_main.Job
+    assert loads_user(dumps_user(fake_main.Job.run, "function")) is fake_main.Job.run
+    job = loads_user(dumps_user(fake_main.Job(), "argument"))
+    assert type(job) is fake_main.Job
+
+
+def test_what_main_did_not_have_at_init_travels_by_value_keeping_its_file_and_lines(
+    fake_main: types.ModuleType,
+) -> None:
+    snapshot_main()
+    _define(
+        fake_main,
+        """
+        def late(parent, arg):
+            def inner():
+                raise ValueError(arg)
+            return inner
+        """,
+    )
+    function = loads_user(dumps_user(fake_main.late, "function"))
+    assert function is not fake_main.late
+    closure = loads_user(dumps_user(fake_main.late(None, 3), "function"))
+    for code in (function.__code__, closure.__code__):
+        assert code.co_filename == "/home/user/job.py"
+    assert (function.__code__.co_firstlineno, closure.__code__.co_firstlineno) == (2, 3)
+    with pytest.raises(ValueError) as raised:
+        closure()
+    frame = traceback.extract_tb(raised.value.__traceback__)[-1]
+    assert (frame.filename, frame.lineno, frame.name) == ("/home/user/job.py", 4, "inner")
+
+
+def test_a_lambda_keeps_its_file_name() -> None:
+    function = loads_user(dumps_user(lambda parent, arg: arg, "function"))
+    assert function.__code__.co_filename == __file__
+    assert function(None, 5) == 5
+
+
+def test_the_source_lines_travel_where_the_file_is_not(fake_main: types.ModuleType) -> None:
+    # The sender has the script (linecache holds it as it would the file's lines); the
+    # receiving machine has no file at that path.
+    filename = "/nonexistent/bundle/job.py"
+    source = "import os\n\n\ndef late(parent, arg):\n    raise ValueError(arg)  # the line\n"
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), fake_main.__dict__)
+    data = dumps_user(fake_main.late, "function")
+    del linecache.cache[filename]
+    try:
+        function = loads_user(data)
+        with pytest.raises(ValueError) as raised:
+            function(None, 7)
+        text = "".join(traceback.format_exception(raised.value))
+        assert f'File "{filename}", line 5, in late\n    raise ValueError(arg)  # the line\n' in text
+        assert linecache.getline(filename, 1) == ""  # only the function's own lines travelled
+    finally:
+        linecache.cache.pop(filename, None)
+
+
 # ---------------------------------------------------------------------------- loads_plain
 
 
@@ -450,3 +543,44 @@ def test_loads_plain_refuses_globals_and_garbage(data: bytes) -> None:
     with pytest.raises(DeployError, match="malformed message"):
         loads_plain(data)
     assert _called == []
+
+
+def test_the_snapshot_keeps_nothing_alive_but_functions_and_classes(fake_main: types.ModuleType) -> None:
+    class Data:
+        pass
+
+    fake_main.data = Data()
+    dropped = weakref.ref(fake_main.data)
+    snapshot_main()
+    del fake_main.data  # the script lets go of a big value after init()
+    gc.collect()
+    assert dropped() is None
+
+
+def test_a_main_function_whose_globals_changed_since_init_travels_by_value(fake_main: types.ModuleType) -> None:
+    _define(
+        fake_main,
+        """
+        LIMIT = 3
+        SEEN = []
+
+        def reads_limit(parent, arg):
+            return LIMIT
+
+        def reads_seen(parent, arg):
+            return list(SEEN)
+
+        def reads_nothing_changed(parent, arg):
+            return len(str(arg))
+        """,
+    )
+    snapshot_main()
+    fake_main.LIMIT = 4  # rebound after init(): the receiving side would still have 3
+    fake_main.SEEN.append("mutable data may have changed in place")
+    for name, expected in (("reads_limit", 4), ("reads_seen", ["mutable data may have changed in place"])):
+        function = getattr(fake_main, name)
+        travelled = loads_user(dumps_user(function, "function"))
+        assert travelled is not function  # by value, with the globals as they are now
+        assert travelled(None, None) == expected
+    unchanged = fake_main.reads_nothing_changed
+    assert loads_user(dumps_user(unchanged, "function")) is unchanged  # by reference

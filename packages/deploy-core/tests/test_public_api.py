@@ -37,6 +37,7 @@ EXPECTED = {
     "env",
     "loads_plain",
     "loads_user",
+    "snapshot_main",
 }
 
 

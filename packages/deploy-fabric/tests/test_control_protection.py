@@ -63,6 +63,8 @@ def test_a_protected_control_connection_spawns(master):
     pid = Pid.new("127.0.0.1", 7)
     sock = wire.connect(addr, SECRET, pid.hex, (Kind.HELLO_PROCESS, pid.format()), protect="all")
     assert type(sock).__name__ == "ProtectedSocket"
+    decoder = wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
+    assert wire.recv_message(sock, decoder) == (Kind.HELLO_PROCESS, pid.format())  # set-up done
     request = SpawnRequest.build(print, None, Resources.default(), pid)
     wire.send_message(sock, (Kind.SPAWN, request.encode()))
     deadline = threading.Event()
@@ -72,7 +74,7 @@ def test_a_protected_control_connection_spawns(master):
         deadline.wait(0.05)
     assert handle.forks == [0]
     master.forked(0, Pid.new("127.0.0.1", 8), None)
-    reply = wire.recv_message(sock, wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE))
+    reply = wire.recv_message(sock, decoder)
     assert reply is not None and SpawnReply.decode(reply[1]).pid is not None
     sock.close()
 
@@ -82,6 +84,8 @@ def test_a_tampered_control_record_closes_the_connection(master, caplog):
     master, addr, handle = master
     pid = Pid.new("127.0.0.1", 7)
     sock = wire.connect(addr, SECRET, pid.hex, (Kind.HELLO_PROCESS, pid.format()), protect="all")
+    decoder = wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
+    assert wire.recv_message(sock, decoder) == (Kind.HELLO_PROCESS, pid.format())  # set-up done
     sock.raw.sendall(b"\x00\x00\x00\x05spawn" + b"\x00" * 16)  # a record made without the key
     sock.raw.settimeout(10)
     assert sock.raw.recv(100) == b""  # closed by the master

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from deploy_core import ChannelClosed, PeerExited, Pid, SerializationError
+from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid, SerializationError
 
 from ._default import default_endpoint
 from ._endpoint import Endpoint
@@ -24,6 +24,7 @@ _pack_header = struct.Struct(">I").pack
 _join = b"".join
 
 T = TypeVar("T")
+_Self = TypeVar("_Self", bound="_Channel[Any]")
 
 
 class _TypedAlias:
@@ -54,10 +55,14 @@ class _TypedAlias:
 class _Channel(Generic[T]):
     _kind = ""
 
-    def __class_getitem__(cls, item: Any) -> Any:
-        if isinstance(item, TypeVar):
-            return super().__class_getitem__(item)  # a generic annotation, e.g. Sender[T]
-        return _TypedAlias(cls, item)
+    if not TYPE_CHECKING:
+        # A type checker reads ``Sender[int]`` as the generic class itself; at run time
+        # it is a `_TypedAlias` that hands ``int`` to the channel to check messages by.
+
+        def __class_getitem__(cls, item: Any) -> Any:
+            if isinstance(item, TypeVar):
+                return super().__class_getitem__(item)  # a generic annotation, e.g. Sender[T]
+            return _TypedAlias(cls, item)
 
     def __init__(self, pid: Pid, endpoint: Endpoint | None = None, *, _type: Any = None):
         if endpoint is None:
@@ -91,7 +96,7 @@ class _Channel(Generic[T]):
             # Threads and tasks blocked on this channel look again and find it closed.
             link.wake_all()
 
-    def __enter__(self):
+    def __enter__(self: _Self) -> _Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -113,7 +118,7 @@ class _Channel(Generic[T]):
     def _ready(self) -> bool:
         raise NotImplementedError
 
-    def _watchers(self) -> set:
+    def _watchers(self) -> set[Any]:
         raise NotImplementedError
 
 
@@ -139,14 +144,21 @@ class Sender(_Channel[T]):
             raise TypeError(
                 f"Sender[{type_name(self._type)}] to {self.pid} cannot send a {type(value).__name__}: {value!r:.80}"
             )
-        if type(value) in _PLAIN_TYPES and (type(value) is not bytes or len(value) < 32768):
+        if type(value) in _PLAIN_TYPES and (type(value) is not bytes or len(value) < 32768):  # type: ignore[arg-type]
             # Fast path: these never carry out-of-band buffers and fit one small frame.
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
-            link.push(frame, len(frame), None if timeout is None else deadline_after(timeout), self)
+            try:
+                link.push(frame, len(frame), None if timeout is None else deadline_after(timeout), self)
+            except (PeerExited, PeerLost, TimeoutError) as error:
+                # A user's traceback ends here: the frames below are the link's.
+                raise error.with_traceback(None) from None
             return
-        frame, nbytes = encode_message(value)
-        link.push(frame, nbytes, deadline_after(timeout), self)
+        message, nbytes = encode_message(value)
+        try:
+            link.push(message, nbytes, deadline_after(timeout), self)
+        except (PeerExited, PeerLost, TimeoutError) as error:
+            raise error.with_traceback(None) from None
 
     async def asend(self, value: T) -> None:
         """`send` for asyncio: waits for buffer space without blocking the event loop."""
@@ -165,7 +177,7 @@ class Sender(_Channel[T]):
     def _ready(self) -> bool:
         return self._live_link().tx_ready()
 
-    def _watchers(self) -> set:
+    def _watchers(self) -> set[Any]:
         return self._live_link().tx_watchers
 
 
@@ -219,9 +231,13 @@ class Receiver(_Channel[T]):
             return value
         deadline = deadline_after(timeout)
         deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
-        if deferred is None:  # no signal handler can raise in this thread
-            return self._decode(link.take(deadline, self))
-        return self._recv_deferring(link, deadline, deferred)
+        try:
+            if deferred is None:  # no signal handler can raise in this thread
+                return self._decode(link.take(deadline, self))
+            return self._recv_deferring(link, deadline, deferred)
+        except (PeerExited, PeerLost, TimeoutError) as error:
+            # A user's traceback ends here: the frames below are the link's.
+            raise error.with_traceback(None) from None
 
     def _recv_deferring(self, link: Link, deadline: float | None, deferred: DeferredInterrupt) -> T:
         # The main thread waits with SIGINT deferred (see _interrupts): a signal ends the
@@ -284,9 +300,9 @@ class Receiver(_Channel[T]):
             finally:
                 link.rx_watchers.discard(waiter)
 
-    def _decode(self, payload: bytes) -> T:
+    def _decode(self, payload: bytes | bytearray) -> T:
         try:
-            value = decode_message(payload)
+            value: T = decode_message(payload)
         except Exception as error:
             # A class or module the sender has and this process lacks, typically. The
             # message is consumed; the ones after it still arrive.
@@ -319,5 +335,5 @@ class Receiver(_Channel[T]):
     def _ready(self) -> bool:
         return self._live_link().rx_ready()
 
-    def _watchers(self) -> set:
+    def _watchers(self) -> set[Any]:
         return self._live_link().rx_watchers

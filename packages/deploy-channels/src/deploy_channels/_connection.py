@@ -11,6 +11,13 @@ OS facts relied on:
 - A non-blocking ``connect`` returns EINPROGRESS; the socket turns writable once the
   attempt ends and ``SO_ERROR`` then says how. ECONNREFUSED on loopback means nothing
   listens on the port any more: the process that owned it is gone.
+- A connection that ends during set-up (EOF, reset, the set-up timeout) says nothing
+  sure about the peer: a listener over its cap of connections authenticating closes
+  the oldest, and a loaded peer may not get to it in time. The endpoint retries it.
+  Only ECONNREFUSED says nothing listens there any more; and an acceptor that is
+  another process (the pid's port was reused) answers a hello that wants someone
+  else with its own identity (and no valid MAC), so the connector learns that the
+  process it wants is gone rather than retrying.
 - ``TCP_NODELAY`` is set: frames are batched here, so Nagle would only delay the last one.
 - ``recv`` returning ``b""`` is the peer's FIN; ECONNRESET/EPIPE mean the peer closed with
   data unread or died. The kernel closes a dead process's sockets, so either shows up
@@ -42,12 +49,13 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import os
 import socket
 import struct
 import termios
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deploy_core import AuthenticationError, FrameError, Handshake, ProtectedSocket
 
@@ -91,9 +99,11 @@ class Connection:
     def __init__(self, endpoint: Endpoint, sock: socket.socket, *, link: Link | None, addr: object):
         self.endpoint = endpoint
         self.loop = endpoint._loop
-        self.sock = sock
+        # A socket.socket, or once sealed a deploy_core.ProtectedSocket that adds flush()
+        # and pending_out() (used only when self.protected).
+        self.sock: Any = sock
         self.fd = sock.fileno()
-        self.addr = addr
+        self.addr: Any = addr
         self.link = link
         self.initiator = link is not None
         self.state = "connecting" if self.initiator else "auth"
@@ -105,6 +115,9 @@ class Connection:
             wanted=link.pid.hex if link is not None else None,
         )
         self.decoder = FrameDecoder(_SETUP_MAX_FRAME)
+        self.setup_in = bytearray()  # the handshake bytes received (at most ~600)
+        self.setup_timeout = link.setup_timeout if link is not None else SETUP_TIMEOUT
+        self.replaced = False  # another process answered at the pid's address
         self.pre_out = bytearray()
         self.reading = True  # not paused by back-pressure
         self.writing = False  # output waits for the socket to turn writable
@@ -132,32 +145,43 @@ class Connection:
     # --- set-up -------------------------------------------------------------------------
 
     def start_connect(self) -> None:
+        assert self.link is not None, "a connection we make is for a link"
         try:
             # (A host name is resolved here, in the loop thread.)
             err = self.sock.connect_ex(tuple(self.link.pid.addr))
         except OSError as error:  # socket.gaierror: the host does not resolve
             self.endpoint._connection_failed(
-                self, OSError(f"cannot connect to {_address(self.link.pid.addr)}: {error}")
+                self, OSError(f"cannot connect to {_address(self.link.pid.addr)}: {error}"), final=True
             )
             return
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=True)
+            error = OSError(err, errno.errorcode.get(err, str(err)))
+            self.endpoint._connection_failed(self, error, refused=err == errno.ECONNREFUSED)
             return
         self.loop.register(self.fd, WRITE, self.on_event)
-        self.loop.call_later(SETUP_TIMEOUT, self._setup_deadline)
+        self.loop.call_later(self.setup_timeout, self._setup_deadline)
 
     def start_accept(self) -> None:
         self.loop.register(self.fd, READ, self.on_event)
-        self.loop.call_later(SETUP_TIMEOUT, self._setup_deadline)
+        self.loop.call_later(self.setup_timeout, self._setup_deadline)
+
+    @property
+    def handshake_own(self) -> bytes:
+        return self.endpoint.pid.hex.encode("ascii")
+
+    @property
+    def handshake_wanted(self) -> bytes:
+        assert self.link is not None
+        return self.link.pid.hex.encode("ascii")
 
     def _setup_deadline(self) -> None:
         if self.state in ("connecting", "auth", "hello"):
-            self.endpoint._connection_failed(self, TimeoutError(f"no complete set-up within {SETUP_TIMEOUT:g}s"))
+            self.endpoint._connection_failed(self, TimeoutError(f"no complete set-up within {self.setup_timeout:g}s"))
 
     def _connected(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
-            refused = err in (errno.ECONNREFUSED, errno.ECONNRESET)
+            refused = err == errno.ECONNREFUSED
             self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=refused)
             return
         self.state = "auth"
@@ -170,19 +194,29 @@ class Connection:
         if not data:
             self._ended_in_setup(EOFError("the peer closed the connection during the handshake"))
             return
+        self.setup_in += data
         try:
             self.handshake.receive_data(data)
         except AuthenticationError as error:
+            parts = _handshake_identities(self.setup_in)
             if self.initiator:
+                assert self.link is not None
+                if parts is not None and parts[0] != self.handshake_wanted and _is_pid_hex(parts[0]):
+                    # Another process listens at the pid's address: the one we want is gone.
+                    log.info("deploy.channels: %s is gone: another process listens at its address", self.link.pid)
+                    self.replaced = True
+                    self.endpoint._connection_failed(self, error, refused=True)
+                    return
                 log.warning("deploy.channels: connection to %s failed authentication: %s", self.link.pid, error)
             else:
                 log.warning("deploy.channels: dropped a connection from %s: %s", _address(self.addr), error)
+                if parts is not None and parts[1] != self.handshake_own:
+                    self._answer_not_me(parts[0])
             self.endpoint._connection_failed(self, error, logged=True)
             return
         self.pre_out += self.handshake.data_to_send()
         if self.handshake.done:
-            host = self.link.pid.host if self.initiator else str(self.addr[0])
-            if self.endpoint._protects(host):
+            if self.endpoint._protects(self._peer_host()):
                 # The proof (initiator) goes out as it is; everything after it is sealed.
                 self.sock = ProtectedSocket(
                     self.sock,
@@ -195,15 +229,28 @@ class Connection:
                 self.pre_out.clear()
             self.state = "hello"
             if self.initiator:
+                assert self.link is not None
                 self.pre_out += _wire.hello_frame(self.endpoint.pid, self.link.pid)
         self._write_pre()
 
+    def _answer_not_me(self, caller: bytes) -> None:
+        # A hello that wants another process: say who listens here, so that its sender
+        # learns the process it wants is gone (its port was reused) instead of retrying.
+        # The MAC is zeros: this proves nothing and the connector never accepts it.
+        own = self.handshake_own
+        notice = self.setup_in[:5] + os.urandom(32) + bytes([len(own), len(caller)]) + own + caller + bytes(32)
+        try:
+            self.sock.send(notice)
+        except OSError:
+            pass
+
     def _ended_in_setup(self, error: BaseException) -> None:
-        # Hung up before authenticating. For our attempt that is a refusal: a listening
-        # socket closed with our connection still in its backlog (its process exited)
-        # resets it just like this. For an accepted one it is a prober or a peer that gave
-        # up on a duplicate: routine, so not logged as a warning.
-        self.endpoint._connection_failed(self, error, refused=self.initiator)
+        # Hung up before authenticating. For our attempt that proves nothing: the peer's
+        # listener may have evicted it (over its cap of strangers) or closed with it in
+        # its backlog; the endpoint retries, and a retry refused means the peer is gone.
+        # For an accepted one it is a prober or a peer that gave up on a duplicate:
+        # routine, so not logged as a warning.
+        self.endpoint._connection_failed(self, error)
 
     def opened(self) -> None:
         """Set-up is over: frames may now be as large as the endpoint allows."""
@@ -316,6 +363,7 @@ class Connection:
                 nbytes += len(payload)
                 continue
             if batch:
+                assert link is not None, "data frames come only on an open connection, which has a link"
                 link.deliver(batch, nbytes)
                 batch, nbytes = [], 0
             self._control(kind, payload)
@@ -323,6 +371,7 @@ class Connection:
                 return
             link = self.link
         if batch:
+            assert link is not None
             link.deliver(batch, nbytes)
         if link is not None:
             self.endpoint._after_delivery(link)
@@ -379,6 +428,15 @@ class Connection:
             self.endpoint._connection_failed(self, error)
             return False
 
+    def _peer_host(self) -> str:
+        """The address the socket reports for the peer: both ends judge "remote" on what
+        their sockets see (a pid's host may be a name of this machine, or 0.0.0.0, that
+        reaches loopback), so they agree without negotiating."""
+        try:
+            return str(self.sock.getpeername()[0])
+        except OSError:  # reset meanwhile: the next read or write ends the connection
+            return self.link.pid.host if self.link is not None else str(self.addr[0])
+
     def _write_pre(self) -> None:
         try:
             sent = self.sock.send(self.pre_out)
@@ -397,7 +455,7 @@ class Connection:
     def write_now(self, frame: bytes | list) -> int:
         """User thread, under the link's out_lock, nothing queued: try the socket directly."""
         try:
-            if type(frame) is bytes:
+            if isinstance(frame, bytes):
                 return self.sock.send(frame)
             return self.sock.sendmsg(frame)
         except OSError:
@@ -485,7 +543,7 @@ class Connection:
                 if woken:
                     return RETRY
                 if not readable:
-                    if timeout is not None and time.monotonic() >= deadline:
+                    if deadline is not None and time.monotonic() >= deadline:
                         return RETRY  # the caller raises TimeoutError
                     continue
                 try:
@@ -562,6 +620,21 @@ class Connection:
         elif reader is not None:
             reader.wake()  # it closes the socket when it lets go of the read side
         self.endpoint._conns.discard(self)
+
+
+def _handshake_identities(raw: bytes | bytearray) -> tuple[bytes, bytes] | None:
+    # A handshake hello or challenge (deploy_core._auth's layout: magic and version,
+    # a 32-byte nonce, two lengths, then the sender's identity and the one it names).
+    if len(raw) < 39:
+        return None
+    first, second = raw[37], raw[38]
+    if len(raw) < 39 + first + second:
+        return None
+    return bytes(raw[39 : 39 + first]), bytes(raw[39 + first : 39 + first + second])
+
+
+def _is_pid_hex(identity: bytes) -> bool:
+    return len(identity) == 32 and all(c in b"0123456789abcdef" for c in identity)
 
 
 def _address(addr: object) -> str:

@@ -16,9 +16,17 @@ The acceptor decides which connection survives, and both sides must agree on it:
 - the side refused as a duplicate keeps its queued messages and waits for the peer's
   connection (retrying its own if none comes), and exit waits for that too;
 - an exiting endpoint still completes connections that reach it and says goodbye on
-  them, so its peers see `PeerExited`; a connection reset before authenticating counts
-  as refused (the listener closed with it in the backlog). Only an established
-  connection broken without goodbye is `PeerLost`.
+  them, so its peers see `PeerExited`. Only evidence that the process is gone makes a
+  peer `PeerExited`: a goodbye, a connect refused (nothing listens at its port), or
+  another process answering at its address. An established connection broken without
+  goodbye is `PeerLost`.
+- an attempt that ends otherwise during set-up (EOF or reset during the handshake, the
+  set-up timeout, a connect error) proves nothing: the peer's listener may have
+  evicted it or be too loaded to accept in time. It is retried with back-off (the
+  set-up timeout doubling after each timeout) for `SETUP_RETRY_FOR` seconds, and only
+  then is the peer `PeerLost`, with the last reason. Queued messages wait meanwhile: no
+  data goes out before set-up completes, so nothing is sent twice. A handshake that
+  fails authentication is never retried.
 
 Strangers (issue 13). At most `MAX_UNAUTHENTICATED` accepted connections may be
 authenticating at once: a newcomer over the cap evicts the oldest, since an honest
@@ -46,8 +54,9 @@ import threading
 import time
 import weakref
 from collections import OrderedDict, deque
+from collections.abc import Callable
 
-from deploy_core import ChannelExists, DeployError, Pid
+from deploy_core import ChannelExists, DeployError, PeerExited, PeerLost, Pid
 
 from . import _wire
 from ._connection import SETUP_TIMEOUT, Connection
@@ -76,6 +85,8 @@ _RECEIVER_CONNECT_DELAY = 0.05
 MAX_UNAUTHENTICATED = 128
 _ACCEPT_BATCH = 32
 _BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
+#: How long set-up that failed with the peer possibly alive is retried (see above).
+SETUP_RETRY_FOR = 60.0
 _NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _EVICTION_LOG_EVERY = 10.0
 PROTECT_CHOICES = ("off", "remote", "all")
@@ -87,21 +98,44 @@ class EndpointState:
     live: weakref.WeakSet = weakref.WeakSet()
 
 
+def _why(error: BaseException) -> str:
+    # What PeerLost says of how the connection ended.
+    if isinstance(error, ConnectionResetError):
+        return "connection reset"
+    if isinstance(error, TimeoutError):
+        return "timed out"
+    if isinstance(error, EOFError):
+        return "the connection closed without a goodbye"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[:1].lower() + error.strerror[1:]
+    return str(error) or type(error).__name__
+
+
+def _link_of(conn: Connection) -> Link:
+    # Connections reach these handlers only once their hello has given them a link.
+    link = conn.link
+    assert link is not None, f"{conn!r} has no link"
+    return link
+
+
 def _is_loopback(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return host == "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack listener's view of an IPv4 peer
+    return address.is_loopback
 
 
 def _parse_address(address: str | tuple[str, int]) -> tuple[str, int]:
     if isinstance(address, tuple):
         host, port = address
         return str(host), int(port)
-    host, sep, port = str(address).rpartition(":")
+    host, sep, port_text = str(address).rpartition(":")
     if not sep:
         raise ValueError(f"invalid address {address!r}: expected 'host:port'")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    return host.strip("[]") or "127.0.0.1", int(port_text)
 
 
 class Endpoint:
@@ -119,6 +153,11 @@ class Endpoint:
 
     ``max_frame_size`` bounds one message: `Sender.send` refuses a bigger one, and a
     bigger frame from a peer drops its connection, so peers should use the same value.
+
+    ``peer_status(pid)``, when given, is asked (in the thread about to raise) what became
+    of a peer that is gone without having said its exit code: it returns the `PeerExited`
+    or `PeerLost` to raise, or None when it does not know. The deploy runtime answers from
+    its record of every process's exit.
     """
 
     def __init__(
@@ -132,6 +171,7 @@ class Endpoint:
         high_water: int = DEFAULT_HIGH_WATER,
         linger: float = DEFAULT_LINGER,
         protect: str = "off",
+        peer_status: Callable[[Pid], PeerExited | PeerLost | None] | None = None,
         keepalive: float | None = None,
     ):
         if not isinstance(secret, (bytes, bytearray)) or not secret:
@@ -143,6 +183,7 @@ class Endpoint:
         self._max_frame_size = int(max_frame_size)
         self._high_water = int(high_water)
         self._linger = float(linger)
+        self._peer_status_of = peer_status
         # Seconds after which a peer that went silent without a FIN (a cut-off machine) is
         # lost: TCP keepalive probes and TCP_USER_TIMEOUT on every connection. None: the
         # kernel's defaults (hours), fine on one machine where a dead peer always resets.
@@ -220,7 +261,11 @@ class Endpoint:
                 link = self._links[key] = Link(self, pid)
                 if key in self._exited:
                     link.death = self._exited[key]
-            ref = weakref.ref(channel, lambda ref, kind=kind, pid=pid: self._close_channel(kind, pid, ref))
+
+            def collected(ref: weakref.ref[object]) -> None:
+                self._close_channel(kind, pid, ref)
+
+            ref = weakref.ref(channel, collected)
             registry[key] = ref
             if kind == "sender":
                 link.has_sender = True
@@ -262,7 +307,7 @@ class Endpoint:
     # --- links (loop thread) --------------------------------------------------------------
 
     def _ensure_connected(self, link: Link) -> None:
-        if link.death is not None or link.conn is not None or link.pending is not None:
+        if link.death is not None or link.conn is not None or link.pending is not None or link.setup_retry:
             return
         if self._draining and not link.out:
             return
@@ -277,7 +322,7 @@ class Endpoint:
         except OSError as error:
             if error.errno not in _NO_DESCRIPTORS:
                 log.warning("deploy.channels: cannot open a socket to %s: %s", link.pid, error)
-                self._set_dead(link, None, lost=True)
+                self._set_dead(link, None, lost=True, reason=_why(error))
                 return
             # Our shortage, not the peer's fault: retry, and never call the peer lost.
             now = time.monotonic()
@@ -303,6 +348,9 @@ class Endpoint:
 
     def _attach(self, link: Link, conn: Connection) -> None:
         conn.opened()
+        link.setup_since = None
+        link.setup_failures = 0
+        link.setup_timeout = SETUP_TIMEOUT
         link.conn = conn
         link.closing = False
         conn.set_reading(not link.paused)
@@ -322,7 +370,7 @@ class Endpoint:
             link.out_bytes += len(self._goodbye_frame)
 
     def _outgoing_hello(self, conn: Connection, pid: Pid) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if link.pending is conn:
             link.pending = None
         if pid.hex != link.pid.hex:
@@ -368,7 +416,7 @@ class Endpoint:
         self._attach(link, conn)
 
     def _duplicate(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         log.debug("deploy.channels: %s refused our connection as a duplicate", link.pid)
         conn.close()
         if link.pending is conn:
@@ -379,8 +427,16 @@ class Endpoint:
             self._loop.call_later(_RETRY_DUPLICATE, self._ensure_connected, link)
 
     def _connection_failed(
-        self, conn: Connection, error: BaseException, *, refused: bool = False, logged: bool = False
+        self,
+        conn: Connection,
+        error: BaseException,
+        *,
+        refused: bool = False,
+        logged: bool = False,
+        final: bool = False,
     ) -> None:
+        # refused: the peer is gone (PeerExited). logged: already reported (a failed
+        # handshake, a protocol error), and like final, never retried into success.
         was = conn.state
         conn.close()
         link = conn.link
@@ -394,7 +450,12 @@ class Endpoint:
             link.pending = None
             if link.conn is None:
                 log.debug("deploy.channels: connecting to %s failed: %s", link.pid, error)
-                self._set_dead(link, None, lost=not refused, reason=str(error))
+                if refused:
+                    self._set_dead(link, None, lost=False)
+                elif logged or final:
+                    self._set_dead(link, None, lost=True, reason=_why(error))
+                else:
+                    self._setup_failed(link, error)
         elif link.conn is conn:
             link.conn = None
             with link.out_lock:
@@ -403,10 +464,61 @@ class Endpoint:
                 self._after_close(link)
             else:
                 log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
-                self._set_dead(link, None, lost=True, reason=str(error))
+                self._set_dead(link, None, lost=True, reason=_why(error))
+
+    def _setup_failed(self, link: Link, error: BaseException) -> None:
+        # The peer may well be alive (see the module comment): try again, for a while.
+        if self._links.get(link.pid.hex) is not link:
+            return
+        if not (link.has_sender or link.has_receiver or link.out):
+            self._forget_setup(link)  # nobody needs the connection now: the next one starts afresh
+            return
+        now = time.monotonic()
+        if link.setup_since is None:
+            link.setup_since = now
+        link.setup_failures += 1
+        if isinstance(error, TimeoutError):
+            link.setup_timeout = min(link.setup_timeout * 2, SETUP_RETRY_FOR)
+        elapsed = now - link.setup_since
+        if elapsed >= SETUP_RETRY_FOR:
+            log.warning(
+                "deploy.channels: gave up connecting to %s after %d failed attempts in %.0fs: %s",
+                link.pid,
+                link.setup_failures,
+                elapsed,
+                error,
+            )
+            self._set_dead(
+                link, None, lost=True, reason=f"no connection set-up succeeded in {elapsed:.0f}s: {_why(error)}"
+            )
+            return
+        if link.setup_failures == 1 or isinstance(error, TimeoutError):
+            log.info("deploy.channels: connecting to %s failed (%s); retrying", link.pid, error)
+        delay = min(_BACKOFF_FIRST * 2 ** (link.setup_failures - 1), _BACKOFF_MAX)
+        link.setup_retry = True
+        self._loop.call_later(delay, self._retry_setup, link)
+
+    def _retry_setup(self, link: Link) -> None:
+        link.setup_retry = False
+        if link.death is not None or link.conn is not None or link.pending is not None:
+            return
+        if self._links.get(link.pid.hex) is not link:
+            return
+        if self._draining and not link.out:
+            return
+        if not (link.has_sender or link.has_receiver or link.out):
+            self._forget_setup(link)
+            return
+        self._ensure_connected(link)
+
+    def _forget_setup(self, link: Link) -> None:
+        link.setup_since = None
+        link.setup_failures = 0
+        link.setup_timeout = SETUP_TIMEOUT
+        self._maybe_forget(link)
 
     def _goodbye(self, conn: Connection, code: int | None) -> None:
-        link = conn.link
+        link = _link_of(conn)
         conn.close()
         if link.conn is conn:
             link.conn = None
@@ -492,7 +604,7 @@ class Endpoint:
         # Never inside a data frame: behind what is queued while writers use this
         # connection, else at once (writers were stopped with nothing queued, see
         # `_stop_writers`, so nothing queued since was partly written here).
-        link = conn.link
+        link = _link_of(conn)
         frame = _wire.control_frame(kind)
         with link.out_lock:
             now = link.wconn is not conn
@@ -527,7 +639,7 @@ class Endpoint:
         self._loop.call_later(self._linger, self._linger_over, link, token)
 
     def _close_request(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if self._is_idle(link) and not self._draining and self._stop_writers(link):
             link.closing = True
             conn.agreed_close = True
@@ -537,7 +649,7 @@ class Endpoint:
             self._send_control(conn, _wire.CLOSE_NO)
 
     def _close_ok(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         conn.agreed_close = True
         conn.close()
         if link.conn is conn:
@@ -552,7 +664,7 @@ class Endpoint:
             self._ensure_connected(link)
 
     def _close_no(self, conn: Connection) -> None:
-        link = conn.link
+        link = _link_of(conn)
         if link.conn is not conn or conn.agreed_close:
             # Both sides asked at once and we agreed to the peer's request: the peer closes
             # this connection as soon as it reads our agreement, so it must carry no more.
@@ -635,6 +747,16 @@ class Endpoint:
 
     # --- closing ------------------------------------------------------------------------------
 
+    def _peer_status(self, pid: Pid) -> PeerExited | PeerLost | None:
+        # User thread (Link.death_error): the runtime's word on a peer gone without a code.
+        if self._peer_status_of is None:
+            return None
+        try:
+            return self._peer_status_of(pid)
+        except Exception as error:  # no better answer than the channel's own
+            log.debug("deploy.channels: could not learn how %s ended: %s", pid, error)
+            return None
+
     def close(self, exit_code: int | None = None, timeout: float = 10.0) -> None:
         """Deliver what was sent, say goodbye (with ``exit_code``) and close; idempotent.
 
@@ -688,10 +810,10 @@ class Endpoint:
         for link in list(self._links.values()):
             if link.death is not None:
                 continue
-            if link.pending is not None or (link.conn is not None and link.closing):
+            if link.pending is not None or link.setup_retry or (link.conn is not None and link.closing):
                 unsettled += 1
                 owed = link.out_bytes - (len(self._goodbye_frame) if link.goodbye_queued else 0)
-                if link.pending is not None and link.pending.state != "connecting" and owed > 0:
+                if owed > 0 and (link.setup_retry or link.pending is not None and link.pending.state != "connecting"):
                     held = True
             unsent += link.out_bytes
             if link.conn is not None:

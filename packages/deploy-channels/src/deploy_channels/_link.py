@@ -9,16 +9,18 @@ so order holds across closing and re-creating them.
 
 from __future__ import annotations
 
+import copy
 import os
 import select
 import threading
 import time
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
 
+from ._connection import SETUP_TIMEOUT
 from ._interrupts import Interrupted
 from .framing import HEADER_SIZE
 
@@ -201,6 +203,13 @@ class Link:
         self.pending: Connection | None = None  # our outgoing attempt
         self.closing = False  # a close request or reply is outstanding
         self.idle_token = 0
+        # Set-up that failed with the peer possibly alive (see Endpoint._setup_failed):
+        # when the first attempt of this series failed, how many failed, whether the next
+        # one is scheduled, and the set-up timeout the next attempt gets.
+        self.setup_since: float | None = None
+        self.setup_failures = 0
+        self.setup_retry = False
+        self.setup_timeout = SETUP_TIMEOUT
         # Incoming: the loop appends, user threads popleft (both atomic on a deque).
         self.inbox: deque = deque()
         self.in_lock = threading.Lock()
@@ -213,10 +222,11 @@ class Link:
         self.paused = False
         self.resume_at = 0  # resume reading once len(inbox) <= this
         self.resume_requested = False
-        self.rx_watchers: set = set()
-        self.tx_watchers: set = set()
+        self.rx_watchers: set[Any] = set()
+        self.tx_watchers: set[Any] = set()
         # (code, lost, reason) once the peer is gone; checked after the inbox is empty.
         self.death: tuple[int | None, bool, str | None] | None = None
+        self._death_error: Exception | None = None  # what death_error() settled on
         self.has_sender = False
         self.has_receiver = False
 
@@ -226,10 +236,17 @@ class Link:
     # --- errors -------------------------------------------------------------------------
 
     def death_error(self) -> Exception:
-        code, lost, reason = self.death
-        if not lost:
-            return PeerExited(self.pid, code)
-        return PeerLost(self.pid, f"lost the connection to peer {self.pid}: {reason}" if reason else None)
+        """User thread: the error for a peer that is gone. Where the peer left no exit code,
+        the endpoint's ``peer_status`` (the runtime's record of exits) may know more."""
+        if self._death_error is None:
+            assert self.death is not None, "the link's peer is not gone"
+            code, lost, reason = self.death
+            known = self.endpoint._peer_status(self.pid) if code is None else None
+            if known is not None:
+                self._death_error = known
+            else:
+                self._death_error = PeerLost(self.pid, reason=reason) if lost else PeerExited(self.pid, code)
+        return copy.copy(self._death_error)  # a fresh one: each raise has its own traceback
 
     def closed_error(self) -> DeployError:
         if self.loop.forked:
@@ -252,6 +269,9 @@ class Link:
             )
         if self.out_bytes >= self.high_water:
             self._wait_tx(deadline, channel)
+        if self.death is not None and not self.shut and channel._link is not None:
+            # Outside the lock: death_error may ask the runtime how the peer ended.
+            raise self.death_error()
         with self.out_lock:
             if channel._link is None:
                 raise channel._closed_error()
@@ -279,7 +299,7 @@ class Link:
                             return
                         frame = _rest(frame, sent)
                         nbytes -= sent
-            if type(frame) is bytes:
+            if isinstance(frame, bytes):
                 out.append(bytearray(frame) if nbytes < _TAIL_MAX else frame)
             else:
                 out.extend(_captured(frame))
@@ -365,7 +385,9 @@ class Link:
     def rx_ready(self) -> bool:
         return bool(self.inbox) or self.death is not None or self.shut
 
-    def take(self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None = None) -> bytes:
+    def take(
+        self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None = None
+    ) -> bytes | bytearray:
         """The next message's payload for ``channel``; blocks until one arrives, the peer
         dies, the deadline passes or the channel is closed (`ChannelClosed`)."""
         inbox = self.inbox
@@ -396,7 +418,7 @@ class Link:
         except ValueError:
             pass
 
-    def put_back(self, payload: bytes, *, direct: bool) -> None:
+    def put_back(self, payload: bytes | bytearray, *, direct: bool) -> None:
         """Return a taken message to the front of the inbox (its recv was interrupted);
         ``direct`` if it was read off the socket and never counted in."""
         self.inbox.appendleft(payload)  # first: a KeyboardInterrupt after it loses nothing
@@ -420,7 +442,9 @@ class Link:
             self.loop.call_soon(self.endpoint._resume_reading, self)
         return payload
 
-    def _wait_rx(self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None) -> bytes:
+    def _wait_rx(
+        self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None
+    ) -> bytes | bytearray:
         waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)
         try:
@@ -522,8 +546,8 @@ def _captured(chunks: list) -> list:
     return [bytes(chunk) if type(chunk) is memoryview and type(chunk.obj) is not bytes else chunk for chunk in chunks]
 
 
-def _rest(frame: bytes | list, sent: int) -> bytes | list:
-    if type(frame) is bytes:
+def _rest(frame: bytes | list[Any], sent: int) -> bytes | list[Any]:
+    if isinstance(frame, bytes):
         return frame[sent:] if sent else frame
     rest = []
     for chunk in frame:

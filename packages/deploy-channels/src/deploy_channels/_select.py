@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import random
+from typing import Any, TypeVar, Union, overload
 
 from ._channel import Receiver, Sender
 from ._link import AsyncWaiter, Waiter, deadline_after, remaining
 
 __all__ = ["aselect", "select"]
 
-Channel = Sender | Receiver
+Channel = Union[Sender[Any], Receiver[Any]]
+# select() returns the very object it was given, so its static type is the union of the
+# arguments' types: overloads up to four channels, one type for any number beyond.
+C = TypeVar("C", bound=Channel)
+C1 = TypeVar("C1", bound=Channel)
+C2 = TypeVar("C2", bound=Channel)
+C3 = TypeVar("C3", bound=Channel)
+C4 = TypeVar("C4", bound=Channel)
 
 
-def _pick(channels: tuple) -> Channel | None:
+def _pick(channels: tuple[Channel, ...]) -> Channel | None:
     # A random starting point keeps a busy channel from starving the others.
     count = len(channels)
     start = random.randrange(count)
@@ -23,12 +31,24 @@ def _pick(channels: tuple) -> Channel | None:
     return None
 
 
-def _validate(channels: tuple) -> None:
+def _validate(channels: tuple[Channel, ...]) -> None:
     if not channels:
         raise ValueError("select() needs at least one channel")
     for channel in channels:
         if not isinstance(channel, (Sender, Receiver)):
             raise TypeError(f"select() takes Senders and Receivers, not {type(channel).__name__}")
+
+
+@overload
+def select(c1: C1, /, *, timeout: float | None = None) -> C1: ...
+@overload
+def select(c1: C1, c2: C2, /, *, timeout: float | None = None) -> C1 | C2: ...
+@overload
+def select(c1: C1, c2: C2, c3: C3, /, *, timeout: float | None = None) -> C1 | C2 | C3: ...
+@overload
+def select(c1: C1, c2: C2, c3: C3, c4: C4, /, *, timeout: float | None = None) -> C1 | C2 | C3 | C4: ...
+@overload
+def select(*channels: C, timeout: float | None = None) -> C: ...
 
 
 def select(*channels: Channel, timeout: float | None = None) -> Channel:
@@ -56,6 +76,18 @@ def select(*channels: Channel, timeout: float | None = None) -> Channel:
     finally:
         for watchers in sets:
             watchers.discard(waiter)
+
+
+@overload
+async def aselect(c1: C1, /) -> C1: ...
+@overload
+async def aselect(c1: C1, c2: C2, /) -> C1 | C2: ...
+@overload
+async def aselect(c1: C1, c2: C2, c3: C3, /) -> C1 | C2 | C3: ...
+@overload
+async def aselect(c1: C1, c2: C2, c3: C3, c4: C4, /) -> C1 | C2 | C3 | C4: ...
+@overload
+async def aselect(*channels: C) -> C: ...
 
 
 async def aselect(*channels: Channel) -> Channel:

@@ -40,9 +40,10 @@ def type_checker(tp: Any) -> Checker | None:
     args = typing.get_args(tp)
     if origin is typing.Union or (hasattr(types, "UnionType") and origin is types.UnionType):
         members = [type_checker(arg) for arg in args]
-        if any(member is None for member in members):
+        checks = [member for member in members if member is not None]
+        if len(checks) < len(members):
             return None
-        return lambda value: any(member(value) for member in members)
+        return lambda value: any(check(value) for check in checks)
     if origin is typing.Literal:
         return lambda value: any(value == arg and type(value) is type(arg) for arg in args)
     if origin is typing.Annotated:

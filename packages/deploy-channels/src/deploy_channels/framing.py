@@ -208,13 +208,14 @@ class FrameDecoder:
         Raises like `next_frame`, after the frames before the bad one have been consumed
         (they are lost to the caller; use `next_frame` to keep each one).
         """
-        out = []
+        out: list[bytes | bytearray] = []
         append = out.append
         large = self._large
         if large is not None:
             frame = self.next_frame()
             if frame is NEED_DATA:
                 return out
+            assert isinstance(frame, (bytes, bytearray)), "a large frame is data, not the end"
             append(frame)
         buf, pos, limit, unpack = self._buf, self._pos, self._max, self._unpack_from
         size = len(buf)
@@ -224,14 +225,14 @@ class FrameDecoder:
             (length,) = unpack(buf, pos)
             if length > limit:
                 self._pos = pos
-                if view is not buf:
+                if isinstance(view, memoryview):  # ours, not buf
                     view.release()
                 raise FrameError(f"frame of {length} bytes exceeds the maximum of {limit}")
             start = pos + HEADER_SIZE
             end = start + length
             if end > size:
                 if length >= _LARGE_FRAME and not self._eof:
-                    if view is not buf:
+                    if isinstance(view, memoryview):
                         view.release()
                     self._start_large(pos, length)
                     return out
@@ -243,7 +244,7 @@ class FrameDecoder:
                 append(view[start:end] if view is buf else bytes(view[start:end]))
             pos = end
         self._pos = pos
-        if view is not buf:
+        if isinstance(view, memoryview):
             view.release()
         if self._eof and pos < size and not out:
             raise FrameError(f"the stream ended in the middle of a frame ({size - pos} bytes left over)")

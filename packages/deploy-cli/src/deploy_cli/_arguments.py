@@ -8,6 +8,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def is_loopback(addr: str) -> bool:
         found = socket.getaddrinfo(host, None, proto=socket.IPPROTO_TCP)
     except OSError:
         return False
-    return bool(found) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in found)
+    return bool(found) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in found)
 
 
 def resources(mem: str, cpu: str) -> Resources:
@@ -75,7 +76,7 @@ def machine_size() -> Resources:
     return Resources(memory, cores)
 
 
-def secret(secret_file: str | None, environ: dict[str, str] | os._Environ[str]) -> bytes:
+def secret(secret_file: str | None, environ: Mapping[str, str]) -> bytes:
     """The cluster secret: ``--secret-file``'s stripped contents, else ``DEPLOY_SECRET``, else ``b""``."""
     if secret_file is not None:
         try:

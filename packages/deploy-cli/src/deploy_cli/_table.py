@@ -84,7 +84,14 @@ def _resources(value: object) -> str:
 
 
 def _memory(value: object) -> str:
-    return str(Mem(int(value))) if isinstance(value, (int, float)) and value >= 0 else "?"
+    # Memory in use is a measurement, not a size someone chose: one decimal of the largest
+    # binary unit reads better than an exact "3984KiB".
+    if not isinstance(value, (int, float)) or value < 0:
+        return "?"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if value >= size:
+            return f"{value / size:.1f}{unit}"
+    return f"{int(value)}B"
 
 
 def _short(value: object) -> str:

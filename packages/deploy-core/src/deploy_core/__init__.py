@@ -22,7 +22,7 @@ from ._errors import (
 from ._pid import Pid
 from ._pid import _from_wire as _from_wire  # pickled pids refer to it here
 from ._protect import Opener, ProtectedSocket, Sealer
-from ._protocol import SpawnReply, SpawnRequest, dumps_user, loads_plain, loads_user
+from ._protocol import SpawnReply, SpawnRequest, dumps_user, loads_plain, loads_user, snapshot_main
 from ._resources import Cpu, Mem, Resources
 from ._version import __version__
 
@@ -57,4 +57,5 @@ __all__ = [
     "env",
     "loads_plain",
     "loads_user",
+    "snapshot_main",
 ]

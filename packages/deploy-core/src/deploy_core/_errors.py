@@ -8,6 +8,8 @@ end of a connection (`AuthenticationError`, `FrameError`) or the value being sen
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AuthenticationError",
     "ChannelClosed",
@@ -28,34 +30,56 @@ class DeployError(Exception):
 class PeerExited(DeployError):
     """The process at the other end of a channel has exited.
 
-    ``code`` is its exit code when known (``None`` otherwise).
+    ``code`` is its exit code, or ``signal`` the name of the signal that killed it
+    (``"SIGKILL"``), when known (``None`` otherwise); ``reason`` is what the runtime
+    knows of why, such as ``"memory limit 20MiB exceeded"``. The message says all three.
     """
 
-    def __init__(self, peer: object = None, code: int | None = None, message: str | None = None):
+    def __init__(
+        self,
+        peer: object = None,
+        code: int | None = None,
+        message: str | None = None,
+        *,
+        signal: str | None = None,
+        reason: str | None = None,
+    ):
         self.peer = peer
         self.code = code
+        self.signal = signal
+        self.reason = reason
         if message is None:
             who = f"peer {peer}" if peer is not None else "peer"
-            status = f" with code {code}" if code is not None else ""
-            message = f"{who} has exited{status}"
+            if signal is not None:
+                message = f"{who} was killed by {signal}"
+            elif code is not None:
+                message = f"{who} has exited with code {code}"
+            else:
+                message = f"{who} has exited"
+            if reason is not None:
+                message += f" ({reason})"
         super().__init__(message)
 
-    def __reduce__(self):
-        return (type(self), (self.peer, self.code, str(self)))
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.peer, self.code, str(self)), {"signal": self.signal, "reason": self.reason})
 
 
 class PeerLost(DeployError):
-    """The connection to a peer broke without the peer exiting cleanly."""
+    """The connection to a peer broke without the peer exiting cleanly.
 
-    def __init__(self, peer: object = None, message: str | None = None):
+    ``reason`` says how when known: ``"connection reset"``, ``"node lost"``, ``"timed out"``.
+    """
+
+    def __init__(self, peer: object = None, message: str | None = None, *, reason: str | None = None):
         self.peer = peer
+        self.reason = reason
         if message is None:
             who = f"peer {peer}" if peer is not None else "peer"
-            message = f"lost the connection to {who}"
+            message = f"lost the connection to {who}" + (f": {reason}" if reason is not None else "")
         super().__init__(message)
 
-    def __reduce__(self):
-        return (type(self), (self.peer, str(self)))
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.peer, str(self)), {"reason": self.reason})
 
 
 class ChannelClosed(DeployError):
@@ -80,3 +104,18 @@ class FrameError(DeployError):
 
 class SerializationError(DeployError, TypeError):
     """A function or value could not be pickled to send it to another process."""
+
+
+# Tracebacks name an error by its module: users import these from deploy_core (or deploy).
+for _error in (
+    DeployError,
+    PeerExited,
+    PeerLost,
+    ChannelClosed,
+    ChannelExists,
+    NoCapacity,
+    AuthenticationError,
+    FrameError,
+    SerializationError,
+):
+    _error.__module__ = "deploy_core"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = ["Pid"]
 
@@ -67,7 +68,7 @@ class Pid:
     def __repr__(self) -> str:
         return f"Pid({self.format()!r})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         # One bytes value (16 raw id bytes, 2 port bytes, the host) rebuilt by a function
         # pickled under the package's short name keeps a pickled pid under 80 bytes.
         raw = bytes.fromhex(self.hex) + self.port.to_bytes(2, "big") + self.host.encode("utf-8", "surrogatepass")

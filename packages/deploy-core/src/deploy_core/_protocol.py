@@ -16,15 +16,38 @@ again inside another pickle; `SpawnRequest.encode_parts` gives the pieces to wri
 scatter-gather call (no concatenation), and `SpawnRequest.decode` slices the received
 buffer with memoryviews instead of copying. Out-of-band buffers are not copied at all
 before they are written, and unpickle as views of the received buffer.
+
+How user values are pickled, so that a traceback in the receiving process points at the
+user's code:
+- Every process of a run starts from the program's ``__main__`` as it was at ``init()``
+  (forked from that snapshot locally; on a cluster node, the script run up to
+  ``init()``). A function or class of ``__main__`` that was already there then is found
+  by module and name, so it travels by reference, like a function of an imported module,
+  as long as what it reads of ``__main__``'s globals is what the receiving side has too:
+  every global name its code uses is bound to the same object as at ``init()``, and that
+  object is not mutable data (a list, a dict, an instance...) that may have changed in
+  place. Otherwise it travels by value, with those globals as they are now, as
+  cloudpickle sends them.
+- Anything else of ``__main__`` (lambdas, closures, what was defined after ``init()``)
+  travels by value with cloudpickle, which renames every code object it ships
+  ``<dynamic-code>``; here code objects travel through ``marshal`` instead and keep their
+  file name and line numbers (``marshal``, like cloudpickle's own code reducer, needs the
+  same Python version at both ends). The code's own source lines travel with it: where
+  the file is not at that path (another machine, the bundle unpacked elsewhere), they
+  are registered with ``linecache``, so the traceback still shows them.
 """
 
 from __future__ import annotations
 
 import io
+import linecache
+import marshal
 import os
 import pickle
 import struct
 import sys
+import types
+from collections import ChainMap
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +59,7 @@ from ._errors import DeployError, SerializationError
 from ._pid import Pid
 from ._resources import Resources
 
-__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_plain", "loads_user"]
+__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_plain", "loads_user", "snapshot_main"]
 
 # 2: requests carry the working directory and sys.path; 3: a request is a header and raw parts.
 VERSION = 3
@@ -46,6 +69,129 @@ _HEADER_LENGTH = struct.Struct(">I")
 _PREFIX = len(_REQUEST) + 1 + _HEADER_LENGTH.size
 
 Buffer = bytes | bytearray | memoryview
+
+
+# The functions and classes __main__ held when snapshot_main() was called (at init()), by
+# name; and every global's value then if it is immutable (a global rebound since is not
+# what the receiving side has), or a marker if it is not (mutable data may have changed in
+# place, so a function that reads it goes by value).
+_main_at_init: dict[str, object] = {}
+_globals_at_init: dict[str, object] = {}
+_MISSING = object()
+_MUTABLE = object()
+# Values a function may read from __main__ without going by value: they cannot have changed
+# in place since init(), so the same object there means the same value here.
+_IMMUTABLE = (
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    type,
+    int,
+    float,
+    complex,
+    str,
+    bytes,
+    bool,
+    frozenset,
+    type(None),
+)
+
+
+def snapshot_main() -> None:
+    """Record ``__main__`` as every process of the run starts with it (call it at ``init()``,
+    where the fork server is snapshotted): its functions and classes then travel by reference."""
+    main = sys.modules.get("__main__")
+    _main_at_init.clear()
+    _globals_at_init.clear()
+    if main is not None:
+        namespace = vars(main)
+        _main_at_init.update(
+            (name, obj) for name, obj in namespace.items() if isinstance(obj, (types.FunctionType, type))
+        )
+        _globals_at_init.update((name, obj if _immutable(obj) else _MUTABLE) for name, obj in namespace.items())
+
+
+def _in_main_at_init(obj: object) -> bool:
+    names = getattr(obj, "__qualname__", "").split(".")
+    if "<locals>" in names or names == [""]:
+        return False
+    found = _main_at_init.get(names[0])
+    for name in names[1:]:
+        found = getattr(found, name, None)
+    return found is obj and _reads_main_as_at_init(obj)
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _reads_main_as_at_init(obj: object) -> bool:
+    """Whether every global of ``__main__`` that ``obj``'s code (a function's, or a class's
+    methods') names is the object it was at init() and cannot have changed in place."""
+    if isinstance(obj, type):
+        codes = [member.__code__ for member in vars(obj).values() if isinstance(member, types.FunctionType)]
+    else:
+        codes = [obj.__code__] if isinstance(obj, types.FunctionType) else []
+    main = sys.modules.get("__main__")
+    namespace = vars(main) if main is not None else {}
+    for code in codes:
+        for name in _global_names(code):
+            value = namespace.get(name, _MISSING)
+            if value is _MISSING:
+                if name in _globals_at_init:  # deleted since init(): the other side still has it
+                    return False
+                continue  # a builtin, an attribute's name, or not a global at all
+            if _globals_at_init.get(name, _MISSING) is not value:
+                return False
+    return True
+
+
+def _immutable(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_immutable(item) for item in value)
+    return isinstance(value, _IMMUTABLE)
+
+
+def _last_line(code: types.CodeType) -> int:
+    last = max((line for _, _, line in code.co_lines() if line is not None), default=code.co_firstlineno)
+    nested = (_last_line(const) for const in code.co_consts if isinstance(const, types.CodeType))
+    return max([last, *nested])
+
+
+def _code_reduce(code: types.CodeType) -> tuple[Any, ...]:
+    first = code.co_firstlineno
+    source = linecache.getlines(code.co_filename)[first - 1 : _last_line(code)]
+    return _load_code, (marshal.dumps(code), first, source)
+
+
+def _load_code(data: bytes, first: int, source: list[str]) -> types.CodeType:
+    code: types.CodeType = marshal.loads(data)
+    filename = code.co_filename
+    if source and not os.path.exists(filename):
+        entry = linecache.cache.get(filename)
+        lines = list(entry[2]) if entry is not None and len(entry) == 4 else []  # 1-tuples: lazy
+        lines += [""] * max(0, first - 1 + len(source) - len(lines))
+        lines[first - 1 : first - 1 + len(source)] = source
+        # No mtime: linecache.checkcache keeps the entry instead of looking for the file.
+        linecache.cache[filename] = (sum(map(len, lines)), None, lines, filename)
+    return code
+
+
+class _UserPickler(cloudpickle.Pickler):  # type: ignore[misc]  # cloudpickle has no annotations
+    dispatch_table = ChainMap({types.CodeType: _code_reduce}, cloudpickle.Pickler.dispatch_table)
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (
+            isinstance(obj, (types.FunctionType, type))
+            and getattr(obj, "__module__", None) == "__main__"
+            and _in_main_at_init(obj)
+        ):
+            return obj.__qualname__  # pickled as the global __main__.<qualname>
+        return super().reducer_override(obj)
 
 
 def _out_of_band(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], bool]:
@@ -60,14 +206,19 @@ def _out_of_band(buffers: list[memoryview]) -> Callable[[pickle.PickleBuffer], b
 
 
 def dumps_user(value: Any, what: str, buffers: list[memoryview] | None = None) -> bytes:
-    """Cloudpickle a user's function or value; on failure name it and say why.
+    """Pickle a user's function or value for another process of the run; on failure name
+    it and say why. Functions and classes of ``__main__`` that `snapshot_main` saw travel
+    by reference, anything else by value with cloudpickle, code keeping its file name.
 
     With ``buffers``, pickle-5 out-of-band buffers are appended there instead of copied in.
     """
     try:
+        out = io.BytesIO()
         if buffers is None:
-            return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        return cloudpickle.dumps(value, protocol=5, buffer_callback=_out_of_band(buffers))
+            _UserPickler(out, protocol=pickle.HIGHEST_PROTOCOL).dump(value)
+        else:
+            _UserPickler(out, protocol=5, buffer_callback=_out_of_band(buffers)).dump(value)
+        return out.getvalue()
     except Exception as error:
         try:
             shown = repr(value)
@@ -122,11 +273,11 @@ def _cwd() -> str:
         return ""
 
 
-def _encode(magic: bytes, fields: tuple) -> bytes:
+def _encode(magic: bytes, fields: tuple[object, ...]) -> bytes:
     return magic + bytes([VERSION]) + pickle.dumps(fields, protocol=5)
 
 
-def _decode(magic: bytes, data: bytes, name: str) -> tuple:
+def _decode(magic: bytes, data: bytes, name: str) -> tuple[Any, ...]:
     if not isinstance(data, (bytes, bytearray, memoryview)) or bytes(data[:3]) != magic or len(data) < 4:
         raise DeployError(f"not a {name} message")
     if data[3] != VERSION:
@@ -134,7 +285,7 @@ def _decode(magic: bytes, data: bytes, name: str) -> tuple:
     return _decode_plain(memoryview(data)[4:], name)
 
 
-def _decode_plain(data: memoryview, name: str) -> tuple:
+def _decode_plain(data: memoryview, name: str) -> tuple[Any, ...]:
     try:
         fields = _PlainUnpickler(io.BytesIO(data)).load()
     except Exception as error:  # whatever a crafted pickle makes the unpickler raise

@@ -6,6 +6,7 @@ import math
 import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Any
 
 __all__ = ["Cpu", "Mem", "Resources"]
 
@@ -69,7 +70,7 @@ class Mem(int):
             return NotImplemented
         return Mem(int(self) - int(other))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (Mem, (int(self),))
 
 
@@ -106,7 +107,7 @@ class Cpu(float):
     def __repr__(self) -> str:
         return f"Cpu({float(self)!r})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (Cpu, (float(self),))
 
 
@@ -175,5 +176,5 @@ class Resources:
     def __repr__(self) -> str:
         return f"Resources(mem={str(self.mem)!r}, cpu={float(self.cpu)!r})"
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (Resources, (int(self.mem), float(self.cpu)))

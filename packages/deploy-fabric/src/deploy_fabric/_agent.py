@@ -34,7 +34,7 @@ from deploy_core import DeployError, Pid, Resources
 from . import _process as process_side
 from . import _wire as wire
 from ._bundle import BundleCache
-from ._node import ZygoteLink, flush_kept, send_or_keep
+from ._node import ZygoteLink, flush_all, sealed_waiting, send_or_keep
 from ._version import __version__
 from ._wire import Kind
 
@@ -95,11 +95,11 @@ class Agent:
     def send(self, message: tuple) -> None:
         if self.closed:
             return
-        if send_or_keep(self.sock, self._outbox, wire.encode(message)):
+        if send_or_keep(self.sock, self._outbox, wire.encode(message)) or sealed_waiting(self.sock):
             self._selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._ready)
 
     def _ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and not flush_kept(self.sock, self._outbox):
+        if mask & selectors.EVENT_WRITE and not flush_all(self.sock, self._outbox):
             self._selector.modify(self.sock, selectors.EVENT_READ, self._ready)
         if not mask & selectors.EVENT_READ:
             return
@@ -138,7 +138,7 @@ class Agent:
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == Kind.PING:
-            self.send((Kind.PONG, message[1], self._memory()))
+            self.send((Kind.PONG, message[1], self._memory() if message[2] else None))
         elif kind == Kind.RUN:
             self._run(*message[1:])
         elif kind == Kind.BUNDLE:
@@ -305,12 +305,17 @@ class Agent:
                 _reap_later.remove(process)
 
     def _memory(self) -> dict[str, int]:
-        """Memory in use (RSS) by each live process on this node, by pid."""
+        """Memory each live process on this node owns, by pid: its USS (what it does not
+        share with the zygote it was forked from, as its limits count it), else its RSS."""
         usage: dict[str, int] = {}
         for run in self._runs.values():
             for pid, os_pid in run.link.os_pids().items():
                 try:
-                    usage[pid.hex] = psutil.Process(os_pid).memory_info().rss
+                    process = psutil.Process(os_pid)
+                    try:
+                        usage[pid.hex] = process.memory_full_info().uss
+                    except (psutil.AccessDenied, AttributeError):
+                        usage[pid.hex] = process.memory_info().rss
                 except psutil.Error:
                     pass
         return usage

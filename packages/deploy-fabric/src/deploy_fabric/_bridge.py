@@ -46,7 +46,11 @@ class Bridge:
         self._out.exit(pid, code, signal_name, reason)
         if code != 0 or signal_name is not None:
             # (The monitor's decoding owns signal names: SIGRTMIN+2 has no signal.Signals member.)
-            self.failed(code if signal_name is None else 128 - Exit(code=None, signal=signal_name).returncode)
+            self.failed(
+                (1 if code is None else code)
+                if signal_name is None
+                else 128 - Exit(code=None, signal=signal_name).returncode
+            )
 
     def failed(self, code: int) -> None:
         """The run fails with ``code`` unless it has failed already."""

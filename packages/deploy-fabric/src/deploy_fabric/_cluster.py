@@ -36,11 +36,14 @@ from ._connections import (
     MASTER,
     NODE,
     PING_EVERY,
+    PROTECT,
     PUSH,
     STATUS,
     Channel,
     Loop,
     accept_authenticated,
+    announce,
+    bound,
     cache_directory,
     connect_authenticated,
     daemon_setup,
@@ -168,10 +171,13 @@ class _MasterDaemon:
     ):
         self.loop = Loop()
         self.secret = secret
-        self.bind = bind
         self.host = parse_addr(bind)[0]
         self.listener = listen(bind)
+        self.bind = bind = bound(self.listener, bind)  # (BIND may say port 0)
         self.bridge_listener = listen(bridge_bind) if bridge_bind else None
+        bridge = bound(self.bridge_listener, bridge_bind) if self.bridge_listener and bridge_bind else "none"
+        listed = ", ".join(f"{addr} ({size})" for addr, size in workers) or "none"
+        announce(f"master {bind} ({capacity}), bridge {bridge}, listed workers: {listed}")
         self.cache = BundleCache(cache_directory())
         self.nodes: dict[str, _NodeRecord] = {}
         self.static: dict[str, Resources] = dict(workers)
@@ -284,6 +290,8 @@ class _MasterDaemon:
     def _from_node(self, record: _NodeRecord, message: tuple) -> None:
         kind = message[0]
         if kind == Kind.PONG:
+            if message[2] is None:  # a heartbeat's answer
+                return
             record.memory = {str(key): int(value) for key, value in dict(message[2]).items()}
             for _, waiting, _ in self.status_waiting:
                 waiting.discard(record.node.name)
@@ -416,7 +424,7 @@ class _MasterDaemon:
             selector=self.loop.selector,
             scheduler=self.scheduler,
             handle_for=lambda node: _RunOnNode(self, run, self.nodes[node.name]),
-            protect="remote",  # a run's processes protect what leaves their machine (issue 13)
+            protect=PROTECT,
         )
         self.runs[run.run_id] = run
         state["run"] = run
@@ -433,7 +441,7 @@ class _MasterDaemon:
     def _ask_status(self, channel: Channel) -> None:
         """Answer once every node has reported its processes' memory afresh (1 s at most)."""
         for record in self.nodes.values():
-            record.channel.send((Kind.PING, time.time()))
+            record.channel.send((Kind.PING, time.time(), True))
         self.status_waiting.append((channel, set(self.nodes), time.monotonic() + 1.0))
         self._answer_status()
 
@@ -492,7 +500,7 @@ class _MasterDaemon:
                     if now - record.channel.seen > LOST_AFTER:
                         self._node_lost(record, f"no heartbeat for {LOST_AFTER:.0f} s")
                     else:
-                        record.channel.send((Kind.PING, time.time()))
+                        record.channel.send((Kind.PING, time.time(), False))
                 self.own_agent.reap()
             timeout = min(0.2, max(0.0, self.next_ping - now))
             self._answer_status()

@@ -26,10 +26,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
-from deploy_core import AuthenticationError, DeployError, authenticate, env
+from deploy_core import AuthenticationError, DeployError, ProtectedSocket, authenticate, env
 
 from . import _wire as wire
-from ._node import flush_kept, send_or_keep
+from ._node import flush_all, sealed_waiting, send_or_keep
 
 __all__ = ["Channel", "Loop", "accept_authenticated", "connect_authenticated"]
 
@@ -45,6 +45,14 @@ NODE = "node"
 BRIDGE = "bridge"
 PUSH = "push"
 STATUS = "status"
+
+# Frame protection (deploy_core.ProtectedSocket) on every fabric connection whose peer is
+# not on this machine: daemons, pushes, a run's control connections and its channels.
+PROTECT = "remote"
+# Internal, for tests: "1" protects the daemons' own connections (node<->master,
+# push/status<->bridge) on loopback too, so that one machine can exercise them. Every
+# daemon, push and status of the cluster must then have it (there is no negotiation).
+PROTECT_ALL = "DEPLOY_PROTECT_ALL"
 
 PING_EVERY = 1.0  # the master pings each node this often
 LOST_AFTER = 4.0  # a peer daemon silent this long is lost (DESIGN: within 5 s)
@@ -72,6 +80,18 @@ def listen(addr: str) -> socket.socket:
     return sock
 
 
+def bound(listener: socket.socket, addr: str) -> str:
+    """``addr`` with the port the listener really has (BIND may ask for port 0)."""
+    host = parse_addr(addr)[0]
+    port = listener.getsockname()[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def announce(line: str) -> None:
+    """One line on stderr when a daemon starts serving, so its terminal does not look hung."""
+    print(f"deploy fabric: {line}", file=sys.stderr, flush=True)
+
+
 def keepalive(sock: socket.socket) -> None:
     """Cut-off peers show as errors within about 5 s, not the kernel's two hours."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -83,8 +103,10 @@ def keepalive(sock: socket.socket) -> None:
 
 
 def daemon_setup() -> None:
-    if os.environ.get(env.LOG):
-        logging.basicConfig(level=logging.DEBUG, stream=sys.stderr, format="deploy[%(process)d] %(name)s: %(message)s")
+    # A daemon's stderr is its log: warnings (a dropped connection, a lost node) always go
+    # there (DESIGN §4: a bad connection is closed and logged), tracing with DEPLOY_LOG.
+    level = logging.DEBUG if os.environ.get(env.LOG) else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stderr, format="deploy[%(process)d] %(name)s: %(message)s")
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
@@ -185,11 +207,13 @@ class Channel:
         loop.selector.register(sock, selectors.EVENT_READ, self._ready)
 
     def send(self, message: tuple) -> None:
-        if not self.closed and send_or_keep(self.sock, self._outbox, wire.encode(message)):
+        if self.closed:
+            return
+        if send_or_keep(self.sock, self._outbox, wire.encode(message)) or sealed_waiting(self.sock):
             self._loop.selector.modify(self.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, self._ready)
 
     def _ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE and not flush_kept(self.sock, self._outbox) and not self.closed:
+        if mask & selectors.EVENT_WRITE and not flush_all(self.sock, self._outbox) and not self.closed:
             self._loop.selector.modify(self.sock, selectors.EVENT_READ, self._ready)
         if not mask & selectors.EVENT_READ or self.closed:
             return
@@ -244,19 +268,20 @@ def accept_authenticated(
 
     def handshake(sock: socket.socket) -> None:
         try:
-            peer = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0).peer
+            done = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0)
+            ready = protected(sock, done.key, initiator=False, peer=done.peer)
         except (AuthenticationError, OSError) as error:
             log.warning("dropped a connection that failed authentication: %s", error)
             sock.close()
             return
         finally:
             pending.release()
-        if not peer.startswith(peers):
-            log.warning("dropped a connection from %r, which has no business on the %s port", peer, identity)
+        if not done.peer.startswith(peers):
+            log.warning("dropped a connection from %r, which has no business on the %s port", done.peer, identity)
             sock.close()
             return
         sock.settimeout(None)
-        loop.post(lambda: on_ready(sock))
+        loop.post(lambda: on_ready(ready))
 
     def resume() -> None:
         if listener.fileno() >= 0:
@@ -295,7 +320,9 @@ def connect_authenticated(
         raise DeployError(f"cannot reach {addr}: {error.strerror or error}") from None
     keepalive(sock)
     try:
-        authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
+        done = authenticate(sock, secret, initiator=True, identity=identity, wanted=wanted, timeout=timeout)
+        sock.settimeout(None)
+        return protected(sock, done.key, initiator=True, peer=wanted)
     except AuthenticationError as error:
         sock.close()
         raise AuthenticationError(f"{addr} refused this secret ({error})") from None
@@ -304,5 +331,13 @@ def connect_authenticated(
         if isinstance(error, (ConnectionResetError, BrokenPipeError)) or not error.strerror:
             raise AuthenticationError(f"{addr} closed the connection during authentication: wrong secret?") from None
         raise DeployError(f"lost {addr} during authentication: {error.strerror}") from None
-    sock.settimeout(None)
-    return sock
+
+
+def protected(sock: socket.socket, key: bytes, *, initiator: bool, peer: str) -> socket.socket:
+    """``sock``, or a `ProtectedSocket` around it when its peer is on another machine
+    (DESIGN §4: connections that cross machines protect every frame). Both ends judge the
+    address their socket reports for the other, so they agree without negotiating."""
+    setting = "all" if os.environ.get(PROTECT_ALL) == "1" else PROTECT
+    if not wire.protects(setting, sock.getpeername()[0]):
+        return sock
+    return ProtectedSocket(sock, key, initiator=initiator, peer=peer)  # type: ignore[return-value]

@@ -59,6 +59,9 @@ log = logging.getLogger("deploy.fabric")
 
 # How long processes get to report their exit after Ctrl-C.
 _INTERRUPT_GRACE = 2.0
+# After Ctrl-C, what the monitors say of the processes they stop (or of themselves being
+# stopped) is reported as "interrupted".
+_STOPPED_BY_INTERRUPT = (None, "bridge lost", "its monitor died", "interrupted")
 _HANDSHAKE_TIMEOUT = 10.0
 #: Connections that may be authenticating at once (see the module comment).
 MAX_UNAUTHENTICATED = 128
@@ -94,6 +97,8 @@ class _Process:
     resources: Resources
     node: Node
     exited: bool = False
+    status: tuple[int | None, str | None, str | None] = (None, None, None)  # code, signal, reason
+    asking: list[_Conn] = field(default_factory=list)  # waiting to hear how it ends (PEER_EXIT)
     started: float = field(default_factory=time.time)
 
 
@@ -368,8 +373,11 @@ class Master:
             if pid.hex != conn.peer:
                 raise DeployError(f"its hello names pid {pid}, but it authenticated as {conn.peer!r}")
             conn.pid = pid.hex
+            self._send(conn, wire.encode((Kind.HELLO_PROCESS, message[1])))  # set-up is done
         elif kind == Kind.SPAWN and len(message) == 2:
             self._spawn_requested(conn, message[1])
+        elif kind == Kind.PEER_EXIT and len(message) == 2 and isinstance(message[1], str):
+            self._peer_exit_asked(conn, message[1])
         else:
             raise DeployError(f"unexpected {kind.value!r} message")
 
@@ -395,9 +403,14 @@ class Master:
         process = self._processes.get(pid.hex)
         if process is None or process.exited:
             return
-        if self._interrupted is not None and reason in ("bridge lost", "its monitor died"):
-            reason = "interrupted"
+        if self._interrupted is not None and signal_name is not None and reason in _STOPPED_BY_INTERRUPT:
+            reason = "interrupted"  # DESIGN §5: the user stopped the run, whatever killed it
         process.exited = True
+        process.status = (code, signal_name, reason)
+        for conn in process.asking:
+            if conn.sock.fileno() >= 0:
+                self._send(conn, wire.encode((Kind.PEER_EXITED, *process.status)))
+        process.asking.clear()
         self._bridge.exited(pid, code, signal_name, reason)
         assert self._scheduler is not None
         self._scheduler.release(process.node, process.resources)
@@ -415,6 +428,15 @@ class Master:
             for pending in self._queue:
                 self._fail(pending, why)
             self._queue.clear()
+
+    def _peer_exit_asked(self, conn: _Conn, pid_hex: str) -> None:
+        process = self._processes.get(pid_hex)
+        if process is None:
+            self._send(conn, wire.encode((Kind.PEER_EXITED, None, None, None)))
+        elif process.exited:
+            self._send(conn, wire.encode((Kind.PEER_EXITED, *process.status)))
+        else:  # its channels saw it go before its monitor reported: answer on its exit
+            process.asking.append(conn)
 
     def node_lost(self, name: str) -> None:
         """A node is gone: its processes exited with reason 'node lost'."""

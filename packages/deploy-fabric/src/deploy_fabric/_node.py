@@ -363,6 +363,7 @@ def _warm_up(sample: bytes, secret: bytes) -> None:
     _ = dict(os.environ) == request.env
     function, argument = request.function_and_argument()
     function(request.parent, argument)
+    assert request.parent is not None, "the sample request names a parent"
     initiator = Handshake(secret, initiator=True, identity=request.parent.hex, wanted=wire.BRIDGE)
     acceptor = Handshake(secret, initiator=False, identity=wire.BRIDGE)
     for source, target in ((initiator, acceptor), (acceptor, initiator), (initiator, acceptor)):
@@ -579,3 +580,22 @@ def flush_kept(sock: socket.socket, outbox: bytearray) -> bool:
         return False
     del outbox[:sent]
     return bool(outbox)
+
+
+def sealed_waiting(sock: socket.socket) -> bool:
+    """Whether a `ProtectedSocket` holds sealed bytes the kernel has not taken yet."""
+    pending = getattr(sock, "pending_out", None)
+    return bool(pending is not None and pending())
+
+
+def flush_all(sock: socket.socket, outbox: bytearray) -> bool:
+    """On a writable socket: send what waits (sealed bytes first, then ``outbox``); True
+    while something still does."""
+    if sealed_waiting(sock):
+        try:
+            if not sock.flush():  # type: ignore[attr-defined]
+                return True
+        except OSError:
+            outbox.clear()
+            return False
+    return flush_kept(sock, outbox) or sealed_waiting(sock)

@@ -21,11 +21,23 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import deploy_channels
 from deploy_channels.framing import FrameDecoder
-from deploy_core import AuthenticationError, DeployError, NoCapacity, Pid, Resources, SpawnReply, SpawnRequest, env
+from deploy_core import (
+    AuthenticationError,
+    DeployError,
+    NoCapacity,
+    PeerExited,
+    PeerLost,
+    Pid,
+    Resources,
+    SpawnReply,
+    SpawnRequest,
+    env,
+    snapshot_main,
+)
 from deploy_monitor import OrphanReaper, become_subreaper, child_pids, exit_code, flush_stdio
 
 from . import _wire as wire
@@ -40,6 +52,11 @@ __all__ = ["init", "pid", "resources", "spawn", "try_spawn"]
 
 log = logging.getLogger("deploy.fabric")
 _HOST = "127.0.0.1"
+# How long a channel's error waits for the master to hear of a peer's exit from its monitor.
+_PEER_STATUS_WAIT = 2.0
+_SETUP_TIMEOUT = 10.0  # for the master's echo of our hello, once authenticated
+_SETUP_RETRY_FOR = 60.0  # how long a control connection's failed set-up is retried
+A = TypeVar("A")  # what a spawned function takes as its argument
 
 # Internal variables with which a cluster node starts `python SCRIPT ARGS` as a run's zygote.
 ZYGOTE = "DEPLOY_ZYGOTE"  # "top": its first fork is the top process; "spawns": forks only
@@ -117,6 +134,7 @@ def init(resources: Resources | None = None) -> None:
     fabric = listener.getsockname()[:2]
     requests_out, requests_in = socket.socketpair()
     replies_in, replies_out = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    snapshot_main()  # what every process forked from the zygote will have
     flush_stdio()
     become_subreaper()  # if the zygote dies, what its processes started comes to us (see _end_orphans)
     before = child_pids()  # the script's own, from before init(): not the run's to end
@@ -178,6 +196,7 @@ def _serve_cluster_node() -> None:
     _bundle_root = os.environ.pop(BUNDLE, None)
     _protect = "remote"
     _configure_logging()
+    snapshot_main()  # every node ran the script this far: what its zygote's forks will have
     flush_stdio()
     top = serve(
         socket.socket(fileno=requests_fd),
@@ -192,12 +211,12 @@ def _serve_cluster_node() -> None:
     _become(top.pid, None, top.resources, fabric, secret, endpoint)
 
 
-def spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None = None) -> Pid:
+def spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None = None) -> Pid:
     """Start ``fn(deploy.pid(), arg)`` in a new process; blocks while there is no capacity."""
     return _spawn(fn, arg, resources, block=True)
 
 
-def try_spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None = None) -> Pid:
+def try_spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None = None) -> Pid:
     """Like spawn(), but raises NoCapacity at once when no node has room."""
     return _spawn(fn, arg, resources, block=False)
 
@@ -218,28 +237,86 @@ def _require(what: str) -> _Process:
     return _me
 
 
-def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None, *, block: bool) -> Pid:
-    me = _require("spawn" if block else "try_spawn")
-    request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
+def _ask(
+    me: _Process, parts: list[bytes | bytearray | memoryview], *, timeout: float | None = None
+) -> tuple[object, ...] | None:
+    """Send one frame of ``parts`` to the master on this thread's control connection; its
+    answer, or None if the connection failed or no answer came within ``timeout`` seconds."""
     connection = getattr(_control, "connection", None)
     if connection is None:
-        try:
-            hello = (Kind.HELLO_PROCESS, me.pid.format())
-            connection = wire.connect(me.fabric, me.secret, me.pid.hex, hello, protect=_protect)
-        except (OSError, AuthenticationError) as error:  # out of fds here or there; the fabric gone
-            why = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
-            raise DeployError(f"cannot connect to the fabric to spawn: {why}") from None
-        _control.connection, _control.decoder = connection, FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
+        connection = _control_connection(me)
     try:
-        wire.send_parts(connection, request.encode_parts())  # (the argument is not copied again)
-        message = wire.recv_message(connection, _control.decoder)
-    except OSError as error:
-        message = None
+        wire.send_parts(connection, parts)
+        connection.settimeout(timeout)
+        reply = wire.recv_message(connection, _control.decoder)
+        connection.settimeout(None)
+    except OSError as error:  # a timeout too: the late answer would be read as the next one's
+        reply = None
         log.debug("control connection failed: %s", error)
-    if message is None:
+    if reply is None:
         connection.close()
         _control.connection = None
+    return reply
+
+
+def _control_connection(me: _Process) -> socket.socket:
+    # This thread's control connection, set up once the master has echoed our hello: only
+    # then is the set-up done and a request sent on it surely read. A connection that
+    # ends or times out before that proves nothing (the fabric port evicts the oldest of
+    # its connections authenticating when a flood holds it): it is retried with back-off
+    # for `_SETUP_RETRY_FOR`, no request having been sent on it. A refused connect (the
+    # fabric is gone), a descriptor shortage or a failed authentication is reported at once.
+    hello = (Kind.HELLO_PROCESS, me.pid.format())
+    give_up = time.monotonic() + _SETUP_RETRY_FOR
+    delay = 0.01
+    while True:
+        decoder = FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
+        connection = None
+        try:
+            connection = wire.connect(me.fabric, me.secret, me.pid.hex, hello, protect=_protect)
+            connection.settimeout(_SETUP_TIMEOUT)
+            echo = wire.recv_message(connection, decoder)
+            connection.settimeout(None)
+            if echo is None:
+                raise ConnectionResetError("the fabric closed the connection before answering the hello")
+            if echo[0] != Kind.HELLO_PROCESS:
+                raise DeployError(f"the fabric answered the hello with {echo[0].value!r}")
+            _control.connection, _control.decoder = connection, decoder
+            return connection
+        except (ConnectionRefusedError, AuthenticationError, DeployError) as error:
+            _close_quietly(connection)
+            raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
+        except (ConnectionError, TimeoutError) as error:
+            _close_quietly(connection)
+            if time.monotonic() + delay >= give_up:
+                raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
+            log.debug("control connection set-up failed (%s); retrying", error)
+        except OSError as error:  # out of fds here or there
+            _close_quietly(connection)
+            raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
+        time.sleep(delay)  # back-off before the next attempt (this thread waits for it anyway)
+        delay = min(delay * 2, 1.0)
+
+
+def _close_quietly(connection: Any) -> None:
+    if connection is not None:
+        try:
+            connection.close()
+        except OSError:
+            pass
+
+
+def _why_failed(error: BaseException) -> str:
+    return error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+
+
+def _spawn(fn: Callable[[Pid, A], object], arg: A, resources: Resources | None, *, block: bool) -> Pid:
+    me = _require("spawn" if block else "try_spawn")
+    request = SpawnRequest.build(fn, arg, Resources.default() if resources is None else resources, me.pid, block=block)
+    message = _ask(me, request.encode_parts())  # (the argument is not copied again)
+    if message is None:
         raise DeployError("lost the connection to the fabric while spawning")
+    assert isinstance(message[1], bytes)
     reply = SpawnReply.decode(message[1])
     if reply.no_capacity:
         raise NoCapacity(reply.error)
@@ -248,11 +325,32 @@ def _spawn(fn: Callable[[Pid, Any], Any], arg: Any, resources: Resources | None,
     return reply.pid
 
 
+def _peer_status(peer: Pid) -> PeerExited | PeerLost | None:
+    # The channels' question (Endpoint peer_status) for a peer gone without an exit code:
+    # the master has every exit, or has it as soon as the peer's monitor reports.
+    if _me is None:
+        return None
+    answer = _ask(_me, [wire.dumps((Kind.PEER_EXIT, peer.hex))], timeout=_PEER_STATUS_WAIT)
+    if answer is None or len(answer) != 4 or answer[1:] == (None, None, None):
+        return None
+    _, code, signal_name, reason = answer
+    if reason == "node lost":  # DESIGN §3: reported exited, but its peers lost it
+        return PeerLost(peer, reason="node lost")
+    return PeerExited(
+        peer,
+        code if isinstance(code, int) else None,
+        signal=signal_name if isinstance(signal_name, str) else None,
+        reason=reason if isinstance(reason, str) else None,
+    )
+
+
 def start_endpoint(
     pid: Pid, listener: socket.socket, *, secret: bytes, keepalive: float | None = None, protect: str = "off"
 ) -> deploy_channels.Endpoint:
     """This process's endpoint, on the port the zygote bound for it."""
-    endpoint = deploy_channels.Endpoint(secret=secret, sock=listener, pid=pid, keepalive=keepalive, protect=protect)
+    endpoint = deploy_channels.Endpoint(
+        secret=secret, sock=listener, pid=pid, keepalive=keepalive, protect=protect, peer_status=_peer_status
+    )
     deploy_channels.set_default_endpoint(endpoint)
     return endpoint
 
@@ -302,12 +400,16 @@ def _call(request: SpawnRequest) -> int:
     its exit code, as the interpreter gives it."""
     try:
         function, argument = request.function_and_argument(release=True)  # (the received job freed)
+    except BaseException as error:  # one sentence: the traceback would be the unpickler's
+        print(f"deploy: this process could not load the function it was spawned to run: {error!r}", file=sys.stderr)
+        return 1
+    try:
         function(request.parent, argument)
         code = 0
     except SystemExit as exit:
         code = exit_code(exit.code)
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as error:
+        _print_user_traceback(error)
         code = 1
     _wait_for_threads()
     return code
@@ -325,7 +427,7 @@ def _localised(request: SpawnRequest, root: str) -> SpawnRequest:
             return path
         return os.path.join(root, *parts[parts.index(name) + 1 :])
 
-    fields = {"cwd": here(request.cwd)}
+    fields: dict[str, Any] = {"cwd": here(request.cwd)}
     if hasattr(request, "path"):
         fields["path"] = tuple(here(entry) for entry in request.path)
     return dataclasses.replace(request, **fields)
@@ -351,6 +453,14 @@ def _enter(directory: str) -> None:
     except OSError:
         pass
     os.chdir(directory)
+
+
+def _print_user_traceback(error: BaseException) -> None:
+    # The traceback starts at the user's function: the frame that called it is ours.
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    traceback.print_exception(type(error), error, tb)
 
 
 def _machine() -> Resources:

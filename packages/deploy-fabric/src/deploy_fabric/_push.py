@@ -19,6 +19,7 @@ import time
 from typing import Any
 
 from deploy_core import DeployError, Pid, Resources
+from deploy_core._protect import TamperedError  # (a ConnectionError, so not a public DeployError)
 
 from . import _wire as wire
 from ._bridge import Bridge
@@ -55,14 +56,19 @@ def push(
     decoder = wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE)
     interrupted: list[float] = []
 
+    def interrupt() -> None:
+        try:
+            send((Kind.INTERRUPT,))
+        except OSError:
+            pass
+
     def on_sigint(signum: int, frame: Any) -> None:
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(time.monotonic())
-        try:
-            sock.sendall(wire.encode((Kind.INTERRUPT,)))
-        except OSError:
-            pass
+        # Not from this handler: the main thread may be amid a send (a frame half written,
+        # the lock of a protected socket held), so another thread waits its turn.
+        threading.Thread(target=interrupt, daemon=True).start()
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     started_stdin = False
@@ -110,6 +116,8 @@ def _next(sock: socket.socket, decoder: wire.FrameDecoder, events: Bridge) -> tu
         if ready:
             try:
                 data = sock.recv(1 << 18)
+            except TamperedError as error:
+                raise DeployError(f"dropped the protected connection with the bridge: {error}") from None
             except OSError:
                 data = b""
             decoder.feed(data)
@@ -141,6 +149,8 @@ def status(bridge: str, secret: bytes) -> dict:
         sock.settimeout(10.0)
         try:
             message = wire.recv_message(sock, wire.FrameDecoder(max_frame_size=wire.MAX_MESSAGE))
+        except TamperedError as error:
+            raise DeployError(f"dropped the protected connection with the bridge: {error}") from None
         except (OSError, TimeoutError):
             message = None
         if message is None:

@@ -26,10 +26,11 @@ import enum
 import ipaddress
 import pickle
 import socket
+import time
 from typing import Any
 
 from deploy_channels.framing import CLOSED, NEED_DATA, FrameDecoder, encode_frame, frame_header
-from deploy_core import DeployError, ProtectedSocket, SpawnRequest, authenticate, loads_plain
+from deploy_core import DeployError, Handshake, ProtectedSocket, SpawnRequest, loads_plain
 
 __all__ = [
     "FrameDecoder",
@@ -55,7 +56,12 @@ PROTECT_CHOICES = ("off", "remote", "all")
 
 
 def protects(setting: str, host: str) -> bool:
-    """Whether a connection with a peer at ``host`` is protected under ``setting``."""
+    """Whether a connection with a peer at ``host`` is protected under ``setting``.
+
+    Both ends must decide alike, so each passes the address its connected socket reports
+    for the other (``getpeername``), never a name it dialed: a name of this machine, or
+    0.0.0.0, reaches loopback, and the acceptor sees 127.0.0.1. An IPv4-mapped address
+    (a dual-stack listener's view) counts as the IPv4 address it maps."""
     if setting not in PROTECT_CHOICES:
         raise ValueError(f"protect must be one of {', '.join(PROTECT_CHOICES)}, not {setting!r}")
     if setting == "off":
@@ -63,17 +69,25 @@ def protects(setting: str, host: str) -> bool:
     if setting == "all":
         return True
     try:
-        return not ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+        address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
         return host != "localhost"
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return not address.is_loopback
 
 
 class Kind(str, enum.Enum):
     """What a control message is; its fields follow it in the tuple."""
 
-    HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection
+    HELLO_PROCESS = "process"  # process -> master: (kind, pid_text), first on its connection;
+    # master -> process: the same back once it has authenticated and read it (set-up done)
     SPAWN = "spawn"  # process -> master: (kind, SpawnRequest bytes), sent as the raw request
     SPAWNED = "spawned"  # master -> process: (kind, SpawnReply bytes)
+    PEER_EXIT = "peer-exit"  # process -> master: (kind, pid hex): how did it end?
+    # master -> process, once that process has exited: (kind, code, signal, reason); all
+    # None at once for a pid that is not one of the run's
+    PEER_EXITED = "peer-exited"
     OUTPUT = "output"  # monitor -> node: (kind, fd, data)
     EXIT = "exit"  # monitor -> node: (kind, code, signal, reason)
     FORK = "fork"  # node -> zygote: (kind, ticket, SpawnRequest bytes | None for the top process, resources)
@@ -87,8 +101,8 @@ class Kind(str, enum.Enum):
     BUNDLE = "bundle"  # master -> node, push -> master: (digest, data)
     STOP = "stop"  # master -> node: (run,)
     STDIN = "stdin"  # push -> master: (data,); master -> node: (run, data); b"" is the end
-    PING = "ping"  # master -> node: (sent,)
-    PONG = "pong"  # node -> master: (sent, {pid hex: memory bytes})
+    PING = "ping"  # master -> node: (sent, measure: bool) — a heartbeat, or a status request
+    PONG = "pong"  # node -> master: (sent, {pid hex: memory bytes} if measured else None)
     RUN_FAILED = "run-failed"  # node -> master: (run, why): its zygote is gone
     # FORK/FORKED/OUTPUT/EXIT between master and node carry (run, ...) before their fields.
 
@@ -173,13 +187,35 @@ def introduce(
     sock.settimeout(timeout)
     sock.connect(addr)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    handshake = authenticate(sock, secret, initiator=True, identity=identity, wanted=BRIDGE, timeout=timeout)
+    handshake = _authenticate(sock, secret, identity, timeout)
     sock.settimeout(None)
     channel: socket.socket = sock
-    if protects(protect, addr[0]):
+    if protects(protect, sock.getpeername()[0]):
         channel = ProtectedSocket(sock, handshake.key, initiator=True, peer=BRIDGE)  # type: ignore[assignment]
     send_message(channel, hello)
     return channel
+
+
+def _authenticate(sock: socket.socket, secret: bytes, identity: str, timeout: float) -> Handshake:
+    # deploy_core.authenticate, except that a connection that ends or times out during
+    # the handshake raises the OSError it is (ConnectionResetError, TimeoutError): that
+    # proves nothing about either side (the fabric port may have evicted it, over its cap
+    # of connections authenticating), so the caller may retry it. AuthenticationError is
+    # kept for an answer that fails the check, which a retry cannot mend.
+    handshake = Handshake(secret, initiator=True, identity=identity, wanted=BRIDGE)
+    deadline = time.monotonic() + timeout
+    while True:
+        out = handshake.data_to_send()
+        if out:
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            sock.sendall(out)
+        if handshake.done:
+            return handshake
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        data = sock.recv(handshake.bytes_needed())
+        if not data:
+            raise ConnectionResetError("the fabric closed the connection during the handshake")
+        handshake.receive_data(data)
 
 
 def load(frame: Any) -> tuple:
@@ -206,7 +242,7 @@ class MessageReader:
     def feed(self, data: bytes) -> list[tuple]:
         """Messages completed by ``data`` (``b""`` marks the end of the stream)."""
         self._decoder.feed(data)
-        messages = []
+        messages: list[tuple[Any, ...]] = []
         while True:
             frame = self._decoder.next_frame()
             if frame is NEED_DATA:

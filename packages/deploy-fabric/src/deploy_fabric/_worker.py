@@ -23,6 +23,8 @@ from ._connections import (
     NODE,
     Loop,
     accept_authenticated,
+    announce,
+    bound,
     cache_directory,
     connect_authenticated,
     daemon_setup,
@@ -42,21 +44,19 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
     loop = Loop()
     host = parse_addr(bind)[0]
     listener = listen(bind)
+    bind = bound(listener, bind)  # (BIND may say port 0)
     cache = BundleCache(cache_directory())
     agents: list[Agent] = []
-    last_ping: dict[int, float] = {}
 
     def on_closed(agent: Agent) -> None:
         if agent in agents:
             agents.remove(agent)
-        last_ping.pop(id(agent), None)
         if join is not None and loop.stopping is None:
             joining()
 
     def adopt(sock: socket.socket) -> None:
         agent = Agent(sock, loop.selector, name=bind, host=host, capacity=capacity, cache=cache, on_closed=on_closed)
         agents.append(agent)
-        last_ping[id(agent)] = time.monotonic()
 
     def joining() -> None:
         assert join is not None
@@ -75,6 +75,7 @@ def serve_worker(bind: str, capacity: Resources, secret: bytes, *, join: str | N
         threading.Thread(target=attempt, daemon=True).start()
 
     accept_authenticated(listener, secret, NODE, (MASTER,), loop, adopt)
+    announce(f"worker {bind} ({capacity}), " + (f"joining {join}" if join else "waiting for its master"))
     if join is not None:
         joining()
     loop.install_signals()

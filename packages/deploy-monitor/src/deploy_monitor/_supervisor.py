@@ -332,7 +332,7 @@ class Supervisor:
         self._children[pid] = child
         for fd in (out_r, err_r):
             os.set_blocking(fd, False)
-            self._listen(fd, select.POLLIN, lambda events, fd=fd: child._readable(fd), owned=True)
+            self._listen(fd, select.POLLIN, lambda events, fd=fd: child._readable(fd), owned=True)  # type: ignore[misc]
         if _USE_PIDFD:
             try:
                 child.pidfd = os.pidfd_open(pid)
