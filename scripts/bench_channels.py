@@ -66,6 +66,9 @@ _ROUND_TIMEOUT = 300.0
 # there (the loop thread is not covered: use py-spy for that).
 PROFILE = os.environ.get("DEPLOY_BENCH_PROFILE")
 
+# A raw socket round trip over this means wake-ups from idle dominate (see `report`).
+_WAKE_BOUND = 30e-6
+
 PARENT_SENDS = "parent->child"
 CHILD_SENDS = "child->parent"
 DIRECTIONS = (PARENT_SENDS, CHILD_SENDS)
@@ -698,6 +701,15 @@ def report(all_results: dict[str, dict]) -> dict[str, float]:
             ratios[key] = ratio
             verdict = "" if passes is None else ("  ok" if passes(ratio) else "  MISSED")
             print(f"  {key:58s} {ratio:6.2f}x  [{target}]{verdict}")
+    rtt = all_results.get("rtt")
+    if rtt is not None and "raw socket (pickle)" in rtt[PARENT_SENDS]:
+        raw = statistics.median(r.value for d in DIRECTIONS for r in rtt[d]["raw socket (pickle)"])
+        if raw > _WAKE_BOUND:
+            print(
+                f"  note: the raw socket's round trip is {raw * 1e6:.0f} µs, so waking an idle CPU dominates "
+                "every peer's round trip (seen on VMs whose vCPUs halt when idle); the round-trip ratio then "
+                "hides deploy's own cost per message (a raw loopback round trip is ~10-15 µs on CPUs that are not idle)"
+            )
     for name in ("array64", "bytearray64"):
         results = all_results.get(name)
         if results is None:
