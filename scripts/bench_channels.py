@@ -350,9 +350,9 @@ PEERS = (
 )
 
 
-def _have_zmq() -> bool:
+def _have(module: str) -> bool:
     try:
-        import zmq  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
@@ -742,7 +742,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         PROTECT = os.environ["DEPLOY_BENCH_PROTECT"] = args.protect
     rounds = args.rounds or (1 if args.quick else 5)
     chosen = args.only or [*WORKLOADS, "memory"]
-    zmq = _have_zmq()
+    zmq = _have("zmq")
     peers = [p for p in PEERS if p.key == "deploy" or (args.peers is None or p.key in args.peers)]
     peers = [p for p in peers if zmq or p.transport != "zmq"]
     print(
@@ -750,6 +750,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{'' if zmq else ' (pyzmq is not installed)'}; {rounds} round(s)",
         flush=True,
     )
+    if "array64" in chosen and not _have("numpy"):
+        print("numpy is not installed (pip install -e .[bench]): skipping the array workload")
+        chosen = [name for name in chosen if name != "array64"]
     all_results: dict[str, dict] = {}
     for name in chosen:
         if name == "memory":
