@@ -347,7 +347,7 @@ def test_the_fabric_port_and_a_process_endpoint_of_a_run_survive_hostile_input(t
         not_served=not_served(),
         failures=[line.strip() for line in errors if "legit client failed" in line][:3],
     )
-    # A legitimate connection evicted amid the flood is retried (deploy-channels: a set-up
-    # that ends is retried; deploy-fabric: a spawn's control connection likewise): every
-    # legitimate client is served.
-    assert not_served() == 0, "; ".join(line.strip() for line in errors if "legit client failed" in line)[:500]
+    # A legitimate connection evicted by the cap on unauthenticated connections (1,000 idle
+    # ones) during its set-up is retried, on a process endpoint and on the fabric port:
+    # every legitimate client is served.
+    assert not not_served(), "; ".join(line.strip() for line in errors if "legit client failed" in line)[:600]

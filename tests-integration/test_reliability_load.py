@@ -22,13 +22,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(900 if FULL else 240)
 MACHINE_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.xfail(
-    condition=FULL,
-    strict=False,  # it depends on the machine's load: strict would fail on a quiet machine
-    reason="load-dependent: at 1,000 processes on 2 cores, connection set-up to a live peer passed the 10 s "
-    "SETUP_TIMEOUT and made that peer PeerLost for good, so about 100 of the all-to-all's receivers failed; "
-    "deploy-channels now retries a timed-out set-up for up to 60 s, and this size has not been re-run since",
-)
 def test_many_processes_alive_with_all_to_all_and_thousands_of_channels(script):
     alive, mesh = scaled(100, 1000), scaled(20, 100)
     job = script(
