@@ -29,6 +29,8 @@ be read from the kernel's zero page and flatter everyone).
     python scripts/bench_channels.py --quick          # a short smoke run
     python scripts/bench_channels.py --only 1mib ints --peers deploy mp-bytes --rounds 3
     python scripts/bench_channels.py --protect all    # deploy with frame protection
+    DEPLOY_BENCH_PROFILE=/tmp/prof python scripts/bench_channels.py --only 1mib --peers deploy
+        # cProfile of the user thread of both sides of every round, one .prof file each
 
 Machines are shared and noisy: compare the ratios, measured side by side, not the
 absolute rates.
@@ -60,6 +62,12 @@ ACK = b"ack"
 _ZMQ_NOCOPY = 64 * 1024
 # A round that takes longer than this is stuck: its child is killed.
 _ROUND_TIMEOUT = 300.0
+# A directory: each side's user thread runs each round under cProfile and dumps its stats
+# there (the loop thread is not covered: use py-spy for that).
+PROFILE = os.environ.get("DEPLOY_BENCH_PROFILE")
+
+# A raw socket round trip over this means wake-ups from idle dominate (see `report`).
+_WAKE_BOUND = 30e-6
 
 PARENT_SENDS = "parent->child"
 CHILD_SENDS = "child->parent"
@@ -342,9 +350,9 @@ PEERS = (
 )
 
 
-def _have_zmq() -> bool:
+def _have(module: str) -> bool:
     try:
-        import zmq  # noqa: F401
+        __import__(module)
     except ImportError:
         return False
     return True
@@ -356,9 +364,31 @@ def _have_zmq() -> bool:
 # COUNT round trips itself. The child's last stdout line is "<idle rss> <peak rss> <extra>".
 
 
+def _profiled(name: str, fn, *args):
+    """``fn(*args)``, under cProfile into PROFILE/name-<pid>.prof when PROFILE is set."""
+    if not PROFILE:
+        return fn(*args)
+    import cProfile
+
+    profile = cProfile.Profile()
+    try:
+        return profile.runcall(fn, *args)
+    finally:
+        os.makedirs(PROFILE, exist_ok=True)
+        profile.dump_stats(os.path.join(PROFILE, f"{name}-{os.getpid()}.prof"))
+
+
 def _child(transport: str, mode: str, role: str, workload_name: str, count: int) -> None:
     workload = WORKLOADS[workload_name]
     ends = _child_open(transport, mode)
+    name = f"child-{transport}-{mode}-{workload_name}-{role}"
+    idle, extra = _profiled(name, _child_side, ends, role, workload, count)
+    ends.close()
+    print(idle, peak_rss(), extra, flush=True)
+
+
+def _child_side(ends: Ends, role: str, workload: Workload, count: int) -> tuple[int, str]:
+    """The child's part of a round: (idle RSS, what to report)."""
     send, recv = ends.send, ends.recv
     extra = "-"
     if role == "sink":
@@ -390,8 +420,7 @@ def _child(transport: str, mode: str, role: str, workload_name: str, count: int)
         extra = repr(statistics.median(times[count // 10 :]))
     else:
         raise SystemExit(f"unknown role {role}")
-    ends.close()
-    print(idle, peak_rss(), extra, flush=True)
+    return idle, extra
 
 
 @dataclass
@@ -400,6 +429,45 @@ class Result:
     parent_peak: int  # above idle, bytes
     child_peak: int
     note: str = ""
+
+
+def _parent_side(ends: Ends, role: str, workload: Workload, count: int) -> tuple[float, int, str]:
+    """The parent's timed part of a round: (elapsed or round-trip time, idle RSS, note)."""
+    send, recv, clock = ends.send, ends.recv, time.perf_counter
+    note = ""
+    if role == "sink":
+        value = make_value(workload)
+        idle = reset_peak()
+        start = clock()
+        for _ in range(count):
+            send(value)
+        recv()
+        elapsed = clock() - start
+    elif role == "source":
+        idle = reset_peak()
+        start = clock()
+        send(GO)
+        for _ in range(count - 1):
+            recv()
+        last = recv()
+        elapsed = clock() - start
+        note = "writable" if check_value(last, workload) else "read-only"
+    elif role == "echo":
+        idle = reset_peak()
+        times = []
+        for i in range(count):
+            start = clock()
+            send(i)
+            recv()
+            times.append(clock() - start)
+        elapsed = statistics.median(times[count // 10 :])
+    else:  # the child pings
+        idle = reset_peak()
+        send(GO)
+        for _ in range(count):
+            send(recv())
+        elapsed = 0.0
+    return elapsed, idle, note
 
 
 def run_round(peer: Peer, workload: Workload, direction: str, count: int) -> Result:
@@ -411,40 +479,8 @@ def run_round(peer: Peer, workload: Workload, direction: str, count: int) -> Res
     watchdog = threading.Timer(_ROUND_TIMEOUT, proc.kill)
     watchdog.start()
     try:
-        send, recv, clock = ends.send, ends.recv, time.perf_counter
-        note = ""
-        if role == "sink":
-            value = make_value(workload)
-            idle = reset_peak()
-            start = clock()
-            for _ in range(count):
-                send(value)
-            recv()
-            elapsed = clock() - start
-        elif role == "source":
-            idle = reset_peak()
-            start = clock()
-            send(GO)
-            for _ in range(count - 1):
-                recv()
-            last = recv()
-            elapsed = clock() - start
-            note = "writable" if check_value(last, workload) else "read-only"
-        elif role == "echo":
-            idle = reset_peak()
-            times = []
-            for i in range(count):
-                start = clock()
-                send(i)
-                recv()
-                times.append(clock() - start)
-            elapsed = statistics.median(times[count // 10 :])
-        else:  # the child pings
-            idle = reset_peak()
-            send(GO)
-            for _ in range(count):
-                send(recv())
-            elapsed = 0.0
+        name = f"parent-{peer.transport}-{peer.mode}-{workload.name}-{role}"
+        elapsed, idle, note = _profiled(name, _parent_side, ends, role, workload, count)
         parent_peak = peak_rss() - idle
         line = proc.stdout.readline().split()
         if len(line) != 3:
@@ -470,7 +506,9 @@ def run_round(peer: Peer, workload: Workload, direction: str, count: int) -> Res
         value = count / elapsed
     else:
         value = count * workload.size / elapsed / 1e6
-    return Result(value, parent_peak, child_peak, "" if note in ("", "-", "writable") else note)
+    # Writability is news only where the sender's object was writable (not for bytes).
+    shown = note if note == "read-only" and workload.kind in ("array", "bytearray") else ""
+    return Result(value, parent_peak, child_peak, shown)
 
 
 # --- a workload: alternating rounds, both directions ----------------------------------------
@@ -663,6 +701,15 @@ def report(all_results: dict[str, dict]) -> dict[str, float]:
             ratios[key] = ratio
             verdict = "" if passes is None else ("  ok" if passes(ratio) else "  MISSED")
             print(f"  {key:58s} {ratio:6.2f}x  [{target}]{verdict}")
+    rtt = all_results.get("rtt")
+    if rtt is not None and "raw socket (pickle)" in rtt[PARENT_SENDS]:
+        raw = statistics.median(r.value for d in DIRECTIONS for r in rtt[d]["raw socket (pickle)"])
+        if raw > _WAKE_BOUND:
+            print(
+                f"  note: the raw socket's round trip is {raw * 1e6:.0f} µs, so waking an idle CPU dominates "
+                "every peer's round trip (seen on VMs whose vCPUs halt when idle); the round-trip ratio then "
+                "hides deploy's own cost per message (a raw loopback round trip is ~10-15 µs on CPUs that are not idle)"
+            )
     for name in ("array64", "bytearray64"):
         results = all_results.get(name)
         if results is None:
@@ -695,7 +742,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         PROTECT = os.environ["DEPLOY_BENCH_PROTECT"] = args.protect
     rounds = args.rounds or (1 if args.quick else 5)
     chosen = args.only or [*WORKLOADS, "memory"]
-    zmq = _have_zmq()
+    zmq = _have("zmq")
     peers = [p for p in PEERS if p.key == "deploy" or (args.peers is None or p.key in args.peers)]
     peers = [p for p in peers if zmq or p.transport != "zmq"]
     print(
@@ -703,6 +750,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         f"{'' if zmq else ' (pyzmq is not installed)'}; {rounds} round(s)",
         flush=True,
     )
+    if "array64" in chosen and not _have("numpy"):
+        print("numpy is not installed (pip install -e .[bench]): skipping the array workload")
+        chosen = [name for name in chosen if name != "array64"]
     all_results: dict[str, dict] = {}
     for name in chosen:
         if name == "memory":

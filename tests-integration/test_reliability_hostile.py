@@ -346,11 +346,7 @@ def test_the_fabric_port_and_a_process_endpoint_of_a_run_survive_hostile_input(t
         not_served=not_served(),
         failures=[line.strip() for line in errors if "legit client failed" in line][:3],
     )
-    if not_served():  # not every time: it takes a legitimate connection accepted amid the flood
-        pytest.xfail(
-            "a legitimate connection can be evicted by the cap on unauthenticated connections (1,000 idle "
-            "ones): on a process endpoint the evicted sender takes it as 'peer exited' and drops its message "
-            "(deploy-channels); on the fabric port the spawn fails with 'lost the connection to the fabric' "
-            f"(deploy-fabric). {not_served()} legitimate client(s) not served: "
-            + "; ".join(line.strip() for line in errors if "legit client failed" in line)[:300]
-        )
+    # A legitimate connection evicted by the cap on unauthenticated connections (1,000 idle
+    # ones) during its set-up is retried, on a process endpoint and on the fabric port:
+    # every legitimate client is served.
+    assert not not_served(), "; ".join(line.strip() for line in errors if "legit client failed" in line)[:600]

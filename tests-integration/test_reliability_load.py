@@ -22,13 +22,6 @@ pytestmark = [pytest.mark.reliability, pytest.mark.timeout(900 if FULL else 240)
 MACHINE_MEMORY = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-@pytest.mark.xfail(
-    condition=FULL,
-    strict=False,  # it depends on the machine's load: strict would fail on a quiet machine
-    reason="deploy-channels: at 1,000 processes on 2 cores, connection set-up to a live peer passes the "
-    "10 s SETUP_TIMEOUT and the failed attempt makes that peer PeerLost for good (no retry): about 100 "
-    "of the all-to-all's receivers fail",
-)
 def test_many_processes_alive_with_all_to_all_and_thousands_of_channels(script):
     alive, mesh = scaled(100, 1000), scaled(20, 100)
     job = script(

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import SECRET
-from deploy_channels import Endpoint, Receiver, Sender, _endpoint, _link
+from deploy_channels import Endpoint, Receiver, Sender, _connection, _endpoint, _link
 from deploy_core import PeerExited, PeerLost, Pid
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,8 +98,8 @@ def test_a_connection_ended_before_the_handshake_is_retried_and_nothing_is_lost(
 
 
 def test_a_set_up_timeout_is_retried_and_the_message_delivered(make_endpoint, flaky, monkeypatch):
-    monkeypatch.setattr(_link, "SETUP_TIMEOUT", 0.5)
-    monkeypatch.setattr(_endpoint, "SETUP_TIMEOUT", 0.5)
+    for module in (_connection, _link, _endpoint):
+        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.5, raising=False)
     a = make_endpoint()
     peer = flaky(drop=1, how="silent")
     tx = Sender(peer.pid, endpoint=a)
@@ -123,7 +123,7 @@ def test_a_receiver_waits_through_failed_set_ups_for_a_live_peer(make_endpoint, 
 
 
 def test_set_up_that_keeps_failing_ends_in_peer_lost_with_the_reason(make_endpoint, monkeypatch):
-    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.0)
+    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.0, raising=False)
     a = make_endpoint()
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
@@ -164,3 +164,82 @@ def test_a_peer_whose_port_no_longer_listens_is_exited_at_once(make_endpoint):
     with pytest.raises(PeerExited):
         Receiver(gone, endpoint=a).recv(timeout=5)
     assert time.monotonic() - start < 2
+
+
+def test_an_exiting_sender_waits_through_failed_set_ups_and_delivers(make_endpoint, flaky):
+    a = make_endpoint()
+    peer = flaky(drop=3, how="reset")
+    tx = Sender(peer.pid, endpoint=a)
+    for i in range(5):
+        tx.send(i)
+    a.close(exit_code=0, timeout=10)  # exit: its drain waits for the retries
+    assert peer.ready.wait(20)
+    assert peer.endpoint is not None
+    rx = Receiver(a.pid, endpoint=peer.endpoint)
+    assert [rx.recv(timeout=10) for _ in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(PeerExited) as info:
+        rx.recv(timeout=10)
+    assert info.value.code == 0
+
+
+def test_a_failed_authentication_is_not_retried(make_endpoint):
+    from deploy_core import Handshake
+
+    a = make_endpoint()
+    listener = socket.create_server(("127.0.0.1", 0))
+    pid = Pid.new("127.0.0.1", listener.getsockname()[1])
+    accepted = []
+
+    def impostor() -> None:
+        # Claims the wanted identity but does not know the secret: its proof fails.
+        listener.settimeout(0.2)
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                continue
+            accepted.append(sock)
+            sock.settimeout(5)
+            handshake = Handshake(b"another secret", initiator=False, identity=pid.hex)
+            try:
+                while True:  # read the hello, send the challenge (with a MAC under the wrong key)
+                    handshake.receive_data(sock.recv(handshake.bytes_needed()))
+                    out = handshake.data_to_send()
+                    if out:
+                        sock.sendall(out)
+                        break
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=impostor, daemon=True)
+    thread.start()
+    try:
+        start = time.monotonic()
+        with pytest.raises(PeerLost):
+            Receiver(pid, endpoint=a).recv(timeout=5)
+        assert time.monotonic() - start < 2
+        thread.join(10)
+        assert len(accepted) == 1, "a failed authentication was retried"
+    finally:
+        for sock in accepted:
+            sock.close()
+        listener.close()
+
+
+def test_set_up_timeouts_are_retried_within_the_bound(make_endpoint, monkeypatch):
+    for module in (_connection, _link, _endpoint):
+        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.3, raising=False)
+    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.5, raising=False)
+    a = make_endpoint()
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts in the kernel, never answers
+    try:
+        pid = Pid.new("127.0.0.1", listener.getsockname()[1])
+        start = time.monotonic()
+        with pytest.raises(PeerLost) as info:
+            Receiver(pid, endpoint=a).recv(timeout=10)
+        took = time.monotonic() - start
+        assert "no connection set-up succeeded" in str(info.value.reason)
+        assert 1.4 <= took < 3.5, took  # retried until the bound, not past it
+    finally:
+        listener.close()

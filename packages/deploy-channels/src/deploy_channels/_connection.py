@@ -117,6 +117,7 @@ class Connection:
         self.decoder = FrameDecoder(_SETUP_MAX_FRAME)
         self.setup_in = bytearray()  # the handshake bytes received (at most ~600)
         self.setup_timeout = link.setup_timeout if link is not None else SETUP_TIMEOUT
+        self.started = time.monotonic()
         self.replaced = False  # another process answered at the pid's address
         self.pre_out = bytearray()
         self.reading = True  # not paused by back-pressure
@@ -155,8 +156,8 @@ class Connection:
             )
             return
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            error = OSError(err, errno.errorcode.get(err, str(err)))
-            self.endpoint._connection_failed(self, error, refused=err == errno.ECONNREFUSED)
+            failure = OSError(err, errno.errorcode.get(err, str(err)))
+            self.endpoint._connection_failed(self, failure, refused=err == errno.ECONNREFUSED)
             return
         self.loop.register(self.fd, WRITE, self.on_event)
         self.loop.call_later(self.setup_timeout, self._setup_deadline)
@@ -628,8 +629,8 @@ def _handshake_identities(raw: bytes | bytearray) -> tuple[bytes, bytes] | None:
     if len(raw) < 39:
         return None
     first, second = raw[37], raw[38]
-    if len(raw) < 39 + first + second:
-        return None
+    if not first or not second or len(raw) < 39 + first + second:
+        return None  # (a failure before the identities: nothing to answer or learn)
     return bytes(raw[39 : 39 + first]), bytes(raw[39 + first : 39 + first + second])
 
 

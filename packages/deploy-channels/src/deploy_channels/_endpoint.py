@@ -23,8 +23,9 @@ The acceptor decides which connection survives, and both sides must agree on it:
 - an attempt that ends otherwise during set-up (EOF or reset during the handshake, the
   set-up timeout, a connect error) proves nothing: the peer's listener may have
   evicted it or be too loaded to accept in time. It is retried with back-off (the
-  set-up timeout doubling after each timeout) for `SETUP_RETRY_FOR` seconds, and only
-  then is the peer `PeerLost`, with the last reason. Queued messages wait meanwhile: no
+  set-up timeout doubling after each timeout, within the bound) for `SETUP_RETRY_FOR`
+  seconds from the first attempt, and only then is the peer `PeerLost`, with the last
+  reason (the runtime's ``peer_status`` may still say it exited). Queued messages wait meanwhile: no
   data goes out before set-up completes, so nothing is sent twice. A handshake that
   fails authentication is never retried.
 
@@ -455,7 +456,7 @@ class Endpoint:
                 elif logged or final:
                     self._set_dead(link, None, lost=True, reason=_why(error))
                 else:
-                    self._setup_failed(link, error)
+                    self._setup_failed(link, error, conn.started)
         elif link.conn is conn:
             link.conn = None
             with link.out_lock:
@@ -466,7 +467,7 @@ class Endpoint:
                 log.debug("deploy.channels: connection to %s broke: %s", link.pid, error)
                 self._set_dead(link, None, lost=True, reason=_why(error))
 
-    def _setup_failed(self, link: Link, error: BaseException) -> None:
+    def _setup_failed(self, link: Link, error: BaseException, started: float) -> None:
         # The peer may well be alive (see the module comment): try again, for a while.
         if self._links.get(link.pid.hex) is not link:
             return
@@ -475,11 +476,11 @@ class Endpoint:
             return
         now = time.monotonic()
         if link.setup_since is None:
-            link.setup_since = now
+            link.setup_since = started  # the series began with the first attempt
         link.setup_failures += 1
-        if isinstance(error, TimeoutError):
-            link.setup_timeout = min(link.setup_timeout * 2, SETUP_RETRY_FOR)
         elapsed = now - link.setup_since
+        if isinstance(error, TimeoutError):  # a loaded peer: give the next attempt longer, within the bound
+            link.setup_timeout = max(1.0, min(link.setup_timeout * 2, SETUP_RETRY_FOR - elapsed))
         if elapsed >= SETUP_RETRY_FOR:
             log.warning(
                 "deploy.channels: gave up connecting to %s after %d failed attempts in %.0fs: %s",

@@ -58,6 +58,7 @@ PING_EVERY = 1.0  # the master pings each node this often
 LOST_AFTER = 4.0  # a peer daemon silent this long is lost (DESIGN: within 5 s)
 CONNECT_RETRY = 1.0  # seconds between attempts to reach a worker or a master
 _MAX_UNAUTHENTICATED = 128
+_EVICTION_LOG_EVERY = 10.0  # seconds between log lines counting evicted handshakes
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -262,26 +263,57 @@ def accept_authenticated(
     on_ready: Callable[[socket.socket], None],
 ) -> None:
     """Accept connections as ``identity`` from peers whose identity starts with one of ``peers``;
-    each is authenticated on a thread of its own (at most `_MAX_UNAUTHENTICATED` at once,
-    each within 10 s), then handed to the loop. Out of descriptors, accepting pauses."""
-    pending = threading.BoundedSemaphore(_MAX_UNAUTHENTICATED)
+    each is authenticated on a thread of its own (each within 10 s), then handed to the loop.
+    At most `_MAX_UNAUTHENTICATED` authenticate at once: a newcomer over the cap closes the
+    oldest (an honest handshake takes one round trip, so a flood of idle connections cannot
+    keep legitimate clients out). Out of descriptors, accepting pauses."""
+    lock = threading.Lock()
+    pending: dict[socket.socket, None] = {}  # authenticating, oldest first
+    evicted: set[socket.socket] = set()
+    evictions = {"count": 0, "logged": 0, "at": 0.0}
 
     def handshake(sock: socket.socket) -> None:
         try:
             done = authenticate(sock, secret, initiator=False, identity=identity, timeout=10.0)
             ready = protected(sock, done.key, initiator=False, peer=done.peer)
         except (AuthenticationError, OSError) as error:
-            log.warning("dropped a connection that failed authentication: %s", error)
+            with lock:
+                was_evicted = sock in evicted
+                evicted.discard(sock)
+            if not was_evicted:  # (an eviction is counted, not logged one by one)
+                log.warning("dropped a connection that failed authentication: %s", error)
             sock.close()
             return
         finally:
-            pending.release()
+            with lock:
+                pending.pop(sock, None)
         if not done.peer.startswith(peers):
             log.warning("dropped a connection from %r, which has no business on the %s port", done.peer, identity)
             sock.close()
             return
         sock.settimeout(None)
         loop.post(lambda: on_ready(ready))
+
+    def make_room() -> None:
+        with lock:
+            if len(pending) < _MAX_UNAUTHENTICATED:
+                return
+            oldest = next(iter(pending))
+            del pending[oldest]
+            evicted.add(oldest)
+            evictions["count"] += 1
+        try:  # wakes its handshake thread, which closes it
+            oldest.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        now = time.monotonic()
+        if now - evictions["at"] >= _EVICTION_LOG_EVERY:
+            log.warning(
+                "closed %d connection(s) still authenticating to make room for newer ones (at most %d at once)",
+                evictions["count"] - evictions["logged"],
+                _MAX_UNAUTHENTICATED,
+            )
+            evictions["at"], evictions["logged"] = now, evictions["count"]
 
     def resume() -> None:
         if listener.fileno() >= 0:
@@ -298,11 +330,10 @@ def accept_authenticated(
                 loop.selector.unregister(listener)
                 threading.Timer(1.0, loop.post, args=(resume,)).start()
                 return
-            if not pending.acquire(blocking=False):
-                log.warning("dropped a connection: %d are already authenticating", _MAX_UNAUTHENTICATED)
-                sock.close()
-                continue
+            make_room()
             keepalive(sock)
+            with lock:
+                pending[sock] = None
             threading.Thread(target=handshake, args=(sock,), daemon=True).start()
 
     listener.setblocking(False)

@@ -10,6 +10,7 @@ connection per thread.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import json
 import logging
@@ -286,14 +287,14 @@ def _control_connection(me: _Process) -> socket.socket:
         except (ConnectionRefusedError, AuthenticationError, DeployError) as error:
             _close_quietly(connection)
             raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
-        except (ConnectionError, TimeoutError) as error:
+        except OSError as error:
             _close_quietly(connection)
-            if time.monotonic() + delay >= give_up:
+            # Reset, closed, not connected (a reset before TCP_NODELAY could be set) or timed
+            # out: retried. Anything else (out of fds here or there) is reported.
+            ended = isinstance(error, (ConnectionError, TimeoutError)) or error.errno == errno.ENOTCONN
+            if not ended or time.monotonic() + delay >= give_up:
                 raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
             log.debug("control connection set-up failed (%s); retrying", error)
-        except OSError as error:  # out of fds here or there
-            _close_quietly(connection)
-            raise DeployError(f"cannot connect to the fabric to spawn: {_why_failed(error)}") from None
         time.sleep(delay)  # back-off before the next attempt (this thread waits for it anyway)
         delay = min(delay * 2, 1.0)
 
