@@ -63,20 +63,29 @@ def test_argv_and_environment_are_those_at_spawn_time(script):
         import os, sys, deploy
 
         def report(parent, _):
-            seen = {"argv": sys.argv[1:], "late": os.environ.get("LATE"), "deploy": sorted(
-                key for key in os.environ if key.startswith("DEPLOY_"))}
+            seen = {"argv": sys.argv[1:], "late": os.environ.get("LATE"), "gone": os.environ.get("GONE"),
+                "changed": os.environ.get("CHANGED"),
+                "deploy": sorted(key for key in os.environ if key.startswith("DEPLOY_"))}
             deploy.Sender[dict](parent).send(seen)
 
         if __name__ == "__main__":
             deploy.init()
             sys.argv.append("added-before-spawn")
             os.environ["LATE"] = "set after init"
+            del os.environ["GONE"]
+            os.environ["CHANGED"] = "changed after init"
             print(deploy.Receiver[dict](deploy.spawn(report, None)).recv())
         """
     )
-    result = run(job, "first", "--second")
+    result = run(job, "first", "--second", env={"GONE": "removed after init", "CHANGED": "as started"})
     seen = eval(result.output(result.top).decode())  # a dict's repr, printed by the top process
-    assert seen == {"argv": ["first", "--second", "added-before-spawn"], "late": "set after init", "deploy": []}
+    assert seen == {
+        "argv": ["first", "--second", "added-before-spawn"],
+        "late": "set after init",
+        "gone": None,
+        "changed": "changed after init",
+        "deploy": [],
+    }
 
 
 def test_pid_and_resources_of_each_process(script):

@@ -375,9 +375,7 @@ def run_spawned(
 ) -> int:
     """Run a spawned process's function in this (monitored) process, with the spawner's argv,
     environment, sys.path and working directory; return its exit code."""
-    if dict(os.environ) != request.env:  # usually equal: rewriting it costs a fresh process ~1 ms
-        os.environ.clear()
-        os.environ.update(request.env)
+    _take_environment(request.env)
     sys.argv[:] = list(request.argv)
     if _bundle_root is not None:
         request = _localised(request, _bundle_root)
@@ -394,6 +392,16 @@ def run_spawned(
     assert _me is not None
     _me.endpoint.close(exit_code=code)
     return code
+
+
+def _take_environment(wanted: dict[str, str]) -> None:
+    """Make os.environ equal the spawner's, changing only what differs: it usually differs by
+    the internal DEPLOY_ variables alone, and rewriting all of it costs a fresh process ~1 ms."""
+    for key in [key for key in os.environ if key not in wanted]:
+        del os.environ[key]
+    for key, value in wanted.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def _call(request: SpawnRequest) -> int:
