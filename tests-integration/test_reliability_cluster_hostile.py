@@ -12,7 +12,9 @@ without the secret was unpickled. DEPLOY_RELIABILITY=full runs the issue's sizes
 from __future__ import annotations
 
 import os
+import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import psutil
@@ -57,7 +59,7 @@ def _fds(daemon) -> int:
 
 def test_the_cluster_ports_survive_hostile_input(tmp_path):
     marker = str(tmp_path / "unpickled")
-    cycles, idle = scaled(200, 2000), scaled(200, 1000)
+    cycles, idle = scaled(400, 2000), scaled(300, 1000)
     with running(tmp_path / "cluster", workers=[("1536MiB", "2")]) as cluster:
         master, worker = cluster.master, cluster.workers[0]
         hold_dir = tmp_path / "hold"
@@ -121,8 +123,12 @@ def test_the_cluster_ports_survive_hostile_input(tmp_path):
         allowed = {"master": sum(sent[n] for n in targets if n != "worker's BIND"), "worker0": sent["worker's BIND"]}
         for name, lines in new_lines.items():
             assert len(lines) <= allowed[name], f"{name} logged {len(lines)} lines for {allowed[name]}: {lines[:10]}"
+        kinds = Counter(
+            re.sub(r"\d+", "N", line.split(": ", 2)[-1])[:90] for lines in new_lines.values() for line in lines
+        )
         record(
             "hostile input: cluster ports",
+            log_kinds=dict(kinds.most_common(8)),
             ports=len(targets),
             attacks_per_port=len(results["bridge port"]["outcomes"]) - 1,
             connect_close_cycles=cycles,

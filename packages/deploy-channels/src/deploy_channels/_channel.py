@@ -205,7 +205,7 @@ class Receiver(_Channel[T]):
         while inbox:
             # Decode the first message, then take it, so that a KeyboardInterrupt raised
             # between two steps leaves it queued: `remove` (of the very object, found at
-            # once) is the commit, and nothing between it and the return runs a handler.
+            # once) is the commit, undone if a handler raises before the return.
             try:
                 payload = inbox[0]
             except IndexError:
@@ -217,66 +217,74 @@ class Receiver(_Channel[T]):
                 raise
             try:
                 inbox.remove(payload)
+                if link.paused:
+                    link.resume_if_due()
+                return value
             except ValueError:
                 continue  # another thread received it first
             except KeyboardInterrupt:
-                inbox.appendleft(payload)  # raised just after the removal
-                raise
-            if link.paused:
-                try:
-                    link.resume_if_due()
-                except KeyboardInterrupt:
+                # Raised anywhere from just before the removal to the return (Python 3.10
+                # runs handlers between almost any two instructions): not delivered, so
+                # it goes back unless it is still there.
+                if not any(item is payload for item in inbox):
                     inbox.appendleft(payload)
-                    raise
-            return value
+                raise
         deadline = deadline_after(timeout)
         deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
         try:
-            if deferred is None:  # no signal handler can raise in this thread
-                return self._decode(link.take(deadline, self))
-            return self._recv_deferring(link, deadline, deferred)
+            while deferred is not None:
+                taken = self._recv_deferring(link, deadline, deferred)
+                if taken is not None:
+                    value, payload, direct = taken
+                    # Give SIGINT back and return in one try: a handler that raises
+                    # anywhere before the return (Python 3.10 runs them between almost
+                    # any two instructions) leaves the message queued for the next recv.
+                    try:
+                        pending = deferred.uninstall()
+                        if pending is None:
+                            return value
+                    except BaseException:
+                        link.put_back(payload, direct=direct)
+                        raise
+                    link.put_back(payload, direct=direct)
+                    deferred.deliver(pending)
+                # The user's handler returned instead of raising: wait again.
+                deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
+            # No signal handler can raise in this thread.
+            return self._decode(link.take(deadline, self))
         except (PeerExited, PeerLost, TimeoutError) as error:
             # A user's traceback ends here: the frames below are the link's.
             raise error.with_traceback(None) from None
 
-    def _recv_deferring(self, link: Link, deadline: float | None, deferred: DeferredInterrupt) -> T:
+    def _recv_deferring(
+        self, link: Link, deadline: float | None, deferred: DeferredInterrupt
+    ) -> tuple[T, bytes | bytearray, bool] | None:
         # The main thread waits with SIGINT deferred (see _interrupts): a signal ends the
         # wait at a safe point, and a message already in hand goes back to the inbox.
-        while True:
-            payload = None
-            try:
-                payload = link.take(deadline, self, deferred)
-                value = self._decode(payload)
-            except Interrupted:
-                pass
-            except BaseException:
-                pending = deferred.uninstall()
-                if pending is not None:
-                    deferred.deliver(pending)
-                raise
-            if payload is not None and deferred.pending is not None:
-                # Put back while the signal is still deferred: once the user's handler is
-                # back, any Python call may raise.
-                link.put_back(payload, direct=deferred.direct)
-                payload = None
-            try:
-                pending = deferred.uninstall()
-            except BaseException:
-                # The user's handler ran the moment it was back (a signal that came just
-                # then): the message is not delivered, so it stays queued.
-                if payload is not None:
-                    link.put_back(payload, direct=deferred.direct)
-                raise
-            if pending is None:
-                return value
-            if payload is not None:
-                link.put_back(payload, direct=deferred.direct)
+        # Returns the value, its payload and whether it was read off the socket, with
+        # SIGINT still deferred (the caller gives it back); or None once a signal came
+        # and the user's handler, run, returned instead of raising.
+        payload = None
+        try:
+            payload = link.take(deadline, self, deferred)
+            value = self._decode(payload)
+        except Interrupted:
+            pass
+        except BaseException:
+            pending = deferred.uninstall()
+            if pending is not None:
+                deferred.deliver(pending)
+            raise
+        if payload is not None and deferred.pending is None:
+            return value, payload, deferred.direct
+        if payload is not None:
+            # Put back while the signal is still deferred: once the user's handler is
+            # back, any Python call may raise.
+            link.put_back(payload, direct=deferred.direct)
+        pending = deferred.uninstall()
+        if pending is not None:
             deferred.deliver(pending)
-            # The user's handler returned instead of raising: wait again.
-            again = DeferredInterrupt.install(FdWaiter.for_this_thread())
-            if again is None:
-                return self._decode(link.take(deadline, self))
-            deferred = again
+        return None
 
     def recv_nowait(self) -> T:
         """The next message if one is waiting, else raise TimeoutError at once."""
