@@ -112,6 +112,26 @@ def test_feeds_accept_bytearray_and_memoryview():
     assert decoder.frames() == [b"abc", b"defg"]
 
 
+def test_fed_views_of_a_reused_buffer_may_be_overwritten():
+    # A connection reads every chunk into the same buffer and feeds a view of it: the
+    # decoder must copy what it keeps, for small frames, split headers and large frames.
+    big = bytes(range(256)) * 600  # over the large-frame threshold
+    data = encode_frame(b"first") + encode_frame(b"second") + encode_frame(big) + encode_frame(b"last")
+    big_at = len(encode_frame(b"first") + encode_frame(b"second"))
+    splits = [list(range(0, len(data), size)) for size in (1, 3, 7, 4096)]
+    splits += [[0], [0, big_at], [0, big_at, big_at + 100], [0, big_at, len(data) - 10]]
+    for starts in splits:
+        decoder = FrameDecoder()
+        buffer = memoryview(bytearray(len(data)))
+        out = []
+        for start, end in zip(starts, starts[1:] + [len(data)], strict=True):
+            buffer[: end - start] = data[start:end]
+            decoder.feed(buffer[: end - start])
+            buffer[:] = b"\xee" * len(data)  # the next read overwrites it
+            out += decoder.frames()
+        assert out == [b"first", b"second", big, b"last"], starts[:4]
+
+
 def test_invalid_maximum():
     with pytest.raises(ValueError):
         FrameDecoder(max_frame_size=0)

@@ -5,7 +5,14 @@ payload straight to ``pickle.loads``, which ignores bytes past the pickle's STOP
 so neither side slices or copies a message to add or strip a kind byte.
 
     data           pickle + b"D"
-    data, buffers  count u32, pickle length u64, buffer lengths u64 each, pickle, buffers, b"B"
+    data, buffers  count u32, pickle length u64, buffer lengths u64 each, buffer kinds u8
+                   each, pickle, buffers, b"B"
+
+A buffer's kind says what the receiver builds from its bytes: a writable view that the
+pickle's own reconstructor takes (NumPy arrays, a `pickle.PickleBuffer` sent as such), or
+the message itself when it is a large ``bytes``, ``bytearray`` or ``memoryview``: those
+are wrapped in a PickleBuffer so that the pickler does not copy them in band, and arrive
+as ``bytes`` (read-only source) or a ``bytearray`` (writable source).
     hello          b"<from pid> <wanted pid>" (connector) or b"<own pid>" (acceptor), b"H"
     duplicate      b"X"  the acceptor keeps another connection between the same two pids
     goodbye        exit code as ASCII digits (empty: unknown) + b"G"
@@ -52,6 +59,10 @@ CLOSE_NO = ord("N")
 _DATA_TAIL = b"D"
 _COUNTS = struct.Struct(">IQ")
 _LENGTH = struct.Struct(">Q")
+# Buffer kinds (see the module comment).
+_VIEW = 0
+_BYTES = 1
+_BYTEARRAY = 2
 _HEADER_PACK = struct.Struct(">I").pack
 # Below this, out-of-band buffers are cheaper copied in-band than sent as extra iovecs.
 _OOB_MIN = 64 * 1024
@@ -89,15 +100,30 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
     """The framed bytes of one message: a single bytes object, or a list of buffers for
     large messages (header, pickle and out-of-band buffers, never concatenated); plus
     the total length."""
+    own = _VIEW
+    kind = type(value)
+    if kind is memoryview:
+        # A memoryview does not pickle: it travels as the bytes it shows.
+        if value.nbytes < _OOB_MIN or not value.c_contiguous:
+            value = value.tobytes() if value.readonly else bytearray(value.tobytes())
+            kind = type(value)
+        else:
+            own = _BYTES if value.readonly else _BYTEARRAY
+    if (kind is bytes or kind is bytearray) and len(value) >= _OOB_MIN:
+        own = _BYTES if kind is bytes else _BYTEARRAY
+    if own != _VIEW:
+        # Out of band: the frame carries the caller's own memory (a 5-byte pickle).
+        value = pickle.PickleBuffer(value)
     buffers: list[pickle.PickleBuffer] = []
     data = _dumps(value, buffers)
     if buffers:
         views = [buffer.raw() for buffer in buffers]
         sizes = [view.nbytes for view in views]
-        if sum(sizes) < _OOB_MIN:
+        if own == _VIEW and sum(sizes) < _OOB_MIN:
             data = _dumps(value, None)  # small buffers: cheaper in band
         else:
-            meta = _COUNTS.pack(len(views), len(data)) + b"".join(_LENGTH.pack(size) for size in sizes)
+            kinds = bytes([own] + [_VIEW] * (len(views) - 1))
+            meta = b"".join((_COUNTS.pack(len(views), len(data)), *(_LENGTH.pack(size) for size in sizes), kinds))
             length = len(meta) + len(data) + sum(sizes) + 1
             return [frame_header(length), meta, data, *views, b"B"], length + 4
     length = len(data) + 1
@@ -115,15 +141,22 @@ def decode_message(payload: bytes | bytearray) -> Any:
     offset = _COUNTS.size
     sizes = [_LENGTH.unpack_from(view, offset + 8 * i)[0] for i in range(count)]
     offset += 8 * count
+    kinds = view[offset : offset + count]
+    offset += count
     data = view[offset : offset + pickle_length]
     offset += pickle_length
     # The decoder hands over large frames as bytearrays: buffers built on them are
     # writable, as the sender's were (a bytes payload would give read-only ones).
     writable = type(payload) is bytearray
-    buffers = []
-    for size in sizes:
+    buffers: list[Any] = []
+    for size, kind in zip(sizes, kinds, strict=True):
         buffer = view[offset : offset + size]
-        buffers.append(buffer if writable else bytearray(buffer))
+        if kind == _BYTES:
+            buffers.append(bytes(buffer))
+        elif kind == _BYTEARRAY or not writable:
+            buffers.append(bytearray(buffer))
+        else:
+            buffers.append(buffer)
         offset += size
     return pickle.loads(data, buffers=buffers)
 

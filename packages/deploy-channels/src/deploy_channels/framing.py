@@ -100,7 +100,8 @@ class FrameDecoder:
         if not isinstance(max_frame_size, int) or not 0 < max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise ValueError(f"max_frame_size must be an int from 1 to {MAX_FRAME_SIZE_LIMIT}")
         # Unconsumed bytes are _buf[_pos:]; _buf is the caller's own bytes object while
-        # nothing is left over from earlier reads, so the common case copies nothing.
+        # nothing is left over from earlier reads, so the common case copies nothing. A
+        # bytearray or memoryview fed is copied (the caller may reuse its buffer).
         self._buf: bytes | bytearray = b""
         self._pos = 0
         self._eof = False
@@ -156,7 +157,18 @@ class FrameDecoder:
                     return
                 data = bytes(view[taken:])
         if self._pos == len(self._buf):
-            self._buf = data if isinstance(data, bytes) else bytes(data)
+            if not isinstance(data, bytes):
+                # A caller's buffer (it may reuse it for its next read): copy what we keep,
+                # and the start of a large frame only once, into the frame itself.
+                if len(data) >= HEADER_SIZE and large is None:
+                    (length,) = self._unpack_from(data, 0)
+                    if _LARGE_FRAME <= length <= self._max and HEADER_SIZE + length > len(data):
+                        self._buf = b""
+                        self._pos = 0
+                        self._large_from(data, length)
+                        return
+                data = bytes(data)
+            self._buf = data
             self._pos = 0
         else:
             if self._pos or not isinstance(self._buf, bytearray):
@@ -252,14 +264,19 @@ class FrameDecoder:
 
     def _start_large(self, pos: int, length: int) -> None:
         # The rest of the buffer is the start of one large frame: allocate it whole.
-        large = bytearray(length)
         with memoryview(self._buf) as view:
-            part = view[pos + HEADER_SIZE :]
+            self._large_from(view[pos:], length)
+        self._buf = b""
+        self._pos = 0
+
+    def _large_from(self, data: bytes | bytearray | memoryview, length: int) -> None:
+        # data is a header and the first part of a large frame's payload of length bytes.
+        large = bytearray(length)
+        with memoryview(data) as view:
+            part = view[HEADER_SIZE:]
             large[: part.nbytes] = part
             self._filled = part.nbytes
         self._large = large
-        self._buf = b""
-        self._pos = 0
 
     @property
     def at_eof(self) -> bool:
