@@ -74,6 +74,10 @@ log = logging.getLogger("deploy.channels")
 _TIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
 # One read takes at most this much, into the connection's own buffer (`Connection._recv`).
 _RECV_SIZE = 256 * 1024
+# What `_recv` reads into: one buffer per reading thread (the loop thread, or a user thread
+# reading directly), not per connection, so that an endpoint with many connections does
+# not hold 256 KiB for each. A thread finishes feeding one read before it reads again.
+_read_buffers = threading.local()
 # Until the peer has proven the secret and said who it is, no frame may be bigger.
 _SETUP_MAX_FRAME = 4096
 SETUP_TIMEOUT = 10.0
@@ -125,7 +129,6 @@ class Connection:
         self.writing = False  # output waits for the socket to turn writable
         self.agreed_close = False
         self.protected = False  # self.sock is a ProtectedSocket
-        self.rbuf: memoryview | None = None  # what `_recv` reads into, made on first use
         # The read side: see the module comment.
         self.rlock = threading.Lock()
         self.mask_lock = threading.Lock()
@@ -328,8 +331,8 @@ class Connection:
             self._release_reader(False)
 
     def _recv(self) -> bytes | memoryview:
-        """One read (rlock held): a view of the connection's reused buffer, valid until the
-        next read, or ``b""`` at EOF. The decoder copies whatever it keeps of it.
+        """One read (rlock held): a view of this thread's reused buffer, valid until the
+        thread's next read, or ``b""`` at EOF. The decoder copies whatever it keeps of it.
 
         A fresh ``recv(_RECV_SIZE)`` per read would cost more than the read itself: a
         256 KiB allocation is over glibc's mmap threshold (mmap, page faults, mremap to
@@ -338,9 +341,9 @@ class Connection:
         """
         if self.protected:
             return self.sock.recv(_RECV_SIZE)
-        buf = self.rbuf
+        buf = getattr(_read_buffers, "buffer", None)
         if buf is None:
-            buf = self.rbuf = memoryview(bytearray(_RECV_SIZE))
+            buf = _read_buffers.buffer = memoryview(bytearray(_RECV_SIZE))
         n = self.sock.recv_into(buf)
         return buf[:n] if n else b""
 
