@@ -10,7 +10,11 @@ medians. Figures, each measured inside the run:
 - spawn-and-reply: spawn a process, receive one int from it (median of a series);
 - channel throughput: small (int) messages and 1 MiB messages, one way, timed at the
   receiving end after a warm-up (200,000 small, 500 large);
-- round trip: one int there and back (median of a series);
+- round trip: one int there and back (median of a series); where the machine has two
+  CPUs, again with the two ends' threads pinned to different CPUs and to the same one.
+  Where the scheduler puts them decides the figure more than anything in the code (on a
+  2-core VM a round trip between CPUs costs about twice one within a CPU), and it need not
+  put them alike in both modes; the pinned rows compare like with like;
 
 and, from outside, ``deploy push`` of examples/hello.py from command to exit against
 ``python examples/hello.py``. In the cluster the two ends of a channel ask for more memory
@@ -65,14 +69,22 @@ JOB = textwrap.dedent(
             rx.recv()
         deploy.Sender[float](parent).send((count - 1) / (time.perf_counter() - started))
 
-    def echo(parent, count):
+    def pin(cpu):
+        # The calling (main) thread only: it is the one that sends and reads directly.
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
+
+    def echo(parent, arg):
+        count, cpu = arg
+        pin(cpu)
         peer = deploy.Receiver[deploy.Pid](parent).recv()
         rx, tx = deploy.Receiver[int](peer), deploy.Sender[int](peer)
         for _ in range(count):
             tx.send(rx.recv())
 
     def source(parent, arg):
-        kind, peer, count = arg
+        kind, peer, count, cpu = arg
+        pin(cpu)
         if kind == "trip":
             tx, rx = deploy.Sender[int](peer), deploy.Receiver[int](peer)
             times = []
@@ -88,9 +100,9 @@ JOB = textwrap.dedent(
         for _ in range(sum(count)):
             tx.send(value)
 
-    def pair(kind, target, count, big):
-        far = deploy.spawn(target, count, big)
-        near = deploy.spawn(source, (kind, far, count), big)
+    def pair(kind, target, count, big, cpus=(None, None)):
+        far = deploy.spawn(target, (count, cpus[0]) if kind == "trip" else count, big)
+        near = deploy.spawn(source, (kind, far, count, cpus[1]), big)
         deploy.Sender[deploy.Pid](far).send(near)
         return deploy.Receiver[float](far if kind != "trip" else near).recv()
 
@@ -109,6 +121,10 @@ JOB = textwrap.dedent(
             "mib_per_s": pair("large", sink, LARGE, big),
             "round_trip": pair("trip", echo, TRIPS, big),
         }
+        if len(os.sched_getaffinity(0)) >= 2:
+            cpus = sorted(os.sched_getaffinity(0))[:2]
+            figures["round_trip_apart"] = pair("trip", echo, TRIPS, big, (cpus[0], cpus[1]))
+            figures["round_trip_together"] = pair("trip", echo, TRIPS, big, (cpus[0], cpus[0]))
         print("BENCH " + json.dumps(figures), flush=True)
 
     if __name__ == "__main__":
@@ -225,6 +241,8 @@ ROWS = [
     ("small_per_s", "channel throughput, small messages", lambda v: f"{v:,.0f} msg/s", "within 10%"),
     ("mib_per_s", "channel throughput, 1 MiB messages", lambda v: f"{v:,.0f} MiB/s", "within 10%"),
     ("round_trip", "channel round trip (median of 300)", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
+    ("round_trip_apart", "  the same, ends pinned to two CPUs", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
+    ("round_trip_together", "  the same, ends pinned to one CPU", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
     ("hello", "examples/hello.py, command to exit", lambda v: f"{v * 1e3:.0f} ms", "report"),
 ]
 
@@ -235,6 +253,8 @@ def report(local: dict[str, float], cluster: dict[str, float]) -> str:
         "|---|---|---|---|---|",
     ]
     for key, title, show, target in ROWS:
+        if key not in local or key not in cluster:
+            continue  # (pinned round trips need two CPUs)
         ratio = cluster[key] / local[key]
         lines.append(f"| {title} | {show(local[key])} | {show(cluster[key])} | {ratio:.2f}x | {target} |")
     lines.append("")
@@ -260,12 +280,13 @@ def main(argv: list[str] | None = None) -> int:
                 for mode in order:
                     figures = local_round(job) if mode == "local" else cluster_round(fabric, job)
                     samples[mode].append(figures)
-                    shown = ", ".join(f"{key} {show(figures[key])}" for key, _, show, _ in ROWS)
+                    shown = ", ".join(f"{key} {show(figures[key])}" for key, _, show, _ in ROWS if key in figures)
                     print(f"round {index + 1} {mode:7}: {shown}", flush=True)
         finally:
             fabric.stop()
     median = {
-        mode: {key: statistics.median(f[key] for f in rounds) for key, *_ in ROWS} for mode, rounds in samples.items()
+        mode: {key: statistics.median(f[key] for f in rounds) for key, *_ in ROWS if key in rounds[0]}
+        for mode, rounds in samples.items()
     }
     print()
     print(report(median["local"], median["cluster"]))
