@@ -11,7 +11,7 @@ medians. Figures, each measured inside the run:
 - channel throughput: small (int) messages and 1 MiB messages, one way, timed at the
   receiving end after a warm-up (200,000 small, 500 large);
 - round trip: one int there and back (median of a series); where the machine has two
-  CPUs, again with the two ends' threads pinned to different CPUs and to the same one.
+  CPUs, again with the two ends' main threads pinned to different CPUs and to one.
   Where the scheduler puts them decides the figure more than anything in the code (on a
   2-core VM a round trip between CPUs costs about twice one within a CPU), and it need not
   put them alike in both modes; the pinned rows compare like with like;
