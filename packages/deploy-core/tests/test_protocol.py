@@ -23,6 +23,7 @@ from deploy_core import (
     SerializationError,
     SpawnReply,
     SpawnRequest,
+    dumps_message,
     dumps_user,
     loads_user,
     snapshot_main,
@@ -584,3 +585,43 @@ def test_a_main_function_whose_globals_changed_since_init_travels_by_value(fake_
         assert travelled(None, None) == expected
     unchanged = fake_main.reads_nothing_changed
     assert loads_user(dumps_user(unchanged, "function")) is unchanged  # by reference
+
+
+# --- channel messages: the one encoder both spawns and channels use ----------------------
+
+
+def test_a_plain_message_is_a_standard_pickle() -> None:
+    value = {"a": [1, 2.5, "x"], "b": (None, b"raw")}
+    data = dumps_message(value)
+    assert data == pickle.dumps(value, protocol=5)
+    assert pickle.loads(data) == value
+
+
+def test_a_lambda_message_falls_back_to_cloudpickle_and_loads_with_plain_pickle() -> None:
+    offset = 3
+    data = dumps_message(lambda x: x + offset)
+    assert pickle.loads(data)(4) == 7
+
+
+def test_message_buffers_travel_out_of_band_as_views_of_the_senders_memory() -> None:
+    block = bytearray(b"x" * 100_000)
+    views: list[memoryview] = []
+    data = dumps_message(pickle.PickleBuffer(block), views)
+    assert len(views) == 1 and views[0].obj is block  # not a copy
+    assert len(data) < 100
+    assert bytes(pickle.loads(data, buffers=views)) == bytes(block)
+
+
+def test_message_buffers_of_a_failed_fast_pickle_are_not_kept_twice() -> None:
+    block = bytearray(b"y" * 1000)
+    views: list[memoryview] = []
+    data = dumps_message((pickle.PickleBuffer(block), lambda: 5), views)  # the lambda needs cloudpickle
+    assert len(views) == 1
+    buffer, function = pickle.loads(data, buffers=views)
+    assert bytes(buffer) == bytes(block) and function() == 5
+
+
+def test_an_unpicklable_message_with_a_broken_repr_names_its_type_and_why() -> None:
+    with pytest.raises(SerializationError, match="cannot send the message <_BadRepr object>") as info:
+        dumps_message(_BadRepr())
+    assert "_thread.lock" in str(info.value)

@@ -25,7 +25,7 @@ import pickle
 import struct
 from typing import Any
 
-from deploy_core import Pid, SerializationError
+from deploy_core import Pid, dumps_message
 
 from .framing import frame_header
 
@@ -70,32 +70,6 @@ _OOB_MIN = 64 * 1024
 _SPLIT_MIN = 64 * 1024
 
 
-def _dumps(value: Any, buffers: list | None) -> bytes:
-    """Pickle ``value`` (out-of-band buffers appended to ``buffers``; in band if None)."""
-    callback = None if buffers is None else buffers.append
-    try:
-        return pickle.dumps(value, protocol=5, buffer_callback=callback)
-    except Exception:
-        if buffers is not None:
-            buffers.clear()
-    # Lambdas, closures and classes defined in __main__ need cloudpickle; its output loads
-    # with plain pickle on the other side.
-    import cloudpickle
-
-    try:
-        return cloudpickle.dumps(value, protocol=5, buffer_callback=callback)
-    except Exception as error:
-        raise SerializationError(f"cannot send {_shown(value)} to another process: {error}") from error
-
-
-def _shown(value: Any) -> str:
-    try:
-        shown = repr(value)
-    except Exception:  # a broken __repr__ must not hide the real error
-        shown = f"<{type(value).__name__} object>"
-    return shown if len(shown) <= 80 else shown[:77] + "..."
-
-
 def encode_message(value: Any) -> tuple[bytes | list, int]:
     """The framed bytes of one message: a single bytes object, or a list of buffers for
     large messages (header, pickle and out-of-band buffers, never concatenated); plus
@@ -114,13 +88,12 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
     if own != _VIEW:
         # Out of band: the frame carries the caller's own memory (a 5-byte pickle).
         value = pickle.PickleBuffer(value)
-    buffers: list[pickle.PickleBuffer] = []
-    data = _dumps(value, buffers)
-    if buffers:
-        views = [buffer.raw() for buffer in buffers]
+    views: list[memoryview] = []
+    data = dumps_message(value, views)
+    if views:
         sizes = [view.nbytes for view in views]
         if own == _VIEW and sum(sizes) < _OOB_MIN:
-            data = _dumps(value, None)  # small buffers: cheaper in band
+            data = dumps_message(value)  # small buffers: cheaper in band
         else:
             kinds = bytes([own] + [_VIEW] * (len(views) - 1))
             meta = b"".join((_COUNTS.pack(len(views), len(data)), *(_LENGTH.pack(size) for size in sizes), kinds))

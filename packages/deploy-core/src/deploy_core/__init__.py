@@ -22,7 +22,7 @@ from ._errors import (
 from ._pid import Pid
 from ._pid import _from_wire as _from_wire  # pickled pids refer to it here
 from ._protect import Opener, ProtectedSocket, Sealer
-from ._protocol import SpawnReply, SpawnRequest, dumps_user, loads_plain, loads_user, snapshot_main
+from ._protocol import SpawnReply, SpawnRequest, dumps_message, dumps_user, loads_plain, loads_user, snapshot_main
 from ._resources import Cpu, Mem, Resources
 from ._version import __version__
 
@@ -53,6 +53,7 @@ __all__ = [
     "SpawnRequest",
     "__version__",
     "authenticate",
+    "dumps_message",
     "dumps_user",
     "env",
     "loads_plain",

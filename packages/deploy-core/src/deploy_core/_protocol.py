@@ -59,7 +59,15 @@ from ._errors import DeployError, SerializationError
 from ._pid import Pid
 from ._resources import Resources
 
-__all__ = ["SpawnReply", "SpawnRequest", "dumps_user", "loads_plain", "loads_user", "snapshot_main"]
+__all__ = [
+    "SpawnReply",
+    "SpawnRequest",
+    "dumps_message",
+    "dumps_user",
+    "loads_plain",
+    "loads_user",
+    "snapshot_main",
+]
 
 # 2: requests carry the working directory and sys.path; 3: a request is a header and raw parts.
 VERSION = 3
@@ -220,13 +228,29 @@ def dumps_user(value: Any, what: str, buffers: list[memoryview] | None = None) -
             _UserPickler(out, protocol=5, buffer_callback=_out_of_band(buffers)).dump(value)
         return out.getvalue()
     except Exception as error:
-        try:
-            shown = repr(value)
-        except Exception:  # a broken __repr__ must not hide the real error
-            shown = f"<{type(value).__name__} object>"
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
-        raise SerializationError(f"cannot send the {what} {shown} to another process: {error}") from error
+        raise SerializationError(f"cannot send the {what} {_shown(value)} to another process: {error}") from error
+
+
+def dumps_message(value: Any, buffers: list[memoryview] | None = None) -> bytes:
+    """Pickle a channel message: with the standard pickler where it can (plain values,
+    importable classes and functions: the fast way), else as `dumps_user` does (lambdas,
+    closures, what ``__main__`` defined). With ``buffers``, as `dumps_user`."""
+    try:
+        if buffers is None:
+            return pickle.dumps(value, protocol=5)
+        return pickle.dumps(value, protocol=5, buffer_callback=_out_of_band(buffers))
+    except Exception:
+        if buffers is not None:
+            buffers.clear()
+    return dumps_user(value, "message", buffers)
+
+
+def _shown(value: Any) -> str:
+    try:
+        shown = repr(value)
+    except Exception:  # a broken __repr__ must not hide the real error
+        shown = f"<{type(value).__name__} object>"
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def loads_user(data: Buffer, buffers: tuple[Buffer, ...] = ()) -> Any:
