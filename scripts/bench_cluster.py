@@ -9,12 +9,26 @@ medians. Figures, each measured inside the run:
 
 - spawn-and-reply: spawn a process, receive one int from it (median of a series);
 - channel throughput: small (int) messages and 1 MiB messages, one way, timed at the
-  receiving end after a warm-up (200,000 small, 500 large);
+  receiving end after a warm-up (200,000 small, 500 large); where the machine has two
+  CPUs, small messages again with the ends' main threads pinned to different CPUs;
 - round trip: one int there and back (median of a series); where the machine has two
   CPUs, again with the two ends' main threads pinned to different CPUs and to one.
   Where the scheduler puts them decides the figure more than anything in the code (on a
   2-core VM a round trip between CPUs costs about twice one within a CPU), and it need not
   put them alike in both modes; the pinned rows compare like with like;
+
+and all of that again on a second fabric whose daemons run with address-space
+randomisation off (``setarch -R``, where the machine has it). Local mode's processes are
+all forks of one interpreter, so the same code sits at the same addresses in each; two
+nodes' processes are forks of two separately started interpreters, laid out apart. When
+two such processes take turns on one CPU, the same instructions run slower in them
+(presumably the processor's state kept by virtual address, such as branch prediction,
+serves them worse; without hardware counters the effect is measured, not its mechanism).
+Between machines, where
+a cross-node channel really runs, the two ends never share a CPU. The second fabric
+shows what is left of the difference without that effect, and a third, of one node (the
+master alone), where both ends are forks of one interpreter as in local mode, shows the
+cluster's own code path against local mode's;
 
 and, from outside, ``deploy push`` of examples/hello.py from command to exit against
 ``python examples/hello.py``. In the cluster the two ends of a channel ask for more memory
@@ -29,6 +43,7 @@ import json
 import os
 import random
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -48,18 +63,19 @@ JOB = textwrap.dedent(
     import json, os, statistics, sys, time
     import deploy
 
-    SPAWNS, TRIPS = 30, 300
+    SPAWNS, TRIPS = 30, 3000
     SMALL, LARGE = (2_000, 200_000), (20, 500)  # (warm-up, timed) messages
     MIB = bytes(2**20)
 
     def reply(parent, value):
         deploy.Sender[int](parent).send(value)
 
-    def sink(parent, counts):
+    def sink(parent, arg):
         # Timed where the messages arrive, from the first after the warm-up to the last: the
         # connection is made and warm before the clock starts, and no completion signal
         # through another process is counted.
-        warm, count = counts
+        (warm, count), cpu = arg
+        pin(cpu)
         peer = deploy.Receiver[deploy.Pid](parent).recv()
         rx = deploy.Receiver(peer)
         for _ in range(warm + 1):
@@ -101,7 +117,7 @@ JOB = textwrap.dedent(
             tx.send(value)
 
     def pair(kind, target, count, big, cpus=(None, None)):
-        far = deploy.spawn(target, (count, cpus[0]) if kind == "trip" else count, big)
+        far = deploy.spawn(target, (count, cpus[0]), big)
         near = deploy.spawn(source, (kind, far, count, cpus[1]), big)
         deploy.Sender[deploy.Pid](far).send(near)
         return deploy.Receiver[float](far if kind != "trip" else near).recv()
@@ -123,6 +139,7 @@ JOB = textwrap.dedent(
         }
         if len(os.sched_getaffinity(0)) >= 2:
             cpus = sorted(os.sched_getaffinity(0))[:2]
+            figures["small_apart"] = pair("small", sink, SMALL, big, (cpus[0], cpus[1]))
             figures["round_trip_apart"] = pair("trip", echo, TRIPS, big, (cpus[0], cpus[1]))
             figures["round_trip_together"] = pair("trip", echo, TRIPS, big, (cpus[0], cpus[0]))
         print("BENCH " + json.dumps(figures), flush=True)
@@ -146,33 +163,39 @@ def free_port() -> int:
 
 
 class Fabric:
-    """A master (1GiB, with the bridge) and workers of 2GiB and 2GiB on loopback."""
+    """A master (1GiB, with the bridge) and workers of 2GiB and 2GiB on loopback; ``prefix``
+    goes before every daemon's command line. ``alone``: the master alone, of 4GiB."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, prefix: tuple[str, ...] = (), *, alone: bool = False):
         self.secret = secrets.token_hex(16)
         self.env = {**os.environ, "DEPLOY_SECRET": self.secret}
         for name in ("DEPLOY_LOG", "DEPLOY_FORMAT"):
             self.env.pop(name, None)
         self.bridge = f"127.0.0.1:{free_port()}"
-        workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+        workers = [] if alone else [f"127.0.0.1:{free_port()}" for _ in range(2)]
         master = f"127.0.0.1:{free_port()}"
         commands = [["fabric", addr, "--mem", "2GiB", "--cpu", "2"] for addr in workers]
         listed = [word for addr in workers for word in (addr, "2GiB", "2")]
-        commands.append(["fabric", "master", master, "1GiB", "2", "bridge", self.bridge, *listed])
+        size = "4GiB" if alone else "1GiB"
+        commands.append(["fabric", "master", master, size, "2", "bridge", self.bridge, *listed])
+        self.nodes = len(commands)
         self.daemons = []
+        folder.mkdir(exist_ok=True)
         for index, command in enumerate(commands):
             node = folder / f"node{index}"
             node.mkdir()
             log = open(node / "log", "wb")  # noqa: SIM115 - the daemon owns it
             env = {**self.env, "DEPLOY_CACHE": str(node / "cache")}
-            self.daemons.append(subprocess.Popen([*DEPLOY, *command], stdout=log, stderr=log, env=env, cwd=node))
+            self.daemons.append(
+                subprocess.Popen([*prefix, *DEPLOY, *command], stdout=log, stderr=log, env=env, cwd=node)
+            )
             log.close()
         deadline = time.monotonic() + 60
         while True:
             result = subprocess.run(
                 [*DEPLOY, "status", "--format", "json", self.bridge], capture_output=True, env=self.env, timeout=30
             )
-            if result.returncode == 0 and len(json.loads(result.stdout)["nodes"]) == 3:
+            if result.returncode == 0 and len(json.loads(result.stdout)["nodes"]) == self.nodes:
                 break
             exited = [index for index, daemon in enumerate(self.daemons) if daemon.poll() is not None]
             if exited or time.monotonic() > deadline:
@@ -239,24 +262,37 @@ def timed(command: list[str], env: dict[str, str]) -> float:
 ROWS = [
     ("spawn_reply", "spawn-and-reply latency (median of 30)", lambda v: f"{v * 1e3:.2f} ms", "at most 2x"),
     ("small_per_s", "channel throughput, small messages", lambda v: f"{v:,.0f} msg/s", "within 10%"),
+    ("small_apart", "  the same, ends pinned to two CPUs", lambda v: f"{v:,.0f} msg/s", "within 10%"),
     ("mib_per_s", "channel throughput, 1 MiB messages", lambda v: f"{v:,.0f} MiB/s", "within 10%"),
-    ("round_trip", "channel round trip (median of 300)", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
+    ("round_trip", "channel round trip (median of 3,000)", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
     ("round_trip_apart", "  the same, ends pinned to two CPUs", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
     ("round_trip_together", "  the same, ends pinned to one CPU", lambda v: f"{v * 1e6:.0f} us", "within 10%"),
     ("hello", "examples/hello.py, command to exit", lambda v: f"{v * 1e3:.0f} ms", "report"),
 ]
 
 
-def report(local: dict[str, float], cluster: dict[str, float]) -> str:
-    lines = [
-        "| cluster workload | local mode | 3-node loopback fabric | cluster / local | target |",
-        "|---|---|---|---|---|",
-    ]
+COLUMNS = {
+    "cluster": "3-node loopback fabric",
+    "fixed": "the same, randomisation off",
+    "alone": "a 1-node fabric",
+}
+
+
+def report(median: dict[str, dict[str, float]]) -> str:
+    local = median["local"]
+    others = [mode for mode in COLUMNS if mode in median]
+    head = ["cluster workload", "local mode"]
+    for mode in others:
+        head += [COLUMNS[mode], "/ local"]
+    lines = ["| " + " | ".join([*head, "target"]) + " |", "|" + "---|" * (len(head) + 1)]
     for key, title, show, target in ROWS:
-        if key not in local or key not in cluster:
-            continue  # (pinned round trips need two CPUs)
-        ratio = cluster[key] / local[key]
-        lines.append(f"| {title} | {show(local[key])} | {show(cluster[key])} | {ratio:.2f}x | {target} |")
+        if key not in local:
+            continue  # (pinned figures need two CPUs)
+        row = [title, show(local[key])]
+        for mode in others:
+            figure = median[mode].get(key)
+            row += ["", ""] if figure is None else [show(figure), f"{figure / local[key]:.2f}x"]
+        lines.append("| " + " | ".join([*row, target]) + " |")
     lines.append("")
     lines.append("Ratios of times (latency, hello) above 1 mean the cluster is slower; of rates (throughput) below 1.")
     return "\n".join(lines)
@@ -271,25 +307,33 @@ def main(argv: list[str] | None = None) -> int:
         job = root / "job" / "job.py"
         job.parent.mkdir()
         job.write_text(JOB)
-        fabric = Fabric(root)
+        fabrics: dict[str, Fabric] = {}
         try:
-            cluster_round(fabric, job)  # warm-up: ships the bundles once
-            samples: dict[str, list[dict[str, float]]] = {"local": [], "cluster": []}
+            fabrics["cluster"] = Fabric(root / "cluster")
+            setarch = shutil.which("setarch")
+            if setarch is not None:
+                fabrics["fixed"] = Fabric(root / "fixed", (setarch, "-R"))
+            fabrics["alone"] = Fabric(root / "alone", alone=True)
+            for fabric in fabrics.values():
+                cluster_round(fabric, job)  # warm-up: ships the bundles once
+            modes = ["local", *fabrics]
+            samples: dict[str, list[dict[str, float]]] = {mode: [] for mode in modes}
             for index in range(options.rounds):
-                order = ["local", "cluster"] if index % 2 == 0 else ["cluster", "local"]
-                for mode in order:
-                    figures = local_round(job) if mode == "local" else cluster_round(fabric, job)
+                turn = index % len(modes)  # each mode goes first in turn
+                for mode in modes[turn:] + modes[:turn]:
+                    figures = local_round(job) if mode == "local" else cluster_round(fabrics[mode], job)
                     samples[mode].append(figures)
                     shown = ", ".join(f"{key} {show(figures[key])}" for key, _, show, _ in ROWS if key in figures)
                     print(f"round {index + 1} {mode:7}: {shown}", flush=True)
         finally:
-            fabric.stop()
+            for fabric in fabrics.values():
+                fabric.stop()
     median = {
         mode: {key: statistics.median(f[key] for f in rounds) for key, *_ in ROWS if key in rounds[0]}
         for mode, rounds in samples.items()
     }
     print()
-    print(report(median["local"], median["cluster"]))
+    print(report(median))
     return 0
 
 
