@@ -33,6 +33,7 @@ EXPECTED = {
     "SpawnRequest",
     "__version__",
     "authenticate",
+    "dumps_message",
     "dumps_user",
     "env",
     "loads_plain",
