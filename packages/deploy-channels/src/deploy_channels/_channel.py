@@ -5,6 +5,8 @@ from __future__ import annotations
 import pickle
 import struct
 from collections.abc import AsyncIterator, Iterator
+from itertools import repeat
+from operator import is_
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid, SerializationError
@@ -12,7 +14,7 @@ from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid, SerializationE
 from ._default import default_endpoint
 from ._endpoint import Endpoint
 from ._interrupts import DeferredInterrupt, Interrupted
-from ._link import AsyncWaiter, FdWaiter, Link, deadline_after
+from ._link import FdWaiter, Link, deadline_after, woken_or_ready
 from ._typecheck import type_checker, type_name
 from ._wire import decode_message, encode_message
 
@@ -164,13 +166,7 @@ class Sender(_Channel[T]):
         """`send` for asyncio: waits for buffer space without blocking the event loop."""
         link = self._live_link()
         while not link.tx_ready():
-            waiter = AsyncWaiter()
-            link.tx_watchers.add(waiter)
-            try:
-                if not link.tx_ready():
-                    await waiter.future
-            finally:
-                link.tx_watchers.discard(waiter)
+            await woken_or_ready(link.tx_ready, (link.tx_watchers,))
             link = self._live_link()
         self.send(value)
 
@@ -225,9 +221,18 @@ class Receiver(_Channel[T]):
             except KeyboardInterrupt:
                 # Raised anywhere from just before the removal to the return (Python 3.10
                 # runs handlers between almost any two instructions): not delivered, so
-                # it goes back unless it is still there.
-                if not any(item is payload for item in inbox):
-                    inbox.appendleft(payload)
+                # it goes back unless it is still there. Another Ctrl-C may land while
+                # putting it back, and the loop thread may append meanwhile (iterating
+                # then raises RuntimeError): look again, which the check by identity
+                # makes harmless. The check is all C calls, so no Python frame of ours
+                # runs in it for a handler to raise in.
+                while True:
+                    try:
+                        if not any(map(is_, inbox, repeat(payload))):
+                            inbox.appendleft(payload)
+                        break
+                    except (KeyboardInterrupt, RuntimeError):
+                        continue
                 raise
         deadline = deadline_after(timeout)
         deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
@@ -300,13 +305,7 @@ class Receiver(_Channel[T]):
             payload = link.take_nowait()
             if payload is not None:
                 return self._decode(payload)
-            waiter = AsyncWaiter()
-            link.rx_watchers.add(waiter)
-            try:
-                if not link.rx_ready():
-                    await waiter.future
-            finally:
-                link.rx_watchers.discard(waiter)
+            await woken_or_ready(link.rx_ready, (link.rx_watchers,))
 
     def _decode(self, payload: bytes | bytearray) -> T:
         try:
