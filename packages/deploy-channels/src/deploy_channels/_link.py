@@ -16,6 +16,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from ._endpoint import Endpoint
     from ._interrupts import DeferredInterrupt
 
-__all__ = ["AsyncWaiter", "FdWaiter", "Link", "Waiter", "deadline_after", "remaining"]
+__all__ = ["AsyncWaiter", "FdWaiter", "Link", "Waiter", "deadline_after", "remaining", "woken_or_ready"]
 
 INHERITED = "this endpoint belongs to the parent process (it was inherited through fork)"
 
@@ -179,6 +180,22 @@ class AsyncWaiter:
     def _set(self) -> None:
         if not self.future.done():
             self.future.set_result(None)
+
+
+async def woken_or_ready(ready: Callable[[], bool], watchers: Iterable[set[Any]]) -> None:
+    """asyncio: return at once if ``ready()``, else once a wake-up comes through any of the
+    ``watchers`` sets (the one wait that `asend`, `arecv` and `aselect` loop over; a wake-up
+    need not mean ready, so callers look again)."""
+    waiter = AsyncWaiter()
+    sets = list(watchers)
+    for watcher_set in sets:
+        watcher_set.add(waiter)
+    try:
+        if not ready():  # (checked after registering: a wake-up in between is not missed)
+            await waiter.future
+    finally:
+        for watcher_set in sets:
+            watcher_set.discard(waiter)
 
 
 class Link:

@@ -6,7 +6,7 @@ import random
 from typing import Any, TypeVar, Union, overload
 
 from ._channel import Receiver, Sender
-from ._link import AsyncWaiter, Waiter, deadline_after, remaining
+from ._link import Waiter, deadline_after, remaining, woken_or_ready
 
 __all__ = ["aselect", "select"]
 
@@ -97,13 +97,4 @@ async def aselect(*channels: Channel) -> Channel:
         ready = _pick(channels)
         if ready is not None:
             return ready
-        waiter = AsyncWaiter()
-        sets = [channel._watchers() for channel in channels]
-        for watchers in sets:
-            watchers.add(waiter)
-        try:
-            if _pick(channels) is None:
-                await waiter.future
-        finally:
-            for watchers in sets:
-                watchers.discard(waiter)
+        await woken_or_ready(lambda: _pick(channels) is not None, [channel._watchers() for channel in channels])
