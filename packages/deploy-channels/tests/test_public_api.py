@@ -32,11 +32,13 @@ def test_framing_surface_is_pinned():
     assert sorted(framing.__all__) == sorted(
         [
             "CLOSED",
+            "Assembly",
             "DEFAULT_MAX_FRAME_SIZE",
             "HEADER_SIZE",
             "MAX_FRAME_SIZE_LIMIT",
             "NEED_DATA",
             "FrameDecoder",
+            "Whole",
             "encode_frame",
             "frame_header",
         ]

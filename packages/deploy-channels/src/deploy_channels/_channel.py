@@ -137,7 +137,15 @@ class Sender(_Channel[T]):
         """Send ``value``; raises `PeerExited`/`PeerLost` if the peer is gone, TypeError on
         a value that is not a ``T``, `SerializationError` on one that cannot be pickled or
         whose pickle exceeds the endpoint's ``max_frame_size`` (nothing is sent then),
-        TimeoutError if still blocked by back-pressure after ``timeout`` seconds."""
+        TimeoutError if still blocked by back-pressure after ``timeout`` seconds.
+
+        Once it returns, ``value`` may change: the message is what it was. A large
+        buffer of the caller's that may change (a bytearray, a NumPy array) is sent from
+        its own memory, uncopied, so the call returns once the kernel has taken it (at most
+        ``timeout`` seconds; what is left then is copied)."""
+        self._send(value, timeout, hold=True)
+
+    def _send(self, value: T, timeout: float | None, *, hold: bool) -> int | None:
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Sender to {self.pid} is closed")
@@ -151,24 +159,34 @@ class Sender(_Channel[T]):
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
             try:
-                link.push(frame, len(frame), None if timeout is None else deadline_after(timeout), self)
+                return link.push(frame, len(frame), None if timeout is None else deadline_after(timeout), self)
             except (PeerExited, PeerLost, TimeoutError) as error:
                 # A user's traceback ends here: the frames below are the link's.
                 raise error.with_traceback(None) from None
-            return
         message, nbytes = encode_message(value)
         try:
-            link.push(message, nbytes, deadline_after(timeout), self)
+            return link.push(message, nbytes, deadline_after(timeout), self, hold=hold)
         except (PeerExited, PeerLost, TimeoutError) as error:
             raise error.with_traceback(None) from None
 
     async def asend(self, value: T) -> None:
-        """`send` for asyncio: waits for buffer space without blocking the event loop."""
+        """`send` for asyncio: waits for buffer space, and for the kernel to take a large
+        buffer of the caller's (see `send`), without blocking the event loop."""
         link = self._live_link()
         while not link.tx_ready():
             await woken_or_ready(link.tx_ready, (link.tx_watchers,))
             link = self._live_link()
-        self.send(value)
+        end = self._send(value, None, hold=False)
+        if end is None:
+            return
+        link.holding += 1
+        try:
+            while not link.taken(end):
+                await woken_or_ready(lambda: link.taken(end), (link.tx_watchers,))
+        finally:
+            link.holding -= 1
+            if not link.taken(end):
+                link.copy_borrowed()  # cancelled: the message is what it was now
 
     def _ready(self) -> bool:
         return self._live_link().tx_ready()

@@ -72,8 +72,14 @@ __all__ = ["Connection", "unsent_bytes"]
 log = logging.getLogger("deploy.channels")
 
 _TIOCOUTQ = getattr(termios, "TIOCOUTQ", 0x5411)
-# One read takes at most this much, into the connection's own buffer (`Connection._recv`).
+# One read takes at most this much, into the thread's buffer (`Connection._receive`).
 _RECV_SIZE = 256 * 1024
+# The read after a large frame: the next one likely is large too, and most of it is then
+# read straight into its own memory rather than copied out of the thread's buffer.
+_PEEK_SIZE = 16 * 1024
+# One read into a large frame takes at most this much, so that a big message read by the
+# loop holds up other connections' messages for no longer than that read.
+_RECV_INTO_MAX = 1024 * 1024
 # What `_recv` reads into: one buffer per reading thread (the loop thread, or a user thread
 # reading directly), not per connection, so that an endpoint with many connections does
 # not hold 256 KiB for each. A thread finishes feeding one read before it reads again.
@@ -119,7 +125,8 @@ class Connection:
             identity=endpoint.pid.hex,
             wanted=link.pid.hex if link is not None else None,
         )
-        self.decoder = FrameDecoder(_SETUP_MAX_FRAME)
+        self.decoder = FrameDecoder(_SETUP_MAX_FRAME, assemble=_wire.MessageAssembly)
+        self.read_size = _RECV_SIZE  # the next read into the thread's buffer (see `_receive`)
         self.setup_in = bytearray()  # the handshake bytes received (at most ~600)
         self.setup_timeout = link.setup_timeout if link is not None else SETUP_TIMEOUT
         self.started = time.monotonic()
@@ -330,34 +337,46 @@ class Connection:
         finally:
             self._release_reader(False)
 
-    def _recv(self) -> bytes | memoryview:
-        """One read (rlock held): a view of this thread's reused buffer, valid until the
-        thread's next read, or ``b""`` at EOF. The decoder copies whatever it keeps of it.
+    def _receive(self) -> bool:
+        """One read, fed to the decoder (rlock held); False at EOF (then nothing is fed).
 
-        A fresh ``recv(_RECV_SIZE)`` per read would cost more than the read itself: a
+        The bytes of a large frame in progress are read straight into its own memory
+        (`FrameDecoder.target`: the object the message will be built on). Other reads go
+        to this thread's reused buffer, which the decoder copies what it keeps from. A
+        fresh ``recv(_RECV_SIZE)`` per read would cost more than the read itself: a
         256 KiB allocation is over glibc's mmap threshold (mmap, page faults, mremap to
         shrink, munmap), about 15 µs per read on a small VM. A protected socket opens
         records into buffers of its own, so it keeps ``recv``.
         """
+        decoder = self.decoder
         if self.protected:
-            return self.sock.recv(_RECV_SIZE)
+            data = self.sock.recv(_RECV_SIZE)
+            if data:
+                decoder.feed(data)
+            return bool(data)
+        place = decoder.target()
+        if place is not None:
+            count = self.sock.recv_into(place, min(place.nbytes, _RECV_INTO_MAX))
+            if count:
+                decoder.wrote(count)
+                if decoder.target() is None:
+                    self.read_size = _PEEK_SIZE
+            return bool(count)
         buf = getattr(_read_buffers, "buffer", None)
         if buf is None:
             buf = _read_buffers.buffer = memoryview(bytearray(_RECV_SIZE))
-        n = self.sock.recv_into(buf)
-        return buf[:n] if n else b""
+        count = self.sock.recv_into(buf, self.read_size)
+        if count:
+            self.read_size = _RECV_SIZE
+            decoder.feed(buf[:count])
+        return bool(count)
 
     def _read_once(self) -> None:
-        try:
-            data = self._recv()
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError as error:
-            self.endpoint._connection_failed(self, error)
-            return
         decoder = self.decoder
         try:
-            decoder.feed(data)
+            data = self._receive()
+            if not data:
+                decoder.feed(b"")
             while self.state == "hello":
                 # One frame at a time: the pid exchange changes how the rest is read.
                 frame = decoder.next_frame()
@@ -370,8 +389,12 @@ class Connection:
             if not data and self.state != "closed":
                 decoder.frames()  # raises FrameError on EOF mid-frame
                 self.endpoint._connection_failed(self, EOFError("the peer closed the connection"))
+        except (BlockingIOError, InterruptedError):
+            return
         except FrameError as error:
             self._protocol_error(error)
+        except OSError as error:
+            self.endpoint._connection_failed(self, error)
 
     def _dispatch(self, frames: list) -> None:
         link = self.link
@@ -380,7 +403,7 @@ class Connection:
         for payload in frames:
             if not payload:
                 raise FrameError("empty frame")
-            kind = payload[-1]
+            kind = payload[-1] if type(payload) is not _wire.Buffers else _wire.DATA_BUFFERS
             if kind in _DATA_KINDS and self.state == "open":
                 batch.append(payload)
                 nbytes += len(payload)
@@ -570,17 +593,16 @@ class Connection:
                         return RETRY  # the caller raises TimeoutError
                     continue
                 try:
-                    data = self._recv()
+                    data = self._receive()
                 except (BlockingIOError, InterruptedError):
                     continue
-                except OSError as error:
+                except (OSError, FrameError) as error:  # (FrameError: a malformed large frame)
                     self.held_error = error
                     hand_back = True
                     return None
                 if not data:
                     hand_back = True  # EOF: the loop reads it again once READ is back
                     return None
-                decoder.feed(data)
         finally:
             self._release_reader(True)
             if hand_back:
@@ -597,7 +619,7 @@ class Connection:
         count = 0
         nbytes = 0
         for payload in frames:
-            if not payload or payload[-1] not in _DATA_KINDS:
+            if not payload or _wire.kind_of(payload) not in _DATA_KINDS:
                 break
             count += 1
             nbytes += len(payload)

@@ -842,6 +842,7 @@ class Endpoint:
         self._loop.unregister(self._listener.fileno())
         self._listener.close()
         for link in list(self._links.values()):
+            link.discard_output()  # given up: nothing may still refer to a sender's buffers
             link.wake_all()
         self._drained.set()
         self._loop.stop()

@@ -210,6 +210,8 @@ class Link:
         self.out_lock = threading.Lock()
         self.out: deque = deque()
         self.out_bytes = 0
+        self.written = 0  # bytes the loop ever wrote from `out` (see `push`)
+        self.holding = 0  # user threads waiting for the kernel to take their buffers
         self.flush_scheduled = False
         self.wconn: Connection | None = None
         self.last_direct = 0.0
@@ -275,9 +277,18 @@ class Link:
     def tx_ready(self) -> bool:
         return self.out_bytes < self.high_water or self.death is not None or self.shut
 
-    def push(self, frame: bytes | list, nbytes: int, deadline: float | None, channel: _Channel) -> None:
+    def push(
+        self, frame: bytes | list, nbytes: int, deadline: float | None, channel: _Channel, *, hold: bool = True
+    ) -> int | None:
         """Queue (or write) one framed message of ``channel``; blocks while the buffer is
-        over high water (raising `ChannelClosed` if the channel is closed meanwhile)."""
+        over high water (raising `ChannelClosed` if the channel is closed meanwhile).
+
+        A message's value is taken when its send returns, and the caller may refill its
+        own buffers at once (a bytearray, a NumPy array: anything but bytes). Rather than
+        copy what the kernel has not taken of those, the send waits until it has
+        (`hold_until`), as multiprocessing's does; a wait cut short (the deadline, an
+        exception) copies what is left instead. With ``hold`` False that wait is left to
+        the caller: the mark to give `taken` is returned, or None if there is none."""
         if nbytes > self.max_frame:
             # The peer would drop the connection on reading its header (and lose what follows).
             raise SerializationError(
@@ -303,7 +314,7 @@ class Link:
                 if type(frame) is bytes and type(tail) is bytearray and len(tail) < _TAIL_MAX:
                     tail += frame
                     self.out_bytes += nbytes
-                    return
+                    return None
             else:
                 conn = self.wconn
                 if conn is not None and not self.flush_scheduled and not conn.pre_out:
@@ -313,18 +324,57 @@ class Link:
                     if direct:
                         sent = conn.write_now(frame)
                         if sent == nbytes:
-                            return
+                            return None
                         frame = _rest(frame, sent)
                         nbytes -= sent
+            end = None
             if isinstance(frame, bytes):
                 out.append(bytearray(frame) if nbytes < _TAIL_MAX else frame)
             else:
-                out.extend(_captured(frame))
+                out.extend(frame)
+                if any(map(_borrowed, frame)):
+                    end = self.written + self.out_bytes + nbytes
             self.out_bytes += nbytes
-            if self.wconn is None or self.flush_scheduled:
-                return
-            self.flush_scheduled = True
-        self.loop.call_soon(self.flush)
+            flush = self.wconn is not None and not self.flush_scheduled
+            if flush:
+                self.flush_scheduled = True
+        if flush:
+            self.loop.call_soon(self.flush)
+        if end is not None and hold:
+            self.hold_until(end, deadline)
+            return None
+        return end
+
+    def taken(self, end: int) -> bool:
+        """Whether the kernel has every queued byte up to ``end`` (see `push`), or they were
+        dropped (the peer is gone, or the endpoint gave up at close)."""
+        return self.written >= end or not self.out
+
+    def hold_until(self, end: int, deadline: float | None) -> None:
+        """Wait until `taken` (``end``); copy the caller's buffers that are still queued if
+        the wait ends otherwise (the deadline passes, an exception)."""
+        waiter = Waiter()
+        self.tx_watchers.add(waiter)
+        self.holding += 1
+        try:
+            while not self.taken(end):
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                waiter.wait(left)
+        finally:
+            self.holding -= 1
+            self.tx_watchers.discard(waiter)
+            if not self.taken(end):
+                self.copy_borrowed()
+
+    def copy_borrowed(self) -> None:
+        """Replace the caller's buffers still queued with copies (see `push`)."""
+        with self.out_lock:
+            out = self.out
+            for index, chunk in enumerate(out):
+                if _borrowed(chunk):
+                    out[index] = bytes(chunk)
 
     def push_control(self, frame: bytes) -> None:
         """Loop thread: queue a control frame behind any data and flush."""
@@ -366,6 +416,7 @@ class Link:
                         error = exc
                         break
                     self.out_bytes -= sent
+                    self.written += sent
                     while sent:
                         head = out[0]
                         size = len(head) if type(head) is not memoryview else head.nbytes
@@ -388,7 +439,7 @@ class Link:
             conn.want_write(more)
             if error is not None:
                 conn.fail(error)
-        if self.tx_watchers and self.out_bytes < self.high_water:
+        if self.tx_watchers and (self.out_bytes < self.high_water or self.holding):
             self.wake_tx()
 
     def discard_output(self) -> None:
@@ -556,11 +607,10 @@ class Link:
         self.wake_tx()
 
 
-def _captured(chunks: list) -> list:
-    # A message's value is taken when send() returns: what the kernel did not take yet of
-    # the caller's own buffers (views of anything but immutable bytes) is copied, since
-    # the caller may refill them at once. Our own chunks are bytes, never copied.
-    return [bytes(chunk) if type(chunk) is memoryview and type(chunk.obj) is not bytes else chunk for chunk in chunks]
+def _borrowed(chunk: object) -> bool:
+    # A view of the caller's own buffer that it may change (anything but immutable bytes;
+    # the chunks of our own making are bytes or bytearrays of our own, never views).
+    return type(chunk) is memoryview and type(chunk.obj) is not bytes
 
 
 def _rest(frame: bytes | list[Any], sent: int) -> bytes | list[Any]:

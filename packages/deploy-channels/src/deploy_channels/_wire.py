@@ -5,14 +5,20 @@ payload straight to ``pickle.loads``, which ignores bytes past the pickle's STOP
 so neither side slices or copies a message to add or strip a kind byte.
 
     data           pickle + b"D"
-    data, buffers  count u32, pickle length u64, buffer lengths u64 each, buffer kinds u8
-                   each, pickle, buffers, b"B"
+    data, buffers  b"B", count u32, pickle length u64, buffer lengths u64 each, buffer
+                   kinds u8 each, pickle, buffers, b"B"
 
-A buffer's kind says what the receiver builds from its bytes: a writable view that the
-pickle's own reconstructor takes (NumPy arrays, a `pickle.PickleBuffer` sent as such), or
-the message itself when it is a large ``bytes``, ``bytearray`` or ``memoryview``: those
-are wrapped in a PickleBuffer so that the pickler does not copy them in band, and arrive
-as ``bytes`` (read-only source) or a ``bytearray`` (writable source).
+A buffer's kind says what the receiver builds from its bytes: a writable ``bytearray``
+that the pickle's own reconstructor takes (NumPy arrays, a `pickle.PickleBuffer` sent as
+such), or the message itself when it is a large ``bytes``, ``bytearray`` or
+``memoryview``: those are wrapped in a PickleBuffer so that the pickler does not copy
+them in band, and arrive as ``bytes`` (read-only source) or a ``bytearray`` (writable).
+
+A buffers frame is always large (it is used from 64 KiB on), and its leading b"B" (a
+pickle starts with its PROTO opcode, 0x80) tells the receiver the layout as soon as the
+frame starts: `MessageAssembly` reads each buffer straight into the object the message
+will be built on (a ``bytes`` too, allocated unwritten: see `_memory`), so a buffer
+crosses with no copy beyond the kernel's. The frame arrives as a `Buffers`, not as bytes.
     hello          b"<from pid> <wanted pid>" (connector) or b"<own pid>" (acceptor), b"H"
     duplicate      b"X"  the acceptor keeps another connection between the same two pids
     goodbye        exit code as ASCII digits (empty: unknown) + b"G"
@@ -25,9 +31,10 @@ import pickle
 import struct
 from typing import Any
 
-from deploy_core import Pid, dumps_message
+from deploy_core import FrameError, Pid, dumps_message
 
-from .framing import frame_header
+from ._memory import new_bytearray, new_bytes
+from .framing import Whole, frame_header
 
 __all__ = [
     "CLOSE_NO",
@@ -38,6 +45,8 @@ __all__ = [
     "DUPLICATE",
     "GOODBYE",
     "HELLO",
+    "Buffers",
+    "MessageAssembly",
     "control_frame",
     "decode_goodbye",
     "decode_hello",
@@ -57,7 +66,9 @@ CLOSE_OK = ord("K")
 CLOSE_NO = ord("N")
 
 _DATA_TAIL = b"D"
+_BUFFERS_MARK = b"B"
 _COUNTS = struct.Struct(">IQ")
+_PREFIX = 1 + _COUNTS.size  # the mark, count and pickle length
 _LENGTH = struct.Struct(">Q")
 # Buffer kinds (see the module comment).
 _VIEW = 0
@@ -96,7 +107,9 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
             data = dumps_message(value)  # small buffers: cheaper in band
         else:
             kinds = bytes([own] + [_VIEW] * (len(views) - 1))
-            meta = b"".join((_COUNTS.pack(len(views), len(data)), *(_LENGTH.pack(size) for size in sizes), kinds))
+            meta = b"".join(
+                (_BUFFERS_MARK, _COUNTS.pack(len(views), len(data)), *(_LENGTH.pack(size) for size in sizes), kinds)
+            )
             length = len(meta) + len(data) + sum(sizes) + 1
             return [frame_header(length), meta, data, *views, b"B"], length + 4
     length = len(data) + 1
@@ -105,33 +118,133 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
     return b"".join((_HEADER_PACK(length), data, _DATA_TAIL)), length + 4
 
 
-def decode_message(payload: bytes | bytearray) -> Any:
+def decode_message(payload: bytes | bytearray | Buffers) -> Any:
     """Unpickle a data frame's payload (either data kind)."""
-    if payload[-1] == DATA:
-        return pickle.loads(payload)
-    view = memoryview(payload)
-    count, pickle_length = _COUNTS.unpack_from(view, 0)
-    offset = _COUNTS.size
-    sizes = [_LENGTH.unpack_from(view, offset + 8 * i)[0] for i in range(count)]
-    offset += 8 * count
-    kinds = view[offset : offset + count]
-    offset += count
-    data = view[offset : offset + pickle_length]
-    offset += pickle_length
-    # The decoder hands over large frames as bytearrays: buffers built on them are
-    # writable, as the sender's were (a bytes payload would give read-only ones).
-    writable = type(payload) is bytearray
-    buffers: list[Any] = []
-    for size, kind in zip(sizes, kinds, strict=True):
-        buffer = view[offset : offset + size]
-        if kind == _BYTES:
-            buffers.append(bytes(buffer))
-        elif kind == _BYTEARRAY or not writable:
-            buffers.append(bytearray(buffer))
+    if isinstance(payload, Buffers):
+        return pickle.loads(payload.pickle, buffers=payload.buffers)
+    if payload[-1] != DATA:
+        raise ValueError(f"not a data frame (kind {payload[-1]})")
+    return pickle.loads(payload)
+
+
+class Buffers:
+    """A received buffers frame: its pickle and the buffers it is built on, each already
+    the object the message keeps (see the module comment)."""
+
+    __slots__ = ("pickle", "buffers", "nbytes")
+
+    def __init__(self, pickle: memoryview, buffers: list[Any], nbytes: int):
+        self.pickle = pickle
+        self.buffers = buffers
+        self.nbytes = nbytes  # the frame's payload length
+
+    def __len__(self) -> int:
+        return self.nbytes
+
+    def __repr__(self) -> str:
+        return f"<Buffers {len(self.buffers)} of {self.nbytes} bytes>"
+
+
+def kind_of(payload: bytes | bytearray | Buffers) -> int:
+    """The frame kind of a received payload."""
+    return DATA_BUFFERS if isinstance(payload, Buffers) else payload[-1]
+
+
+_PREFIX_PART, _META_PART, _BUFFER_PART, _TAIL_PART, _DONE = range(5)
+
+
+class MessageAssembly:
+    """The `framing.Assembly` of a channel connection's large frames: a buffers frame
+    is split as it arrives into its meta data and pickle, then each buffer in an object
+    of its own; any other large frame (a big in-band pickle) is one bytearray."""
+
+    __slots__ = ("_length", "_stage", "_part", "_view", "_filled", "_whole", "_meta", "_sizes", "_kinds", "_buffers")
+
+    def __init__(self, length: int):
+        self._length = length
+        self._whole: Whole | None = None
+        self._meta = bytearray()
+        self._sizes: list[int] = []
+        self._kinds = b""
+        self._buffers: list[Any] = []
+        self._stage = _PREFIX_PART
+        self._start(bytearray(min(_PREFIX, length)))
+
+    def _start(self, part: Any, view: memoryview | None = None) -> None:
+        # What is being filled now: the prefix, the meta data, a buffer or the tail.
+        self._part = part
+        self._view = memoryview(part) if view is None else view
+        self._filled = 0
+
+    def target(self) -> memoryview:
+        if self._whole is not None:
+            return self._whole.target()
+        return self._view[self._filled :]
+
+    def advance(self, count: int) -> None:
+        if self._whole is not None:
+            self._whole.advance(count)
+            return
+        self._filled += count
+        if self._stage == _PREFIX_PART and self._part[0] != _BUFFERS_MARK[0]:
+            # Not a buffers frame: the payload as one bytearray, its start copied over.
+            whole = self._whole = Whole(self._length, new_bytearray)
+            whole.target()[: self._filled] = self._view[: self._filled]
+            whole.advance(self._filled)
+            return
+        while self._stage != _DONE and self._filled == self._view.nbytes:
+            self._next_part()
+
+    def _next_part(self) -> None:
+        stage = self._stage
+        self._view.release()
+        if stage == _PREFIX_PART:
+            if len(self._part) < _PREFIX:
+                raise FrameError("a buffers frame shorter than its prefix")
+            count, pickle_length = _COUNTS.unpack_from(self._part, 1)
+            if not count or _PREFIX + 9 * count + pickle_length + 1 > self._length:
+                raise FrameError("a buffers frame whose layout does not fit its length")
+            self._sizes = [0] * count
+            self._meta = bytearray(9 * count + pickle_length)
+            self._stage = _META_PART
+            self._start(self._meta)
+            return
+        if stage == _META_PART:
+            count = len(self._sizes)
+            self._sizes = [_LENGTH.unpack_from(self._meta, 8 * i)[0] for i in range(count)]
+            self._kinds = bytes(self._meta[8 * count : 9 * count])
+            if _PREFIX + len(self._meta) + sum(self._sizes) + 1 != self._length or max(self._kinds) > _BYTEARRAY:
+                raise FrameError("a buffers frame whose layout does not fit its length")
+            self._stage = _BUFFER_PART
+        elif stage == _TAIL_PART:
+            if self._part[0] != _BUFFERS_MARK[0]:
+                raise FrameError("a buffers frame with a wrong tail")
+            self._stage = _DONE
+            return
+        index = len(self._buffers)
+        if index == len(self._sizes):
+            self._stage = _TAIL_PART
+            self._start(bytearray(1))
+            return
+        # The next buffer (an empty one is complete at once: `advance` moves on).
+        size = self._sizes[index]
+        if self._kinds[index] == _BYTES:
+            buffer, view = new_bytes(size)
         else:
-            buffers.append(buffer)
-        offset += size
-    return pickle.loads(data, buffers=buffers)
+            buffer = new_bytearray(size)
+            view = memoryview(buffer)
+        self._buffers.append(buffer)
+        self._start(buffer, view)
+
+    def result(self) -> bytearray | Buffers:
+        if self._whole is not None:
+            return self._whole.result()
+        assert self._stage == _DONE, "the frame is incomplete"
+        buffers = [
+            bytes(buffer) if type(buffer) is bytearray and kind == _BYTES else buffer
+            for buffer, kind in zip(self._buffers, self._kinds, strict=True)
+        ]
+        return Buffers(memoryview(self._meta)[9 * len(self._sizes) :], buffers, self._length)
 
 
 def control_frame(kind: int, body: bytes = b"") -> bytes:

@@ -19,14 +19,22 @@ raises `FrameError` too (a broken peer), whereas EOF between frames yields `CLOS
 
 A payload of 64 KiB or more comes back as a ``bytearray`` that the caller
 owns (writable, so out-of-band pickle buffers built on it are too); once such a frame's
-header is in, the decoder allocates it whole and copies each later read straight into
-place, rather than growing a buffer and copying the frame out at the end. Smaller
-payloads are ``bytes``.
+header is in, the decoder allocates it whole and later reads fill it in place, rather
+than growing a buffer and copying the frame out at the end. Smaller payloads are ``bytes``.
+
+Large frames, zero-copy: a reader asks `FrameDecoder.target` for the memory the next
+bytes of a large frame go to, reads into it itself (``sock.recv_into(target)``) and says
+how much with `FrameDecoder.wrote`, so the bytes land where the frame's consumer will keep
+them. What the large payload is assembled into is pluggable: ``assemble(length)``
+returns an `Assembly` (a bytearray by default, `Whole`); a protocol on top may split the
+payload into several buffers of its own layout as it arrives.
 """
 
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from deploy_core import FrameError
 
@@ -36,7 +44,9 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_FRAME_SIZE_LIMIT",
     "NEED_DATA",
+    "Assembly",
     "FrameDecoder",
+    "Whole",
     "encode_frame",
     "frame_header",
 ]
@@ -70,6 +80,47 @@ NEED_DATA = _Sentinel("NEED_DATA")
 CLOSED = _Sentinel("CLOSED")
 
 
+class Assembly(Protocol):
+    """Where a large frame's payload is put together as it arrives (see the module
+    comment). The decoder fills `target` and reports each fill to `advance`, in order,
+    until the payload's length is in; then `result` is the frame it returns."""
+
+    def target(self) -> memoryview:
+        """The writable memory the payload's next bytes go to (never empty before the end)."""
+        ...
+
+    def advance(self, count: int) -> None:
+        """``count`` bytes were written at the start of `target`; may raise `FrameError`
+        when they show the payload is malformed."""
+        ...
+
+    def result(self) -> object:
+        """The frame, once every byte is in."""
+        ...
+
+
+class Whole:
+    """The default `Assembly`: the payload as one ``bytearray`` (made by ``allocate``,
+    which may return one whose contents are not cleared first)."""
+
+    __slots__ = ("_buffer", "_view", "_filled")
+
+    def __init__(self, length: int, allocate: Callable[[int], bytearray] = bytearray):
+        self._buffer = allocate(length)
+        self._view = memoryview(self._buffer)
+        self._filled = 0
+
+    def target(self) -> memoryview:
+        return self._view[self._filled :]
+
+    def advance(self, count: int) -> None:
+        self._filled += count
+
+    def result(self) -> bytearray:
+        self._view.release()  # (the bytearray stays resizable for its new owner)
+        return self._buffer
+
+
 def frame_header(length: int) -> bytes:
     """The 4-byte header of a frame whose payload is ``length`` bytes.
 
@@ -94,9 +145,9 @@ class FrameDecoder:
     readers that handle a whole read in one step.
     """
 
-    __slots__ = ("_buf", "_pos", "_eof", "_max", "_unpack_from", "_large", "_filled")
+    __slots__ = ("_buf", "_pos", "_eof", "_max", "_unpack_from", "_large", "_length", "_filled", "_assemble")
 
-    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE):
+    def __init__(self, max_frame_size: int = DEFAULT_MAX_FRAME_SIZE, *, assemble: Callable[[int], Assembly] = Whole):
         if not isinstance(max_frame_size, int) or not 0 < max_frame_size <= MAX_FRAME_SIZE_LIMIT:
             raise ValueError(f"max_frame_size must be an int from 1 to {MAX_FRAME_SIZE_LIMIT}")
         # Unconsumed bytes are _buf[_pos:]; _buf is the caller's own bytes object while
@@ -107,10 +158,12 @@ class FrameDecoder:
         self._eof = False
         self._max = max_frame_size
         self._unpack_from = _HEADER.unpack_from
-        # A large frame being assembled: its payload so far is _large[:_filled]; while it
-        # is incomplete, _buf holds nothing.
-        self._large: bytearray | None = None
+        # A large frame being assembled: _filled of its _length payload bytes are in; while
+        # it is incomplete, _buf holds nothing.
+        self._large: Assembly | None = None
+        self._length = 0
         self._filled = 0
+        self._assemble = assemble
 
     @property
     def max_frame_size(self) -> int:
@@ -133,10 +186,25 @@ class FrameDecoder:
     def pending_size(self) -> int | None:
         """The payload length of the next frame once its header is buffered, else None."""
         if self._large is not None:
-            return len(self._large)
+            return self._length
         if len(self._buf) - self._pos < HEADER_SIZE:
             return None
         return self._unpack_from(self._buf, self._pos)[0]
+
+    def target(self) -> memoryview | None:
+        """Where to read the next bytes to: part of a large frame's own memory, while one
+        is incomplete (at most its missing bytes); else None (read into a buffer and
+        `feed` it). Report what was read into it with `wrote`, not `feed`."""
+        large = self._large
+        if large is None or self._filled == self._length:
+            return None
+        return large.target()
+
+    def wrote(self, count: int) -> None:
+        """``count`` bytes were read into `target` (0 is not EOF here: `feed` ``b""``)."""
+        assert self._large is not None and self._filled + count <= self._length, "more than the target"
+        self._filled += count
+        self._large.advance(count)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes read from the stream; ``b""`` marks the end of the stream."""
@@ -148,11 +216,9 @@ class FrameDecoder:
             self._eof = True
             return
         large = self._large
-        if large is not None and self._filled < len(large):
+        if large is not None and self._filled < self._length:
             with memoryview(data) as view:
-                taken = min(len(large) - self._filled, view.nbytes)
-                large[self._filled : self._filled + taken] = view[:taken]
-                self._filled += taken
+                taken = self._fill(view.cast("B") if view.format != "B" else view)
                 if taken == view.nbytes:
                     return
                 data = bytes(view[taken:])
@@ -176,19 +242,35 @@ class FrameDecoder:
                 self._pos = 0
             self._buf += data
 
-    def next_frame(self) -> bytes | bytearray | _Sentinel:
-        """The next complete frame's payload, `NEED_DATA` or `CLOSED`.
+    def _fill(self, view: memoryview) -> int:
+        # Copy the start of ``view`` into the large frame being assembled; returns how much.
+        large = self._large
+        assert large is not None
+        taken = 0
+        size = view.nbytes
+        while taken < size and self._filled < self._length:
+            place = large.target()
+            count = min(place.nbytes, size - taken, self._length - self._filled)
+            place[:count] = view[taken : taken + count]
+            taken += count
+            self._filled += count
+            large.advance(count)
+        return taken
+
+    def next_frame(self) -> Any:
+        """The next complete frame's payload (bytes, a bytearray or what its `Assembly`
+        made of a large one), `NEED_DATA` or `CLOSED`.
 
         Raises `FrameError` for a frame over the maximum size and for EOF mid-frame.
         """
         large = self._large
         if large is not None:
-            if self._filled < len(large):
+            if self._filled < self._length:
                 if self._eof:
                     raise FrameError(f"the stream ended in the middle of a frame ({self._filled + 4} bytes left over)")
                 return NEED_DATA
             self._large = None
-            return large
+            return large.result()
         buf, pos = self._buf, self._pos
         available = len(buf) - pos
         if available >= HEADER_SIZE:
@@ -197,10 +279,9 @@ class FrameDecoder:
                 raise FrameError(f"frame of {length} bytes exceeds the maximum of {self._max}")
             end = pos + HEADER_SIZE + length
             if end <= len(buf):
-                self._pos = end
                 if length >= _LARGE_FRAME:
-                    with memoryview(buf) as view:
-                        return bytearray(view[pos + HEADER_SIZE : end])
+                    return self._whole_large(pos, length)
+                self._pos = end
                 if isinstance(buf, bytearray):
                     with memoryview(buf) as view:
                         return bytes(view[pos + HEADER_SIZE : end])
@@ -214,20 +295,20 @@ class FrameDecoder:
             raise FrameError(f"the stream ended in the middle of a frame ({available} bytes left over)")
         return CLOSED
 
-    def frames(self) -> list[bytes | bytearray]:
+    def frames(self) -> list[Any]:
         """Every complete frame buffered now (possibly none); stops before `CLOSED`.
 
         Raises like `next_frame`, after the frames before the bad one have been consumed
         (they are lost to the caller; use `next_frame` to keep each one).
         """
-        out: list[bytes | bytearray] = []
+        out: list[Any] = []
         append = out.append
         large = self._large
         if large is not None:
             frame = self.next_frame()
             if frame is NEED_DATA:
                 return out
-            assert isinstance(frame, (bytes, bytearray)), "a large frame is data, not the end"
+            assert frame is not CLOSED, "a large frame is data, not the end"
             append(frame)
         buf, pos, limit, unpack = self._buf, self._pos, self._max, self._unpack_from
         size = len(buf)
@@ -250,8 +331,10 @@ class FrameDecoder:
                     return out
                 break
             if length >= _LARGE_FRAME:
-                with memoryview(buf) as whole:
-                    append(bytearray(whole[start:end]))
+                self._pos = pos
+                append(self._whole_large(pos, length))
+                pos = end
+                continue
             else:
                 append(view[start:end] if view is buf else bytes(view[start:end]))
             pos = end
@@ -263,7 +346,7 @@ class FrameDecoder:
         return out
 
     def _start_large(self, pos: int, length: int) -> None:
-        # The rest of the buffer is the start of one large frame: allocate it whole.
+        # The rest of the buffer is the start of one large frame: assemble it in place.
         with memoryview(self._buf) as view:
             self._large_from(view[pos:], length)
         self._buf = b""
@@ -271,12 +354,21 @@ class FrameDecoder:
 
     def _large_from(self, data: bytes | bytearray | memoryview, length: int) -> None:
         # data is a header and the first part of a large frame's payload of length bytes.
-        large = bytearray(length)
+        self._large = self._assemble(length)
+        self._length = length
+        self._filled = 0
         with memoryview(data) as view:
-            part = view[HEADER_SIZE:]
-            large[: part.nbytes] = part
-            self._filled = part.nbytes
-        self._large = large
+            self._fill(view.cast("B")[HEADER_SIZE:])
+
+    def _whole_large(self, pos: int, length: int) -> object:
+        # A large frame that is all in the buffer at pos: through its assembly too.
+        with memoryview(self._buf) as view:
+            self._large_from(view[pos : pos + HEADER_SIZE + length], length)
+        self._pos = pos + HEADER_SIZE + length
+        large = self._large
+        assert large is not None
+        self._large = None
+        return large.result()
 
     @property
     def at_eof(self) -> bool:
