@@ -42,7 +42,7 @@ def test_both_directions_share_one_connection(pair):
         tx_ba.send(-i)
     assert [rx_ab.recv(timeout=5) for _ in range(100)] == list(range(100))
     assert [rx_ba.recv(timeout=5) for _ in range(100)] == [-i for i in range(100)]
-    settle(lambda: len(a._conns) == 1 and len(b._conns) == 1)
+    settle(lambda: len(a._peers.conns) == 1 and len(b._peers.conns) == 1)
 
 
 def connect_both_ways_at_once(a, b):
@@ -66,7 +66,7 @@ def connect_both_ways_at_once(a, b):
     made["ba"].send("to a")
     assert rx_b.recv(timeout=5) == "to b"
     assert rx_a.recv(timeout=5) == "to a"
-    settle(lambda: len(a._conns) == 1 and len(b._conns) == 1)
+    settle(lambda: len(a._peers.conns) == 1 and len(b._peers.conns) == 1)
 
 
 def test_simultaneous_connects_end_with_one_connection(make_endpoint):
@@ -246,7 +246,7 @@ def test_select_returns_the_ready_object_fairly(make_endpoint):
     for i in range(200):
         tx1.send(i)
         tx2.send(i)
-    settle(lambda: hub._links[p1.pid.hex].total_in == 200 and hub._links[p2.pid.hex].total_in == 200)
+    settle(lambda: hub._peers.links[p1.pid.hex].total_in == 200 and hub._peers.links[p2.pid.hex].total_in == 200)
     picked = {rx1: 0, rx2: 0}
     for _ in range(200):
         ready = select(rx1, rx2, timeout=5)
@@ -313,7 +313,7 @@ def test_idle_connections_are_torn_down_and_come_back(make_endpoint):
         with Sender(b.pid, endpoint=a) as tx, Receiver(a.pid, endpoint=b) as rx:
             tx.send(round_)
             assert rx.recv(timeout=5) == round_
-        settle(lambda: not a._links and not b._links and not a._conns and not b._conns)
+        settle(lambda: not a._peers.links and not b._peers.links and not a._peers.conns and not b._peers.conns)
 
 
 def test_unread_messages_keep_the_link(make_endpoint):
@@ -321,7 +321,7 @@ def test_unread_messages_keep_the_link(make_endpoint):
     with Sender(b.pid, endpoint=a) as tx:
         tx.send("kept")
     time.sleep(0.5)
-    assert b._links  # the message still waits for a Receiver
+    assert b._peers.links  # the message still waits for a Receiver
     assert Receiver(a.pid, endpoint=b).recv(timeout=5) == "kept"
 
 
@@ -403,7 +403,7 @@ def test_keepalive_sets_probes_and_a_user_timeout_on_both_ends(keepalive):
         Sender(b.pid, endpoint=a).send(1)
         assert Receiver(a.pid, endpoint=b).recv(timeout=5) == 1
         for endpoint in (a, b):
-            conns = [conn for conn in endpoint._conns if conn.sock.fileno() >= 0]
+            conns = [conn for conn in endpoint._peers.conns if conn.sock.fileno() >= 0]
             assert conns
             for conn in conns:
                 probes = conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)

@@ -58,7 +58,7 @@ def test_ping_pong_is_read_directly_without_waking_the_loop(pair):
     # in recv, which threads of one process sharing a GIL make common, the more so on a
     # loaded machine: a quarter of them here, over a quarter more under a parallel test run.
     # Without direct reads all 4000 would.)
-    assert a._links[b.pid.hex].total_in + b._links[a.pid.hex].total_in < 2400
+    assert a._peers.links[b.pid.hex].total_in + b._peers.links[a.pid.hex].total_in < 2400
 
 
 def test_mixed_sizes_and_bursts_keep_order(pair):
@@ -111,7 +111,7 @@ def test_closing_the_endpoint_wakes_a_direct_reader(pair):
     tx.send("first")
     assert rx.recv(timeout=5) == "first"
     thread, outcome = blocked(lambda: rx.recv(timeout=20))
-    wait_until(lambda: direct_readers(a._links[b.pid.hex]))
+    wait_until(lambda: direct_readers(a._peers.links[b.pid.hex]))
     start = time.monotonic()
     a.close()
     thread.join(5)
@@ -134,7 +134,7 @@ def test_goodbye_reaches_a_direct_reader(pair):
             return values, error.code
 
     thread, outcome = blocked(drain)
-    wait_until(lambda: direct_readers(a._links[b.pid.hex]))
+    wait_until(lambda: direct_readers(a._peers.links[b.pid.hex]))
     tx.send("last")
     b.close(exit_code=4)
     thread.join(10)
@@ -151,7 +151,7 @@ def test_timeout_while_reading_directly_leaves_the_connection_usable(pair):
             rx.recv(timeout=0.01)
         tx.send(i)
         assert rx.recv(timeout=5) == i
-    link = a._links[b.pid.hex]
+    link = a._peers.links[b.pid.hex]
     assert link.conn is not None and not link.conn.user_reading
     # The loop reads again once nobody waits: select sees the next message.
     tx.send("for select")
@@ -167,7 +167,7 @@ def test_frames_left_behind_are_processed_when_the_loop_finds_the_read_side_take
     tx, rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
     tx.send(0)
     assert rx.recv(timeout=5) == 0
-    conn = a._links[b.pid.hex].conn
+    conn = a._peers.links[b.pid.hex].conn
     frame, _ = _wire.encode_message(42)
     handed_back = threading.Event()
     with conn.rlock:  # a thread that holds the read side for a moment

@@ -81,7 +81,7 @@ def test_authenticated_stranger_with_oversized_frame_is_dropped(pair, caplog):
     a, b = pair
     caplog.set_level(logging.WARNING, logger="deploy.channels")
     sock = raw_connect(b)
-    handshake = Handshake(b._secret, initiator=True, identity="f" * 32, wanted=b.pid.hex)
+    handshake = Handshake(b._peers.secret, initiator=True, identity="f" * 32, wanted=b.pid.hex)
     sock.sendall(handshake.data_to_send())
     while not handshake.done:
         handshake.receive_data(sock.recv(handshake.bytes_needed()))

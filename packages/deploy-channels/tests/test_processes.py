@@ -159,7 +159,7 @@ print(count, flush=True)
     assert sent[0] == first, "send kept going although the receiver does not read"
     # Sender buffer + kernel buffers + the receiver's bounded inbox: far below 80 MiB.
     assert first * 4104 < 40 * 2**20
-    assert ep._links[pid.hex].out_bytes <= high_water + 8192
+    assert ep._peers.links[pid.hex].out_bytes <= high_water + 8192
     proc.stdin.write("read\n")
     proc.stdin.flush()
     pumper.join(30)
@@ -187,7 +187,7 @@ def test_fork_child_makes_its_own_endpoint(make_endpoint):
                 pass
             else:
                 raise AssertionError("the inherited endpoint should be unusable")
-            own = Endpoint("127.0.0.1:0", secret=b._secret)
+            own = Endpoint("127.0.0.1:0", secret=b._peers.secret)
             os.write(write_fd, own.pid.format().encode() + b"\n")
             Sender(b.pid, endpoint=own).send("from the child")
             own.close(exit_code=0)

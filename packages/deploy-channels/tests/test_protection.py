@@ -106,7 +106,7 @@ def attacked(make_endpoint, monkeypatch, request):
     original = Connection.start_connect
 
     def start_connect(conn: Connection) -> None:
-        if conn.endpoint is a and conn.link.pid == b.pid:
+        if conn.owner is a._peers and conn.link.pid == b.pid:
             # The connector's packets to b take a path through the attacker.
             conn.sock.connect_ex(attacker.addr)
             conn.loop.register(conn.fd, WRITE, conn.on_event)
@@ -190,7 +190,7 @@ def test_a_protected_pair_carries_messages_both_ways(make_endpoint, protect):
     assert [rx.recv(timeout=10) for _ in range(200)] == list(range(200))
     assert rx.recv(timeout=10) == big
     assert back_rx.recv(timeout=10) == "back"
-    kinds = {type(conn.sock).__name__ for conn in a._conns}
+    kinds = {type(conn.sock).__name__ for conn in a._peers.conns}
     assert kinds == ({"ProtectedSocket"} if protect == "all" else {"socket"})  # loopback: "remote" is off
 
 

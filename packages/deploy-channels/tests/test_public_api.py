@@ -65,3 +65,53 @@ def test_errors_are_deploy_cores():
 def test_subscripted_channel_types():
     assert repr(deploy_channels.Sender[int]) == "Sender[int]"
     assert deploy_channels.Receiver[list[int]] == deploy_channels.Receiver[list[int]]
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports: at the top, in
+    functions and under TYPE_CHECKING alike (a cycle there still ties the modules)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(deploy_channels.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        name = path.stem
+        edges = graph.setdefault(name, set())
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                if node.module:
+                    edges.add(node.module.split(".")[0])
+                else:
+                    edges.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("deploy_channels."):
+                edges.add(node.module.split(".")[1])
+    for edges in graph.values():
+        edges &= graph.keys()
+    return graph
+
+
+def test_the_package_has_no_import_cycles():
+    graph = _package_imports()
+    assert {"_connection", "_link", "_peers", "_endpoint"} <= graph.keys()
+    done: set[str] = set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            raise AssertionError("import cycle: " + " -> ".join([*path[path.index(module) :], module]))
+        if module in done:
+            return
+        for imported in sorted(graph[module]):
+            visit(imported, [*path, module])
+        done.add(module)
+
+    for module in sorted(graph):
+        visit(module, [])
+
+
+def test_a_connection_knows_only_its_own_module_and_the_ones_below():
+    # The connection calls its owner through ConnectionOwner and reads its link through
+    # Carried (both declared in _connection), as asyncio's transports call their protocol.
+    graph = _package_imports()
+    assert graph["_connection"] <= {"_wire", "_loop", "framing", "_waiters", "_memory"}, graph["_connection"]
+    assert "_endpoint" not in graph["_link"] and "_peers" not in graph["_link"], graph["_link"]

@@ -54,20 +54,20 @@ def test_idle_close_request_during_a_large_message_loses_nothing(make_endpoint, 
     with Receiver(a.pid, endpoint=b) as rx:
         tx.send(b"first")
         assert rx.recv(timeout=10) == b"first"
-    link = b._links[a.pid.hex]
+    link = b._peers.links[a.pid.hex]
     big = bytes(range(256)) * (400 * 1024)  # 100 MiB
     tx.send(big)
     # B has no channel, nothing queued and nothing unread: its linger would ask A to close
     # while most of the message is still on its way.
     if who == "linger":
-        call_in_loop(b, b._linger_over, link, link.idle_token)
+        call_in_loop(b, b._peers._linger_over, link, link.idle_token)
     else:
         call_in_loop(b, force_close_request, b, link)
     rx = Receiver(a.pid, endpoint=b)
     assert rx.recv(timeout=20) == big
     tx.send(b"after")
     assert rx.recv(timeout=10) == b"after"
-    assert a._links[b.pid.hex].death is None and b._links[a.pid.hex].death is None
+    assert a._peers.links[b.pid.hex].death is None and b._peers.links[a.pid.hex].death is None
 
 
 # --- 2. closing a channel wakes every thread and task blocked on it ----------------------
@@ -95,7 +95,7 @@ def test_closing_a_receiver_wakes_a_blocked_thread(pair, how):
     tx.send("hello")
     assert rx.recv(timeout=10) == "hello"
     wait = rx.recv if how == "recv" else lambda: select(rx)
-    link = b._links[a.pid.hex]
+    link = b._peers.links[a.pid.hex]
     thread, outcome = in_thread(wait)
     wait_until(lambda: link.rx_watchers)  # blocked on the link
     assert not outcome
@@ -113,7 +113,7 @@ def test_closing_a_receiver_wakes_a_blocked_task(pair, how):
     Sender(b.pid, endpoint=a)
     rx = Receiver(a.pid, endpoint=b)
 
-    link = b._links[a.pid.hex]
+    link = b._peers.links[a.pid.hex]
 
     async def main():
         task = asyncio.ensure_future(rx.arecv() if how == "arecv" else aselect(rx))
@@ -138,8 +138,8 @@ def test_closing_a_sender_wakes_a_send_blocked_by_backpressure(make_endpoint):
             tx.send(chunk)
 
     thread, outcome = in_thread(pump)
-    link = a._links[b.pid.hex]
-    wait_until(lambda: link.tx_watchers and b._links[a.pid.hex].paused)
+    link = a._peers.links[b.pid.hex]
+    wait_until(lambda: link.tx_watchers and b._peers.links[a.pid.hex].paused)
     time.sleep(0.2)
     assert link.tx_watchers and not outcome  # blocked for good, not just for a moment
     tx.close()
@@ -396,7 +396,7 @@ def test_inherited_channels_fail_in_a_forked_child_and_the_parent_keeps_them(pai
     back = Sender(a.pid, endpoint=b)
     for i in range(3):
         tx.send(i)
-    wait_until(lambda: len(b._links[a.pid.hex].inbox) == 3)  # unread, in b's inbox
+    wait_until(lambda: len(b._peers.links[a.pid.hex].inbox) == 3)  # unread, in b's inbox
     read_fd, write_fd = os.pipe()
     child = os.fork()
     if child == 0:
@@ -441,7 +441,7 @@ def test_close_waits_for_a_peer_whose_kernel_holds_the_connection(make_endpoint)
     closing, outcome = in_thread(lambda: a.close(timeout=15))
     time.sleep(4.0)  # longer than the 3 s without progress after which close used to give up
     assert not outcome, "close() gave up while the peer's kernel held the connection"
-    b = Endpoint(secret=a._secret, sock=listener, pid=peer)
+    b = Endpoint(secret=a._peers.secret, sock=listener, pid=peer)
     try:
         assert Receiver(a.pid, endpoint=b).recv(timeout=10) == "accepted by send()"
         closing.join(15)

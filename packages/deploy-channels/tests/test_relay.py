@@ -164,7 +164,7 @@ def test_a_flood_of_idle_connections_is_capped_and_a_good_peer_still_connects(pa
         tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
         tx.send("through the flood")
         assert rx.recv(timeout=10) == "through the flood"
-        holding = sum(1 for conn in list(b._conns) if conn.link is None and conn.state == "auth")
+        holding = sum(1 for conn in list(b._peers.conns) if conn.link is None and conn.state == "auth")
         assert holding <= cap
         warnings = [r.getMessage() for r in caplog.records if "authenticating at once" in r.getMessage()]
         assert len(warnings) == 1, warnings  # one line per flood, not one per connection

@@ -15,7 +15,7 @@ import time
 
 import pytest
 from conftest import SECRET
-from deploy_channels import Endpoint, Receiver, Sender, _connection, _endpoint, _link
+from deploy_channels import Endpoint, Receiver, Sender, _connection, _link, _peers
 from deploy_core import PeerExited, PeerLost, Pid
 
 pytestmark = pytest.mark.timeout(60)
@@ -98,8 +98,8 @@ def test_a_connection_ended_before_the_handshake_is_retried_and_nothing_is_lost(
 
 
 def test_a_set_up_timeout_is_retried_and_the_message_delivered(make_endpoint, flaky, monkeypatch):
-    for module in (_connection, _link, _endpoint):
-        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.5, raising=False)
+    for module in (_connection, _link, _peers):
+        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.5)
     a = make_endpoint()
     peer = flaky(drop=1, how="silent")
     tx = Sender(peer.pid, endpoint=a)
@@ -123,7 +123,7 @@ def test_a_receiver_waits_through_failed_set_ups_for_a_live_peer(make_endpoint, 
 
 
 def test_set_up_that_keeps_failing_ends_in_peer_lost_with_the_reason(make_endpoint, monkeypatch):
-    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.0, raising=False)
+    monkeypatch.setattr(_peers, "SETUP_RETRY_FOR", 1.0)
     a = make_endpoint()
     listener = socket.create_server(("127.0.0.1", 0))
     stop = threading.Event()
@@ -228,9 +228,9 @@ def test_a_failed_authentication_is_not_retried(make_endpoint):
 
 
 def test_set_up_timeouts_are_retried_within_the_bound(make_endpoint, monkeypatch):
-    for module in (_connection, _link, _endpoint):
-        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.3, raising=False)
-    monkeypatch.setattr(_endpoint, "SETUP_RETRY_FOR", 1.5, raising=False)
+    for module in (_connection, _link, _peers):
+        monkeypatch.setattr(module, "SETUP_TIMEOUT", 0.3)
+    monkeypatch.setattr(_peers, "SETUP_RETRY_FOR", 1.5)
     a = make_endpoint()
     listener = socket.create_server(("127.0.0.1", 0), backlog=64)  # accepts in the kernel, never answers
     try:

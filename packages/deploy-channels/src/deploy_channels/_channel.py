@@ -14,8 +14,9 @@ from deploy_core import ChannelClosed, PeerExited, PeerLost, Pid, SerializationE
 from ._default import default_endpoint
 from ._endpoint import Endpoint
 from ._interrupts import DeferredInterrupt, Interrupted
-from ._link import FdWaiter, Link, deadline_after, woken_or_ready
+from ._link import Link
 from ._typecheck import type_checker, type_name
+from ._waiters import FdWaiter, deadline_after, woken_or_ready
 from ._wire import decode_message, encode_message
 
 __all__ = ["Receiver", "Sender"]

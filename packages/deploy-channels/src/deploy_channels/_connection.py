@@ -55,19 +55,19 @@ import struct
 import termios
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from deploy_core import AuthenticationError, FrameError, Handshake, ProtectedSocket
+from deploy_core import AuthenticationError, FrameError, Handshake, Pid, ProtectedSocket
 
 from . import _wire
-from ._loop import READ, WRITE
+from ._loop import READ, WRITE, EventLoop
 from .framing import CLOSED, NEED_DATA, FrameDecoder
 
 if TYPE_CHECKING:
-    from ._endpoint import Endpoint
-    from ._link import FdWaiter, Link
+    from ._waiters import FdWaiter
 
-__all__ = ["Connection", "unsent_bytes"]
+__all__ = ["RETRY", "SETUP_TIMEOUT", "Connection", "ConnectionOwner", "Carried", "unsent_bytes"]
 
 log = logging.getLogger("deploy.channels")
 
@@ -94,6 +94,86 @@ RETRY = object()
 _DIRECT_MAX = 64 * 1024
 
 
+class Carried(Protocol):
+    """The per-peer state a connection carries (a `_link.Link`): where its data frames go
+    and its output comes from. The connection reads these attributes, never sets them."""
+
+    @property
+    def pid(self) -> Pid: ...
+    @property
+    def setup_timeout(self) -> float: ...
+    @property
+    def conn(self) -> Connection[Any] | None: ...  # the connection carrying the link now
+    @property
+    def wconn(self) -> Connection[Any] | None: ...  # the one its writers may use now
+    @property
+    def inbox(self) -> deque: ...
+    @property
+    def death(self) -> object: ...  # None while the peer lives
+    @property
+    def shut(self) -> bool: ...
+
+    def deliver(self, payloads: list, nbytes: int) -> None:
+        """Loop thread: data frames read for the link."""
+
+    def deliver_direct(self, payloads: list, nbytes: int, reader: FdWaiter) -> None:
+        """The user thread reading directly queues what it read beyond its message."""
+
+    def flush(self) -> None:
+        """Loop thread: the socket is writable; write what is queued."""
+
+
+L = TypeVar("L", bound=Carried)
+L_contra = TypeVar("L_contra", bound=Carried, contravariant=True)
+
+
+class ConnectionOwner(Protocol[L_contra]):
+    """What a connection reports to, in the loop thread (the endpoint's `_peers.Peers`).
+    A connection calls these and nothing else of its owner; each is named for the event."""
+
+    pid: Pid  # this process's
+    loop: EventLoop
+    secret: bytes
+    keepalive: float | None
+    max_frame_size: int
+
+    def protects(self, host: str) -> bool:
+        """Whether a connection with a peer at ``host`` carries protected frames."""
+
+    def connection_failed(
+        self,
+        conn: Connection,
+        error: BaseException,
+        *,
+        refused: bool = False,
+        logged: bool = False,
+        final: bool = False,
+    ) -> None:
+        """The connection ended (it is closed already or closes now)."""
+
+    def connection_closed(self, conn: Connection[Any]) -> None:
+        """``conn.close()`` ran: forget it."""
+
+    def hello_answered(self, conn: Connection[Any], pid: Pid) -> None:
+        """Our connection's peer said who it is."""
+
+    def hello_received(self, conn: Connection[Any], pid: Pid, wanted: Pid | None) -> None:
+        """An accepted connection's peer said who it is and whom it wants."""
+
+    def refused_as_duplicate(self, conn: Connection[Any]) -> None: ...
+
+    def goodbye(self, conn: Connection[Any], code: int | None) -> None: ...
+
+    def close_requested(self, conn: Connection[Any]) -> None: ...
+
+    def close_agreed(self, conn: Connection[Any]) -> None: ...
+
+    def close_refused(self, conn: Connection[Any]) -> None: ...
+
+    def delivered(self, link: L_contra) -> None:
+        """Data frames were delivered to ``link`` (back-pressure may pause reading)."""
+
+
 def unsent_bytes(sock: socket.socket) -> int:
     """Bytes the peer's kernel has not acknowledged yet (0 if the socket is unusable)."""
     try:
@@ -103,26 +183,26 @@ def unsent_bytes(sock: socket.socket) -> int:
     return struct.unpack("i", raw)[0]
 
 
-class Connection:
+class Connection(Generic[L]):
     """Loop-thread object; user threads call only `write_now` (under the link's
     out_lock) and `read_direct` (see the module comment)."""
 
-    def __init__(self, endpoint: Endpoint, sock: socket.socket, *, link: Link | None, addr: object):
-        self.endpoint = endpoint
-        self.loop = endpoint._loop
+    def __init__(self, owner: ConnectionOwner[L], sock: socket.socket, *, link: L | None, addr: object):
+        self.owner = owner
+        self.loop = owner.loop
         # A socket.socket, or once sealed a deploy_core.ProtectedSocket that adds flush()
         # and pending_out() (used only when self.protected).
         self.sock: Any = sock
         self.fd = sock.fileno()
         self.addr: Any = addr
-        self.link = link
+        self.link: L | None = link
         self.initiator = link is not None
         self.state = "connecting" if self.initiator else "auth"
         # Bound to both pids: a connection relayed to any other process of the run fails.
         self.handshake = Handshake(
-            endpoint._secret,
+            owner.secret,
             initiator=self.initiator,
-            identity=endpoint.pid.hex,
+            identity=owner.pid.hex,
             wanted=link.pid.hex if link is not None else None,
         )
         self.decoder = FrameDecoder(_SETUP_MAX_FRAME, assemble=_wire.MessageAssembly)
@@ -146,8 +226,8 @@ class Connection:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if endpoint.keepalive is not None:
-                _keepalive(sock, endpoint.keepalive)
+            if owner.keepalive is not None:
+                _keepalive(sock, owner.keepalive)
         except OSError:
             pass
 
@@ -163,13 +243,13 @@ class Connection:
             # (A host name is resolved here, in the loop thread.)
             err = self.sock.connect_ex(tuple(self.link.pid.addr))
         except OSError as error:  # socket.gaierror: the host does not resolve
-            self.endpoint._connection_failed(
+            self.owner.connection_failed(
                 self, OSError(f"cannot connect to {_address(self.link.pid.addr)}: {error}"), final=True
             )
             return
         if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
             failure = OSError(err, errno.errorcode.get(err, str(err)))
-            self.endpoint._connection_failed(self, failure, refused=err == errno.ECONNREFUSED)
+            self.owner.connection_failed(self, failure, refused=err == errno.ECONNREFUSED)
             return
         self.loop.register(self.fd, WRITE, self.on_event)
         self.loop.call_later(self.setup_timeout, self._setup_deadline)
@@ -180,7 +260,7 @@ class Connection:
 
     @property
     def handshake_own(self) -> bytes:
-        return self.endpoint.pid.hex.encode("ascii")
+        return self.owner.pid.hex.encode("ascii")
 
     @property
     def handshake_wanted(self) -> bytes:
@@ -189,13 +269,13 @@ class Connection:
 
     def _setup_deadline(self) -> None:
         if self.state in ("connecting", "auth", "hello"):
-            self.endpoint._connection_failed(self, TimeoutError(f"no complete set-up within {self.setup_timeout:g}s"))
+            self.owner.connection_failed(self, TimeoutError(f"no complete set-up within {self.setup_timeout:g}s"))
 
     def _connected(self) -> None:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             refused = err == errno.ECONNREFUSED
-            self.endpoint._connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=refused)
+            self.owner.connection_failed(self, OSError(err, errno.errorcode.get(err, str(err))), refused=refused)
             return
         self.state = "auth"
         self.pre_out += self.handshake.data_to_send()
@@ -218,18 +298,18 @@ class Connection:
                     # Another process listens at the pid's address: the one we want is gone.
                     log.info("deploy.channels: %s is gone: another process listens at its address", self.link.pid)
                     self.replaced = True
-                    self.endpoint._connection_failed(self, error, refused=True)
+                    self.owner.connection_failed(self, error, refused=True)
                     return
                 log.warning("deploy.channels: connection to %s failed authentication: %s", self.link.pid, error)
             else:
                 log.warning("deploy.channels: dropped a connection from %s: %s", _address(self.addr), error)
                 if parts is not None and parts[1] != self.handshake_own:
                     self._answer_not_me(parts[0])
-            self.endpoint._connection_failed(self, error, logged=True)
+            self.owner.connection_failed(self, error, logged=True)
             return
         self.pre_out += self.handshake.data_to_send()
         if self.handshake.done:
-            if self.endpoint._protects(self._peer_host()):
+            if self.owner.protects(self._peer_host()):
                 # The proof (initiator) goes out as it is; everything after it is sealed.
                 self.sock = ProtectedSocket(
                     self.sock,
@@ -243,7 +323,7 @@ class Connection:
             self.state = "hello"
             if self.initiator:
                 assert self.link is not None
-                self.pre_out += _wire.hello_frame(self.endpoint.pid, self.link.pid)
+                self.pre_out += _wire.hello_frame(self.owner.pid, self.link.pid)
         self._write_pre()
 
     def _answer_not_me(self, caller: bytes) -> None:
@@ -263,12 +343,12 @@ class Connection:
         # its backlog; the endpoint retries, and a retry refused means the peer is gone.
         # For an accepted one it is a prober or a peer that gave up on a duplicate:
         # routine, so not logged as a warning.
-        self.endpoint._connection_failed(self, error)
+        self.owner.connection_failed(self, error)
 
     def opened(self) -> None:
         """Set-up is over: frames may now be as large as the endpoint allows."""
         self.state = "open"
-        self.decoder.max_frame_size = self.endpoint._max_frame_size
+        self.decoder.max_frame_size = self.owner.max_frame_size
 
     # --- events ---------------------------------------------------------------------------
 
@@ -326,7 +406,7 @@ class Connection:
             self._protocol_error(exc)
             return
         if error is not None and self.state != "closed":
-            self.endpoint._connection_failed(self, error)
+            self.owner.connection_failed(self, error)
 
     def after_user_read(self) -> None:
         """Loop thread: a user thread handed the read side back with work left."""
@@ -388,13 +468,13 @@ class Connection:
                 self._dispatch(frames)
             if not data and self.state != "closed":
                 decoder.frames()  # raises FrameError on EOF mid-frame
-                self.endpoint._connection_failed(self, EOFError("the peer closed the connection"))
+                self.owner.connection_failed(self, EOFError("the peer closed the connection"))
         except (BlockingIOError, InterruptedError):
             return
         except FrameError as error:
             self._protocol_error(error)
         except OSError as error:
-            self.endpoint._connection_failed(self, error)
+            self.owner.connection_failed(self, error)
 
     def _dispatch(self, frames: list) -> None:
         link = self.link
@@ -420,10 +500,10 @@ class Connection:
             assert link is not None
             link.deliver(batch, nbytes)
         if link is not None:
-            self.endpoint._after_delivery(link)
+            self.owner.delivered(link)
 
     def _control(self, kind: int, payload: bytes) -> None:
-        endpoint = self.endpoint
+        owner = self.owner
         if self.state == "hello":
             if kind == _wire.HELLO:
                 try:
@@ -435,28 +515,28 @@ class Connection:
                         f"the hello names pid {own}, but the peer authenticated as {self.handshake.peer[:7]}"
                     )
                 if self.initiator:
-                    endpoint._outgoing_hello(self, own)
+                    owner.hello_answered(self, own)
                 else:
-                    endpoint._incoming_hello(self, own, wanted)
+                    owner.hello_received(self, own, wanted)
             elif kind == _wire.DUPLICATE and self.initiator:
-                endpoint._duplicate(self)
+                owner.refused_as_duplicate(self)
             else:
                 raise FrameError(f"unexpected frame kind {kind} before the pid exchange")
         elif kind == _wire.GOODBYE:
-            endpoint._goodbye(self, _wire.decode_goodbye(payload))
+            owner.goodbye(self, _wire.decode_goodbye(payload))
         elif kind == _wire.CLOSE_REQUEST:
-            endpoint._close_request(self)
+            owner.close_requested(self)
         elif kind == _wire.CLOSE_OK:
-            endpoint._close_ok(self)
+            owner.close_agreed(self)
         elif kind == _wire.CLOSE_NO:
-            endpoint._close_no(self)
+            owner.close_refused(self)
         else:
             raise FrameError(f"unexpected frame kind {kind}")
 
     def _protocol_error(self, error: Exception) -> None:
         peer = self.link.pid if self.link is not None else _address(self.addr)
         log.warning("deploy.channels: dropped the connection with %s: %s", peer, error)
-        self.endpoint._connection_failed(self, error, logged=True)
+        self.owner.connection_failed(self, error, logged=True)
 
     # --- writing --------------------------------------------------------------------------
 
@@ -471,7 +551,7 @@ class Connection:
         try:
             return self.sock.flush()
         except OSError as error:
-            self.endpoint._connection_failed(self, error)
+            self.owner.connection_failed(self, error)
             return False
 
     def _peer_host(self) -> str:
@@ -489,7 +569,7 @@ class Connection:
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as error:
-            self.endpoint._connection_failed(self, error)
+            self.owner.connection_failed(self, error)
             return
         del self.pre_out[:sent]
         # `writing` belongs to the link's flush: queued data still wants the socket once
@@ -532,7 +612,7 @@ class Connection:
 
     # --- reading from a user thread -------------------------------------------------------
 
-    def read_direct(self, link: Link, deadline: float | None, waiter: FdWaiter) -> object:
+    def read_direct(self, link: L, deadline: float | None, waiter: FdWaiter) -> object:
         """User thread, nothing in the inbox: wait on the socket itself for the next data
         frame. Returns its payload; `RETRY` after a wake-up; None when the loop must
         do the reading (then wait for it to deliver)."""
@@ -608,7 +688,7 @@ class Connection:
             if hand_back:
                 self.loop.call_soon(self.after_user_read)
 
-    def _deliver_rest(self, link: Link, waiter: FdWaiter) -> bool:
+    def _deliver_rest(self, link: L, waiter: FdWaiter) -> bool:
         """After a direct read: queue the other complete frames that came with it; True if
         some must go to the loop."""
         try:
@@ -643,7 +723,7 @@ class Connection:
 
     def fail(self, error: BaseException) -> None:
         if self.state != "closed":
-            self.endpoint._connection_failed(self, error)
+            self.owner.connection_failed(self, error)
 
     def unsent(self) -> int:
         if self.state == "closed":
@@ -664,7 +744,7 @@ class Connection:
             self.sock.close()
         elif reader is not None:
             reader.wake()  # it closes the socket when it lets go of the read side
-        self.endpoint._conns.discard(self)
+        self.owner.connection_closed(self)
 
 
 def _handshake_identities(raw: bytes | bytearray) -> tuple[bytes, bytes] | None:

@@ -1,4 +1,4 @@
-"""Per-peer state shared by user threads and the loop thread.
+"""Per-peer buffers shared by user threads and the loop thread (the negotiation is `_peers`).
 
 A `Link` is everything this process holds for one remote pid: the outgoing buffer, the
 inbox of messages not yet received, the connection currently carrying both directions
@@ -10,28 +10,24 @@ so order holds across closing and re-creating them.
 from __future__ import annotations
 
 import copy
-import os
-import select
 import threading
 import time
-import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
 
 from ._connection import SETUP_TIMEOUT
 from ._interrupts import Interrupted
+from ._loop import EventLoop
+from ._waiters import FdWaiter, Waiter, remaining
 from .framing import HEADER_SIZE
 
 if TYPE_CHECKING:
-    from ._channel import _Channel
     from ._connection import Connection
-    from ._endpoint import Endpoint
     from ._interrupts import DeferredInterrupt
 
-__all__ = ["AsyncWaiter", "FdWaiter", "Link", "Waiter", "deadline_after", "remaining", "woken_or_ready"]
+__all__ = ["INHERITED", "ChannelEnd", "Link", "LinkOwner"]
 
 INHERITED = "this endpoint belongs to the parent process (it was inherited through fork)"
 
@@ -46,165 +42,39 @@ _STREAMING_GAP = 20e-6
 _BATCH_GRAIN = 64 * 1024
 
 
-def deadline_after(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    return time.monotonic() + max(0.0, timeout)
+class LinkOwner(Protocol):
+    """What a link asks of the per-peer state that keeps it (`_peers.Peers`)."""
+
+    pid: Pid  # this process's
+    loop: EventLoop
+    high_water: int
+    max_frame_size: int
+
+    def peer_status(self, pid: Pid) -> PeerExited | PeerLost | None:
+        """User thread: the runtime's word on a peer gone without an exit code, if any."""
+
+    def resume_reading(self, link: Link) -> None:
+        """Loop thread: the inbox has drained enough to read from the peer again."""
 
 
-def remaining(deadline: float | None) -> float | None:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
-        raise TimeoutError("timed out")
-    return left
+class ChannelEnd(Protocol):
+    """The channel (a `_channel.Sender` or `Receiver`) a user thread sends or receives for."""
 
+    @property
+    def _link(self) -> Link | None: ...  # None once the channel is closed
 
-class Waiter:
-    """A one-shot-per-wait wake-up for a blocked user thread (a lock used as an event)."""
-
-    __slots__ = ("_lock",)
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._lock.acquire()
-
-    def wake(self) -> None:
-        try:
-            self._lock.release()
-        except RuntimeError:
-            pass
-
-    def wait(self, timeout: float | None) -> None:
-        self._lock.acquire(timeout=-1 if timeout is None else timeout)
-
-
-class _ThreadWaiter(threading.local):
-    waiter: FdWaiter | None = None  # a default every thread sees until it sets its own
-
-
-class FdWaiter:
-    """A thread's wake-up that can be waited on together with a socket: an eventfd.
-
-    One per thread (`for_this_thread`), so a blocked `recv` can poll its connection's
-    socket and its wake-up at once. A wake-up left over from an earlier wait only makes
-    a later wait return early; every waiter re-checks what it waits for.
-    """
-
-    __slots__ = ("_fd", "_poll", "_watched", "__weakref__")
-
-    local = _ThreadWaiter()
-
-    def __init__(self) -> None:
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poll = select.poll()
-        self._poll.register(self._fd, select.POLLIN)
-        self._watched = -1
-        weakref.finalize(self, os.close, self._fd)
-
-    @classmethod
-    def for_this_thread(cls) -> FdWaiter:
-        waiter = cls.local.waiter
-        if waiter is None:
-            waiter = cls.local.waiter = cls()
-        return waiter
-
-    @classmethod
-    def forget_after_fork(cls) -> None:
-        # A forked child shares the parent's eventfd: the thread that forked gets a new one.
-        cls.local = _ThreadWaiter()
-
-    def wake(self) -> None:
-        try:
-            os.eventfd_write(self._fd, 1)
-        except OSError:
-            pass  # the counter is already non-zero
-
-    def _drain(self) -> None:
-        try:
-            os.eventfd_read(self._fd)
-        except OSError:
-            pass
-
-    def wait(self, timeout: float | None) -> None:
-        self.poll(-1, timeout)
-
-    def poll(self, fd: int, timeout: float | None) -> tuple[bool, bool]:
-        """Wait until ``fd`` is readable (or hung up) or `wake` is called; returns
-        (fd ready, woken). ``fd`` -1 waits for the wake-up alone."""
-        if fd != self._watched:
-            if self._watched >= 0:
-                self._poll.unregister(self._watched)
-            if fd >= 0:
-                self._poll.register(fd, select.POLLIN)
-            self._watched = fd
-        events = self._poll.poll(None if timeout is None else timeout * 1000.0)
-        ready = woken = False
-        for ready_fd, _ in events:
-            if ready_fd == self._fd:
-                woken = True
-            else:
-                ready = True
-        if woken:
-            self._drain()
-        return ready, woken
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=FdWaiter.forget_after_fork)
-
-
-class AsyncWaiter:
-    """The asyncio twin of `Waiter`: wakes a future on the event loop it was made on."""
-
-    __slots__ = ("_loop", "future", "_woken")
-
-    def __init__(self) -> None:
-        # Imported here: asyncio (with ssl) adds ~7 MiB to a process, and every deploy process
-        # is forked, so a program that never awaits a channel should not carry it.
-        import asyncio
-
-        self._loop = asyncio.get_running_loop()
-        self.future = self._loop.create_future()
-        self._woken = False
-
-    def wake(self) -> None:
-        if not self._woken:
-            self._woken = True
-            try:
-                self._loop.call_soon_threadsafe(self._set)
-            except RuntimeError:
-                pass  # the asyncio loop is closed: nobody is waiting any more
-
-    def _set(self) -> None:
-        if not self.future.done():
-            self.future.set_result(None)
-
-
-async def woken_or_ready(ready: Callable[[], bool], watchers: Iterable[set[Any]]) -> None:
-    """asyncio: return at once if ``ready()``, else once a wake-up comes through any of the
-    ``watchers`` sets (the one wait that `asend`, `arecv` and `aselect` loop over; a wake-up
-    need not mean ready, so callers look again)."""
-    waiter = AsyncWaiter()
-    sets = list(watchers)
-    for watcher_set in sets:
-        watcher_set.add(waiter)
-    try:
-        if not ready():  # (checked after registering: a wake-up in between is not missed)
-            await waiter.future
-    finally:
-        for watcher_set in sets:
-            watcher_set.discard(waiter)
+    def _closed_error(self) -> Exception: ...
 
 
 class Link:
-    def __init__(self, endpoint: Endpoint, pid: Pid):
-        self.endpoint = endpoint
+    """Everything this process holds for one peer (see the module comment)."""
+
+    def __init__(self, owner: LinkOwner, pid: Pid):
+        self.owner = owner
         self.pid = pid
-        self.loop = endpoint._loop
-        self.high_water = endpoint._high_water
-        self.max_frame = endpoint._max_frame_size + HEADER_SIZE  # a whole frame, header included
+        self.loop = owner.loop
+        self.high_water = owner.high_water
+        self.max_frame = owner.max_frame_size + HEADER_SIZE  # a whole frame, header included
         # Outgoing; guarded by out_lock. `wconn` is the connection writers may use now
         # (open and not closing); the loop sets it under the lock.
         self.out_lock = threading.Lock()
@@ -213,13 +83,13 @@ class Link:
         self.written = 0  # bytes the loop ever wrote from `out` (see `push`)
         self.holding = 0  # user threads waiting for the kernel to take their buffers
         self.flush_scheduled = False
-        self.wconn: Connection | None = None
+        self.wconn: Connection[Link] | None = None
         self.last_direct = 0.0
         self.shut = False  # the endpoint is closing: no new sends
         self.goodbye_queued = False  # the endpoint's goodbye is in `out` (loop thread)
         # Loop-thread connection state.
-        self.conn: Connection | None = None  # established (possibly closing)
-        self.pending: Connection | None = None  # our outgoing attempt
+        self.conn: Connection[Link] | None = None  # established (possibly closing)
+        self.pending: Connection[Link] | None = None  # our outgoing attempt
         self.closing = False  # a close request or reply is outstanding
         self.idle_token = 0
         # Set-up that failed with the peer possibly alive (see Endpoint._setup_failed):
@@ -260,7 +130,7 @@ class Link:
         if self._death_error is None:
             assert self.death is not None, "the link's peer is not gone"
             code, lost, reason = self.death
-            known = self.endpoint._peer_status(self.pid) if code is None else None
+            known = self.owner.peer_status(self.pid) if code is None else None
             if known is not None:
                 self._death_error = known
             else:
@@ -270,7 +140,7 @@ class Link:
     def closed_error(self) -> DeployError:
         if self.loop.forked:
             return DeployError(INHERITED)
-        return ChannelClosed(f"the endpoint {self.endpoint.pid} is closed")
+        return ChannelClosed(f"the endpoint {self.owner.pid} is closed")
 
     # --- user threads: sending ------------------------------------------------------------
 
@@ -278,7 +148,7 @@ class Link:
         return self.out_bytes < self.high_water or self.death is not None or self.shut
 
     def push(
-        self, frame: bytes | list, nbytes: int, deadline: float | None, channel: _Channel, *, hold: bool = True
+        self, frame: bytes | list, nbytes: int, deadline: float | None, channel: ChannelEnd, *, hold: bool = True
     ) -> int | None:
         """Queue (or write) one framed message of ``channel``; blocks while the buffer is
         over high water (raising `ChannelClosed` if the channel is closed meanwhile).
@@ -383,7 +253,7 @@ class Link:
             self.out_bytes += len(frame)
         self.flush()
 
-    def _wait_tx(self, deadline: float | None, channel: _Channel) -> None:
+    def _wait_tx(self, deadline: float | None, channel: ChannelEnd) -> None:
         waiter = Waiter()
         self.tx_watchers.add(waiter)
         try:
@@ -454,7 +324,7 @@ class Link:
         return bool(self.inbox) or self.death is not None or self.shut
 
     def take(
-        self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None = None
+        self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None = None
     ) -> bytes | bytearray:
         """The next message's payload for ``channel``; blocks until one arrives, the peer
         dies, the deadline passes or the channel is closed (`ChannelClosed`)."""
@@ -466,7 +336,7 @@ class Link:
             payload = self._wait_rx(deadline, channel, deferred)
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
-            self.loop.call_soon(self.endpoint._resume_reading, self)
+            self.loop.call_soon(self.owner.resume_reading, self)
         return payload
 
     def resume_if_due(self) -> None:
@@ -474,7 +344,7 @@ class Link:
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
             try:
-                self.loop.call_soon(self.endpoint._resume_reading, self)
+                self.loop.call_soon(self.owner.resume_reading, self)
             except BaseException:
                 self.resume_requested = False  # (a KeyboardInterrupt) the next take asks again
                 raise
@@ -507,11 +377,11 @@ class Link:
             return None
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True
-            self.loop.call_soon(self.endpoint._resume_reading, self)
+            self.loop.call_soon(self.owner.resume_reading, self)
         return payload
 
     def _wait_rx(
-        self, deadline: float | None, channel: _Channel, deferred: DeferredInterrupt | None
+        self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None
     ) -> bytes | bytearray:
         waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)

@@ -6,7 +6,7 @@ import random
 from typing import Any, TypeVar, Union, overload
 
 from ._channel import Receiver, Sender
-from ._link import Waiter, deadline_after, remaining, woken_or_ready
+from ._waiters import Waiter, deadline_after, remaining, woken_or_ready
 
 __all__ = ["aselect", "select"]
 
