@@ -17,12 +17,13 @@ from ._interrupts import DeferredInterrupt, Interrupted
 from ._link import Link
 from ._typecheck import type_checker, type_name
 from ._waiters import FdWaiter, deadline_after, woken_or_ready
-from ._wire import decode_message, encode_message
+from ._wire import Payload, decode_message, encode_message
 
 __all__ = ["Receiver", "Sender"]
 
 _PLAIN_TYPES = frozenset({int, float, bool, str, bytes, type(None)})
 _plain_dumps = pickle.dumps
+_plain_loads = pickle.loads
 _pack_header = struct.Struct(">I").pack
 _join = b"".join
 
@@ -144,12 +145,17 @@ class Sender(_Channel[T]):
         buffer of the caller's that may change (a bytearray, a NumPy array) is sent from
         its own memory, uncopied, so the call returns once the kernel has taken it (at most
         ``timeout`` seconds; what is left then is copied)."""
-        self._send(value, timeout, hold=True)
-
-    def _send(self, value: T, timeout: float | None, *, hold: bool) -> int | None:
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Sender to {self.pid} is closed")
+        frame, nbytes = self._encode(value)
+        try:
+            link.push(frame, nbytes, None if timeout is None else deadline_after(timeout), self)
+        except (PeerExited, PeerLost, TimeoutError) as error:
+            # A user's traceback ends here: the frames below are the link's.
+            raise error.with_traceback(None) from None
+
+    def _encode(self, value: T) -> tuple[bytes | list[Any], int]:
         check = self._check
         if check is not None and not check(value):
             raise TypeError(
@@ -159,16 +165,8 @@ class Sender(_Channel[T]):
             # Fast path: these never carry out-of-band buffers and fit one small frame.
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
-            try:
-                return link.push(frame, len(frame), None if timeout is None else deadline_after(timeout), self)
-            except (PeerExited, PeerLost, TimeoutError) as error:
-                # A user's traceback ends here: the frames below are the link's.
-                raise error.with_traceback(None) from None
-        message, nbytes = encode_message(value)
-        try:
-            return link.push(message, nbytes, deadline_after(timeout), self, hold=hold)
-        except (PeerExited, PeerLost, TimeoutError) as error:
-            raise error.with_traceback(None) from None
+            return frame, len(frame)
+        return encode_message(value)
 
     async def asend(self, value: T) -> None:
         """`send` for asyncio: waits for buffer space, and for the kernel to take a large
@@ -177,17 +175,18 @@ class Sender(_Channel[T]):
         while not link.tx_ready():
             await woken_or_ready(link.tx_ready, (link.tx_watchers,))
             link = self._live_link()
-        end = self._send(value, None, hold=False)
+        frame, nbytes = self._encode(value)
+        try:
+            end = link.push(frame, nbytes, None, self, hold=False)
+        except (PeerExited, PeerLost) as error:
+            raise error.with_traceback(None) from None
         if end is None:
             return
-        link.holding += 1
         try:
             while not link.taken(end):
                 await woken_or_ready(lambda: link.taken(end), (link.tx_watchers,))
         finally:
-            link.holding -= 1
-            if not link.taken(end):
-                link.copy_borrowed()  # cancelled: the message is what it was now
+            link.release_hold(end)  # (cancelled: what is left is copied)
 
     def _ready(self) -> bool:
         return self._live_link().tx_ready()
@@ -282,7 +281,7 @@ class Receiver(_Channel[T]):
 
     def _recv_deferring(
         self, link: Link, deadline: float | None, deferred: DeferredInterrupt
-    ) -> tuple[T, bytes | bytearray, bool] | None:
+    ) -> tuple[T, Payload, bool] | None:
         # The main thread waits with SIGINT deferred (see _interrupts): a signal ends the
         # wait at a safe point, and a message already in hand goes back to the inbox.
         # Returns the value, its payload and whether it was read off the socket, with
@@ -326,9 +325,10 @@ class Receiver(_Channel[T]):
                 return self._decode(payload)
             await woken_or_ready(link.rx_ready, (link.rx_watchers,))
 
-    def _decode(self, payload: bytes | bytearray) -> T:
+    def _decode(self, payload: Payload) -> T:
         try:
-            value: T = decode_message(payload)
+            # (A small message's payload is bytes: a pickle with its kind byte behind it.)
+            value: T = _plain_loads(payload) if type(payload) is bytes else decode_message(payload)
         except Exception as error:
             # A class or module the sender has and this process lacks, typically. The
             # message is consumed; the ones after it still arrive.

@@ -649,8 +649,9 @@ class Connection(Generic[L]):
                 except FrameError:
                     hand_back = True  # the loop meets it again and drops the connection
                     return None
-                if type(frame) is bytes or type(frame) is bytearray:
-                    if frame and frame[-1] in _DATA_KINDS:
+                if frame is not NEED_DATA and frame is not CLOSED:
+                    # (A buffers frame of up to one read comes whole, as a _wire.Buffers.)
+                    if frame and _wire.kind_of(frame) in _DATA_KINDS:
                         if decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)
                         return frame

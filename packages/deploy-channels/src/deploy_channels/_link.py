@@ -13,14 +13,15 @@ import copy
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
 
-from ._connection import SETUP_TIMEOUT
+from ._connection import RETRY, SETUP_TIMEOUT
 from ._interrupts import Interrupted
 from ._loop import EventLoop
 from ._waiters import FdWaiter, Waiter, remaining
+from ._wire import Payload
 from .framing import HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -204,6 +205,7 @@ class Link:
                 out.extend(frame)
                 if any(map(_borrowed, frame)):
                     end = self.written + self.out_bytes + nbytes
+                    self.holding += 1  # (until the caller's wait ends: `hold_until`, asend)
             self.out_bytes += nbytes
             flush = self.wconn is not None and not self.flush_scheduled
             if flush:
@@ -221,11 +223,9 @@ class Link:
         return self.written >= end or not self.out
 
     def hold_until(self, end: int, deadline: float | None) -> None:
-        """Wait until `taken` (``end``); copy the caller's buffers that are still queued if
-        the wait ends otherwise (the deadline passes, an exception)."""
+        """Wait until `taken` (``end``), then `release_hold`."""
         waiter = Waiter()
         self.tx_watchers.add(waiter)
-        self.holding += 1
         try:
             while not self.taken(end):
                 left = None if deadline is None else deadline - time.monotonic()
@@ -233,14 +233,17 @@ class Link:
                     break
                 waiter.wait(left)
         finally:
-            self.holding -= 1
             self.tx_watchers.discard(waiter)
-            if not self.taken(end):
-                self.copy_borrowed()
+            self.release_hold(end)
 
-    def copy_borrowed(self) -> None:
-        """Replace the caller's buffers still queued with copies (see `push`)."""
+    def release_hold(self, end: int) -> None:
+        """A sender's wait for its buffers ends: if the kernel has not taken them all (the
+        deadline passed, an exception), what is queued of them is copied, and the message
+        stays what it was."""
         with self.out_lock:
+            self.holding -= 1
+            if self.taken(end):
+                return
             out = self.out
             for index, chunk in enumerate(out):
                 if _borrowed(chunk):
@@ -265,7 +268,14 @@ class Link:
     # --- loop thread: writing -------------------------------------------------------------
 
     def flush(self) -> None:
+        """Loop thread: write what is queued, until it is all out or the kernel's buffer is
+        full. The batch is written without ``out_lock``, so that user threads go on
+        queueing (behind it, in a fresh deque) during the syscall rather than wait for it;
+        `flush_scheduled` stays set meanwhile, so none writes directly. Not while a user
+        thread holds for its own buffers (`holding`): those may be copied at any moment
+        (`copy_borrowed`), which must not race a write of them."""
         error = None
+        batch = None
         with self.out_lock:
             conn = self.wconn
             out = self.out
@@ -274,37 +284,24 @@ class Link:
                 more = False
             elif conn.pre_out:
                 more = True  # a control frame goes first; the next write event flushes
+            elif self.holding:
+                sent, error = _write(conn.sock, out)
+                self.out_bytes -= sent
+                self.written += sent
+                more = self.flush_scheduled = bool(out)
             else:
-                sock = conn.sock
-                while out:
-                    chunks = list(out) if len(out) <= _IOV_MAX else [out[i] for i in range(_IOV_MAX)]
-                    try:
-                        sent = sock.sendmsg(chunks) if len(chunks) > 1 else sock.send(chunks[0])
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    except OSError as exc:
-                        error = exc
-                        break
-                    self.out_bytes -= sent
-                    self.written += sent
-                    while sent:
-                        head = out[0]
-                        size = len(head) if type(head) is not memoryview else head.nbytes
-                        if size <= sent:
-                            out.popleft()
-                            sent -= size
-                        else:
-                            if type(head) is bytearray:
-                                del head[:sent]
-                            else:
-                                out[0] = memoryview(head).cast("B")[sent:]
-                            sent = 0
-                            break
-                    else:
-                        continue
-                    break  # partial write: the kernel buffer is full
-                more = bool(out)
-                self.flush_scheduled = more
+                batch, self.out = out, deque()
+        if batch is not None:
+            assert conn is not None
+            # (wconn changes only in this thread, under the lock: it still is conn.)
+            sent, error = _write(conn.sock, batch)
+            with self.out_lock:
+                self.out_bytes -= sent
+                self.written += sent
+                if batch:  # what the kernel did not take goes before what was queued meanwhile
+                    batch.extend(self.out)
+                    self.out = batch
+                more = self.flush_scheduled = bool(self.out)
         if conn is not None:
             conn.want_write(more)
             if error is not None:
@@ -323,9 +320,7 @@ class Link:
     def rx_ready(self) -> bool:
         return bool(self.inbox) or self.death is not None or self.shut
 
-    def take(
-        self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None = None
-    ) -> bytes | bytearray:
+    def take(self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None = None) -> Payload:
         """The next message's payload for ``channel``; blocks until one arrives, the peer
         dies, the deadline passes or the channel is closed (`ChannelClosed`)."""
         inbox = self.inbox
@@ -349,14 +344,14 @@ class Link:
                 self.resume_requested = False  # (a KeyboardInterrupt) the next take asks again
                 raise
 
-    def discard(self, payload: bytes) -> None:
+    def discard(self, payload: Payload) -> None:
         """Drop a message that could not be received (it failed to decode)."""
         try:
             self.inbox.remove(payload)
         except ValueError:
             pass
 
-    def put_back(self, payload: bytes | bytearray, *, direct: bool) -> None:
+    def put_back(self, payload: Payload, *, direct: bool) -> None:
         """Return a taken message to the front of the inbox (its recv was interrupted);
         ``direct`` if it was read off the socket and never counted in."""
         self.inbox.appendleft(payload)  # first: a KeyboardInterrupt after it loses nothing
@@ -366,7 +361,7 @@ class Link:
                 self.total_in_bytes += len(payload)
         self.wake_rx()
 
-    def take_nowait(self) -> bytes | None:
+    def take_nowait(self) -> Payload | None:
         try:
             payload = self.inbox.popleft()
         except IndexError:
@@ -380,9 +375,7 @@ class Link:
             self.loop.call_soon(self.owner.resume_reading, self)
         return payload
 
-    def _wait_rx(
-        self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None
-    ) -> bytes | bytearray:
+    def _wait_rx(self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None) -> Payload:
         waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)
         try:
@@ -396,10 +389,10 @@ class Link:
                     # Read the socket ourselves rather than wait for the loop to hand us
                     # the message (see _connection's module comment).
                     payload = conn.read_direct(self, deadline, waiter)
-                    if type(payload) is bytes or type(payload) is bytearray:
+                    if payload is not None and payload is not RETRY:
                         if deferred is not None:
                             deferred.direct = True
-                        return payload
+                        return cast(Payload, payload)
                     if payload is not None:  # woken: look again
                         if channel._link is None:
                             raise channel._closed_error()
@@ -475,6 +468,38 @@ class Link:
     def wake_all(self) -> None:
         self.wake_rx()
         self.wake_tx()
+
+
+def _write(sock: Any, out: deque) -> tuple[int, OSError | None]:
+    """Write from the front of ``out`` until it is empty or the kernel takes no more,
+    removing what was written; returns (bytes written, the error that stopped it)."""
+    total = 0
+    while out:
+        chunks = list(out) if len(out) <= _IOV_MAX else [out[i] for i in range(_IOV_MAX)]
+        try:
+            sent = sock.sendmsg(chunks) if len(chunks) > 1 else sock.send(chunks[0])
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError as error:
+            return total, error
+        total += sent
+        while sent:
+            head = out[0]
+            size = len(head) if type(head) is not memoryview else head.nbytes
+            if size <= sent:
+                out.popleft()
+                sent -= size
+            else:
+                if type(head) is bytearray:
+                    del head[:sent]
+                else:
+                    out[0] = memoryview(head).cast("B")[sent:]
+                sent = 0
+                break
+        else:
+            continue
+        break  # partial write: the kernel buffer is full
+    return total, None
 
 
 def _borrowed(chunk: object) -> bool:
