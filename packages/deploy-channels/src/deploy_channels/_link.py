@@ -210,8 +210,13 @@ class Link:
             flush = self.wconn is not None and not self.flush_scheduled
             if flush:
                 self.flush_scheduled = True
-        if flush:
-            self.loop.call_soon(self.flush)
+        try:
+            if flush:
+                self.loop.call_soon(self.flush)
+        except BaseException:  # (a KeyboardInterrupt): the hold must not outlive the call
+            if end is not None:
+                self.release_hold(end)
+            raise
         if end is not None and hold:
             self.hold_until(end, deadline)
             return None
@@ -273,7 +278,7 @@ class Link:
         queueing (behind it, in a fresh deque) during the syscall rather than wait for it;
         `flush_scheduled` stays set meanwhile, so none writes directly. Not while a user
         thread holds for its own buffers (`holding`): those may be copied at any moment
-        (`copy_borrowed`), which must not race a write of them."""
+        (`release_hold`), which must not race a write of them."""
         error = None
         batch = None
         with self.out_lock:

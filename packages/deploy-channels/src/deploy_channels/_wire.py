@@ -189,6 +189,8 @@ class MessageAssembly:
         if self._whole is not None:
             self._whole.advance(count)
             return
+        if not count:
+            return  # (nothing read: the first byte is not known yet)
         self._filled += count
         if self._stage == _PREFIX_PART and self._part[0] != _BUFFERS_MARK[0]:
             # Not a buffers frame: the payload as one bytearray, its start copied over.
