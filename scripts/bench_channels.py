@@ -593,7 +593,7 @@ def _child_idle100() -> None:
         if isinstance(channel, dc.Sender):
             channel.send(0)
     time.sleep(1.0)  # every connection established and idle
-    print(before, _rss(), len(ep._conns), flush=True)
+    print(before, _rss(), len(ep._peers.conns), flush=True)
     sys.stdin.readline()
 
 
