@@ -274,7 +274,7 @@ class Receiver(_Channel[T]):
                 # The user's handler returned instead of raising: wait again.
                 deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
             # No signal handler can raise in this thread.
-            return self._decode(link.take(deadline, self))
+            return self._decode_taken(link, link.take(deadline, self))
         except (PeerExited, PeerLost, TimeoutError) as error:
             # A user's traceback ends here: the frames below are the link's.
             raise error.with_traceback(None) from None
@@ -290,7 +290,7 @@ class Receiver(_Channel[T]):
         payload = None
         try:
             payload = link.take(deadline, self, deferred)
-            value = self._decode(payload)
+            value = self._decode_taken(link, payload)
         except Interrupted:
             pass
         except BaseException:
@@ -324,6 +324,14 @@ class Receiver(_Channel[T]):
             if payload is not None:
                 return self._decode(payload)
             await woken_or_ready(link.rx_ready, (link.rx_watchers,))
+
+    def _decode_taken(self, link: Link, payload: Payload) -> T:
+        # A payload `take` removed from the inbox: reading may resume once it is decoded.
+        try:
+            return self._decode(payload)
+        finally:
+            if link.paused:
+                link.resume_if_due()
 
     def _decode(self, payload: Payload) -> T:
         try:

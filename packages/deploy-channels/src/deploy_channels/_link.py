@@ -327,16 +327,16 @@ class Link:
 
     def take(self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None = None) -> Payload:
         """The next message's payload for ``channel``; blocks until one arrives, the peer
-        dies, the deadline passes or the channel is closed (`ChannelClosed`)."""
+        dies, the deadline passes or the channel is closed (`ChannelClosed`). The caller
+        calls `resume_if_due` once it is done with the payload."""
         inbox = self.inbox
         try:
             # (Checked first: raising IndexError on every blocking recv costs a microsecond.)
             payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel, deferred)
         except IndexError:  # another thread took it
             payload = self._wait_rx(deadline, channel, deferred)
-        if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
-            self.resume_requested = True
-            self.loop.call_soon(self.owner.resume_reading, self)
+        # (Reading resumes once the caller has decoded it, `resume_if_due`: a large message
+        # in hand and the next one arriving meanwhile would be two in memory at once.)
         return payload
 
     def resume_if_due(self) -> None:
