@@ -330,8 +330,7 @@ class Receiver(_Channel[T]):
         try:
             return self._decode(payload)
         finally:
-            if link.paused:
-                link.resume_if_due()
+            link.done_with(payload)
 
     def _decode(self, payload: Payload) -> T:
         try:

@@ -105,6 +105,7 @@ class Link:
         self.in_lock = threading.Lock()
         self.total_in = 0  # messages ever appended (loop only)
         self.total_in_bytes = 0
+        self.in_hand = 0  # bytes of large messages taken by receivers, not decoded yet (`take`)
         # (total_in, total_in_bytes) at the end of each grain of reads; `base` is the mark
         # before the first grain still (partly) in the inbox. Loop thread only.
         self.batches: deque = deque()
@@ -328,16 +329,30 @@ class Link:
     def take(self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None = None) -> Payload:
         """The next message's payload for ``channel``; blocks until one arrives, the peer
         dies, the deadline passes or the channel is closed (`ChannelClosed`). The caller
-        calls `resume_if_due` once it is done with the payload."""
+        calls `done_with` once it has decoded the payload."""
         inbox = self.inbox
         try:
             # (Checked first: raising IndexError on every blocking recv costs a microsecond.)
             payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel, deferred)
         except IndexError:  # another thread took it
             payload = self._wait_rx(deadline, channel, deferred)
-        # (Reading resumes once the caller has decoded it, `resume_if_due`: a large message
-        # in hand and the next one arriving meanwhile would be two in memory at once.)
+        size = len(payload)
+        if size >= _BATCH_GRAIN:
+            # Out of the inbox but not decoded yet: back-pressure counts it until
+            # `done_with` (a large message in hand and the next one arriving meanwhile
+            # would be two in memory at once).
+            with self.in_lock:
+                self.in_hand += size
         return payload
+
+    def done_with(self, payload: Payload) -> None:
+        """A payload `take` returned is decoded (or failed to): reading may resume."""
+        size = len(payload)
+        if size >= _BATCH_GRAIN:
+            with self.in_lock:
+                self.in_hand -= size
+        if self.paused:
+            self.resume_if_due()
 
     def resume_if_due(self) -> None:
         """A user thread took a message: ask the loop to read again once few are left."""

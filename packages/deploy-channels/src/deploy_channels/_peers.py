@@ -422,9 +422,10 @@ class Peers:
     # --- reading back-pressure --------------------------------------------------------------
 
     def delivered(self, link: Link) -> None:
-        if link.paused or link.total_in_bytes - link.base[1] <= self.high_water:
+        # (What a receiver took and still decodes counts too: `Link.take`.)
+        if link.paused or link.total_in_bytes - link.base[1] + link.in_hand <= self.high_water:
             return
-        if link.buffered_bytes() <= self.high_water:
+        if link.buffered_bytes() + link.in_hand <= self.high_water:
             return
         link.paused = True
         link.resume_at = link.resume_threshold(self.high_water // 2)
@@ -437,7 +438,9 @@ class Peers:
         link.resume_requested = False
         if not link.paused:
             return
-        if link.buffered_bytes() > self.high_water // 2:
+        if link.in_hand > self.high_water // 2:
+            return  # a receiver still decodes a large message: `Link.done_with` asks again
+        if link.buffered_bytes() + link.in_hand > self.high_water // 2:
             link.resume_at = link.resume_threshold(self.high_water // 2)
             if len(link.inbox) > link.resume_at:
                 return
@@ -625,6 +628,7 @@ class Peers:
             link.inbox.clear()
             link.out.clear()
             link.out_bytes = 0
+            link.in_hand = 0
             link.conn = link.pending = None
             link.rx_watchers.clear()
             link.tx_watchers.clear()
