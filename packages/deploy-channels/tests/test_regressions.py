@@ -13,7 +13,7 @@ import threading
 import time
 
 import pytest
-from deploy_channels import Endpoint, Receiver, Sender, _wire, aselect, select
+from deploy_channels import Endpoint, Receiver, Sender, _link, _wire, aselect, select
 from deploy_core import ChannelClosed, ChannelExists, DeployError, PeerLost, Pid, SerializationError
 
 pytestmark = pytest.mark.timeout(60)
@@ -448,3 +448,39 @@ def test_close_waits_for_a_peer_whose_kernel_holds_the_connection(make_endpoint)
         assert outcome == [None]
     finally:
         b.close(timeout=2)
+
+
+# --- a flush that starts unscheduled still keeps direct writes out ------------------------
+
+
+def test_a_flush_started_unscheduled_keeps_user_threads_from_writing_meanwhile(pair, monkeypatch):
+    # The loop writes a taken batch without the queue's lock; a user thread may write
+    # directly only while no flush is scheduled. A flush can start unscheduled (messages
+    # queued before the connection existed, which attaching flushes), so taking the batch
+    # must mark it scheduled, or a sender's direct write lands inside the batch's bytes
+    # (seen in CI as lost messages and "unexpected frame kind 0").
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    tx.send(0)
+    assert rx.recv(timeout=10) == 0
+    link = a._peers.links[b.pid.hex]
+    scheduled_while_writing: list[bool] = []
+    write = _link._write
+
+    def watched(sock, out):
+        scheduled_while_writing.append(link.flush_scheduled)
+        return write(sock, out)
+
+    monkeypatch.setattr(_link, "_write", watched)
+    frame, nbytes = _wire.encode_message("queued before the flush")
+
+    def queue_unscheduled_and_flush():
+        with link.out_lock:
+            link.out.append(bytearray(frame))
+            link.out_bytes += nbytes
+            link.flush_scheduled = False  # as when the connection attaches
+        link.flush()
+
+    call_in_loop(a, queue_unscheduled_and_flush)
+    assert rx.recv(timeout=10) == "queued before the flush"
+    assert scheduled_while_writing == [True]

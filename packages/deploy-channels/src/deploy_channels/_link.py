@@ -296,6 +296,9 @@ class Link:
                 self.written += sent
                 more = self.flush_scheduled = bool(out)
             else:
+                # (Set here too: a flush may start with it unset, e.g. for what was queued
+                # before the connection existed; a direct write now would interleave.)
+                self.flush_scheduled = True
                 batch, self.out = out, deque()
         if batch is not None:
             assert conn is not None
