@@ -39,6 +39,9 @@ _IOV_MAX = 512
 # A send that follows the previous direct write this closely is part of a stream: queue it
 # and let the loop write the batch, rather than paying a syscall per message.
 _STREAMING_GAP = 20e-6
+# A send holding for its own buffers gives up waiting (and copies them) after the kernel
+# has taken nothing for this long: the peer is not reading.
+_HOLD_STALL = 1.0
 # The inbox's byte accounting is kept per read of at least this many bytes.
 _BATCH_GRAIN = 64 * 1024
 
@@ -229,13 +232,23 @@ class Link:
         return self.written >= end or not self.out
 
     def hold_until(self, end: int, deadline: float | None) -> None:
-        """Wait until `taken` (``end``), then `release_hold`."""
+        """Wait until `taken` (``end``), or the kernel takes nothing for `_HOLD_STALL`, or
+        the deadline; then `release_hold`."""
         waiter = Waiter()
         self.tx_watchers.add(waiter)
         try:
+            written, progress_at = self.written, time.monotonic()
             while not self.taken(end):
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                # A peer that stops reading must not stall the sender for good (it may be
+                # waiting for this thread to receive): after _HOLD_STALL without progress
+                # the rest is copied and queued, as back-pressure allows.
+                now = time.monotonic()
+                if self.written != written:
+                    written, progress_at = self.written, now
+                left = progress_at + _HOLD_STALL - now
+                if deadline is not None:
+                    left = min(left, deadline - now)
+                if left <= 0:
                     break
                 waiter.wait(left)
         finally:
