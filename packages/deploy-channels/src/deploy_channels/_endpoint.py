@@ -19,7 +19,6 @@ OS facts relied on:
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 import threading
@@ -33,7 +32,7 @@ from deploy_core import ChannelExists, DeployError, PeerExited, PeerLost, Pid
 from ._connection import Connection
 from ._link import INHERITED, Link
 from ._loop import READ, EventLoop
-from ._peers import Peers
+from ._peers import _BACKOFF_FIRST, _BACKOFF_MAX, _NO_DESCRIPTORS, Peers
 from .framing import DEFAULT_MAX_FRAME_SIZE
 
 __all__ = ["Endpoint", "EndpointState"]
@@ -52,8 +51,6 @@ _RECEIVER_CONNECT_DELAY = 0.05
 #: Accepted connections that may be authenticating at once (see the module comment).
 MAX_UNAUTHENTICATED = 128
 _ACCEPT_BATCH = 32
-_BACKOFF_FIRST, _BACKOFF_MAX = 0.01, 1.0
-_NO_DESCRIPTORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _EVICTION_LOG_EVERY = 10.0
 PROTECT_CHOICES = ("off", "remote", "all")
 
