@@ -140,6 +140,38 @@ def test_fed_views_of_a_reused_buffer_may_be_overwritten():
         assert out == [b"first", b"second", big, b"last"], starts[:4]
 
 
+@pytest.mark.parametrize("chunk", [1, 3, 5, 6, 9, 100, 10**6])
+def test_feed_next_is_feed_then_next_frame(chunk):
+    # The shortcut (one whole small frame, nothing buffered) and the general case meet:
+    # same frames, in order, from a reused buffer, wherever the reads cut the stream.
+    big = bytes(range(256)) * 300
+    payloads = [b"x", b"", b"one frame", big, b"after the big one", b"z" * 70]
+    data = b"".join(encode_frame(p) for p in payloads)
+    decoder = FrameDecoder()
+    buffer = memoryview(bytearray(chunk))
+    out = []
+    for start in range(0, len(data), chunk):
+        piece = data[start : start + chunk]
+        buffer[: len(piece)] = piece
+        frame = decoder.feed_next(buffer[: len(piece)])
+        buffer[:] = b"\xee" * chunk
+        while frame is not NEED_DATA:
+            out.append(frame)
+            frame = decoder.next_frame()
+    assert out == payloads
+    assert [type(f) for f in out] == [bytes, bytes, bytes, bytearray, bytes, bytes]
+
+
+def test_feed_next_checks_the_maximum_and_what_is_buffered():
+    decoder = FrameDecoder(max_frame_size=4)
+    with pytest.raises(FrameError):
+        decoder.feed_next(encode_frame(b"12345"))
+    decoder = FrameDecoder()
+    decoder.feed(encode_frame(b"first")[:6])
+    assert decoder.feed_next(encode_frame(b"first")[6:] + encode_frame(b"2nd")) == b"first"
+    assert decoder.next_frame() == b"2nd"
+
+
 def test_invalid_maximum():
     with pytest.raises(ValueError):
         FrameDecoder(max_frame_size=0)

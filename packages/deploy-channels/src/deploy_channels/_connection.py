@@ -451,6 +451,20 @@ class Connection(Generic[L]):
             decoder.feed(buf[:count])
         return bool(count)
 
+    def _receive_frame(self) -> Any:
+        """`_receive` and then the next complete frame: `NEED_DATA` if none is, or `CLOSED`
+        at EOF (which is not fed: the loop reads it again)."""
+        if self.protected or self.decoder.target() is not None:
+            return self.decoder.next_frame() if self._receive() else CLOSED
+        buf = getattr(_read_buffers, "buffer", None)
+        if buf is None:
+            buf = _read_buffers.buffer = memoryview(bytearray(_RECV_SIZE))
+        count = self.sock.recv_into(buf, self.read_size)
+        if not count:
+            return CLOSED
+        self.read_size = _RECV_SIZE
+        return self.decoder.feed_next(buf[:count])
+
     def _read_once(self) -> None:
         decoder = self.decoder
         try:
@@ -643,15 +657,19 @@ class Connection(Generic[L]):
         hand_back = False
         decoder = self.decoder
         try:
+            try:
+                frame = decoder.next_frame() if decoder.buffered() else NEED_DATA
+            except FrameError:
+                hand_back = True  # the loop meets it again and drops the connection
+                return None
             while True:
-                try:
-                    frame = decoder.next_frame()
-                except FrameError:
-                    hand_back = True  # the loop meets it again and drops the connection
-                    return None
-                if frame is not NEED_DATA and frame is not CLOSED:
+                if frame is not NEED_DATA:
+                    if frame is CLOSED:
+                        hand_back = True  # EOF: the loop reads it again once READ is back
+                        return None
                     # (A buffers frame of up to one read comes whole, as a _wire.Buffers.)
-                    if frame and _wire.kind_of(frame) in _DATA_KINDS:
+                    kind = frame[-1] if type(frame) is not _wire.Buffers else _wire.DATA_BUFFERS
+                    if kind in _DATA_KINDS:
                         if decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)
                         return frame
@@ -665,8 +683,9 @@ class Connection(Generic[L]):
                     # A big message: the loop reads it while this thread still digests
                     # the previous one, rather than one thread doing both in turn.
                     return None
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                readable, woken = waiter.poll(self.fd, timeout)
+                readable, woken = waiter.poll(
+                    self.fd, None if deadline is None else max(0.0, deadline - time.monotonic())
+                )
                 if woken:
                     return RETRY
                 if not readable:
@@ -674,15 +693,12 @@ class Connection(Generic[L]):
                         return RETRY  # the caller raises TimeoutError
                     continue
                 try:
-                    data = self._receive()
+                    frame = self._receive_frame()
                 except (BlockingIOError, InterruptedError):
                     continue
-                except (OSError, FrameError) as error:  # (FrameError: a malformed large frame)
+                except (OSError, FrameError) as error:  # (FrameError: a malformed frame)
                     self.held_error = error
                     hand_back = True
-                    return None
-                if not data:
-                    hand_back = True  # EOF: the loop reads it again once READ is back
                     return None
         finally:
             self._release_reader(True)

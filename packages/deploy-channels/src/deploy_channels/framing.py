@@ -242,6 +242,20 @@ class FrameDecoder:
                 self._pos = 0
             self._buf += data
 
+    def feed_next(self, data: bytes | bytearray | memoryview) -> Any:
+        """`feed` ``data`` (bytes, not the end of the stream), then return `next_frame`.
+
+        Quicker for the common read that is exactly one small frame with nothing buffered
+        before it: its payload is copied out of ``data`` at once. (A memoryview must be
+        of format ``"B"``, as a socket's ``recv_into`` buffer is.)"""
+        size = len(data)
+        if size > HEADER_SIZE and self._pos == len(self._buf) and self._large is None and not self._eof:
+            (length,) = self._unpack_from(data, 0)
+            if length + HEADER_SIZE == size and length < _LARGE_FRAME and length <= self._max:
+                return bytes(data[HEADER_SIZE:])
+        self.feed(data)
+        return self.next_frame()
+
     def _fill(self, view: memoryview) -> int:
         # Copy the start of ``view`` into the large frame being assembled; returns how much.
         large = self._large
