@@ -17,7 +17,7 @@ from ._interrupts import DeferredInterrupt, Interrupted
 from ._link import Link
 from ._typecheck import type_checker, type_name
 from ._waiters import FdWaiter, deadline_after, woken_or_ready
-from ._wire import Payload, decode_message, encode_message
+from ._wire import Payload, batch_size, decode_message, encode_message
 
 __all__ = ["Receiver", "Sender"]
 
@@ -148,9 +148,17 @@ class Sender(_Channel[T]):
         link = self._link
         if link is None:
             raise ChannelClosed(f"this Sender to {self.pid} is closed")
-        frame, nbytes = self._encode(value)
+        size = batch_size(value)
         try:
-            link.push(frame, nbytes, None if timeout is None else deadline_after(timeout), self)
+            if size is not None:
+                # (A small int, float, str...: it may travel with others in one frame.)
+                check = self._check
+                if check is not None and not check(value):
+                    raise self._type_error(value)
+                link.push_value(value, size, None if timeout is None else deadline_after(timeout), self)
+            else:
+                frame, nbytes = self._encode(value)
+                link.push(frame, nbytes, None if timeout is None else deadline_after(timeout), self)
         except (PeerExited, PeerLost, TimeoutError) as error:
             # A user's traceback ends here: the frames below are the link's.
             raise error.with_traceback(None) from None
@@ -158,15 +166,18 @@ class Sender(_Channel[T]):
     def _encode(self, value: T) -> tuple[bytes | list[Any], int]:
         check = self._check
         if check is not None and not check(value):
-            raise TypeError(
-                f"Sender[{type_name(self._type)}] to {self.pid} cannot send a {type(value).__name__}: {value!r:.80}"
-            )
+            raise self._type_error(value)
         if type(value) in _PLAIN_TYPES and (type(value) is not bytes or len(value) < 32768):  # type: ignore[arg-type]
             # Fast path: these never carry out-of-band buffers and fit one small frame.
             data = _plain_dumps(value, 5)
             frame = _join((_pack_header(len(data) + 1), data, b"D"))
             return frame, len(frame)
         return encode_message(value)
+
+    def _type_error(self, value: object) -> TypeError:
+        return TypeError(
+            f"Sender[{type_name(self._type)}] to {self.pid} cannot send a {type(value).__name__}: {value!r:.80}"
+        )
 
     async def asend(self, value: T) -> None:
         """`send` for asyncio: waits for buffer space, and for the kernel to take a large
@@ -175,6 +186,16 @@ class Sender(_Channel[T]):
         while not link.tx_ready():
             await woken_or_ready(link.tx_ready, (link.tx_watchers,))
             link = self._live_link()
+        size = batch_size(value)
+        if size is not None:
+            check = self._check
+            if check is not None and not check(value):
+                raise self._type_error(value)
+            try:
+                link.push_value(value, size, None, self)  # (never holds: nothing of the caller's to wait for)
+            except (PeerExited, PeerLost) as error:
+                raise error.with_traceback(None) from None
+            return
         frame, nbytes = self._encode(value)
         try:
             end = link.push(frame, nbytes, None, self, hold=False)
@@ -334,8 +355,15 @@ class Receiver(_Channel[T]):
 
     def _decode(self, payload: Payload) -> T:
         try:
-            # (A small message's payload is bytes: a pickle with its kind byte behind it.)
-            value: T = _plain_loads(payload) if type(payload) is bytes else decode_message(payload)
+            # (A small message's payload is bytes: a pickle with its kind byte behind it;
+            # one of a values frame's is a 1-tuple of the value, decoded already.)
+            value: T
+            if type(payload) is bytes:
+                value = _plain_loads(payload)
+            elif type(payload) is tuple:
+                value = payload[0]
+            else:
+                value = decode_message(payload)  # type: ignore[arg-type]  # (bytearray or Buffers)
         except Exception as error:
             # A class or module the sender has and this process lacks, typically. The
             # message is consumed; the ones after it still arrive.

@@ -502,6 +502,10 @@ class Connection(Generic[L]):
                 batch.append(payload)
                 nbytes += len(payload)
                 continue
+            if kind == _wire.VALUES and self.state == "open":
+                batch += _wire.decode_values(payload)
+                nbytes += len(payload)
+                continue
             if batch:
                 assert link is not None, "data frames come only on an open connection, which has a link"
                 link.deliver(batch, nbytes)
@@ -657,6 +661,7 @@ class Connection(Generic[L]):
         hand_back = False
         decoder = self.decoder
         try:
+            frame: Any
             try:
                 frame = decoder.next_frame() if decoder.buffered() else NEED_DATA
             except FrameError:
@@ -673,6 +678,18 @@ class Connection(Generic[L]):
                         if decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)
                         return frame
+                    if kind == _wire.VALUES:
+                        try:
+                            values = _wire.decode_values(frame)
+                        except FrameError as error:
+                            self.held_error = error
+                            hand_back = True
+                            return None
+                        if len(values) > 1:
+                            link.deliver_direct(values[1:], len(frame), waiter)
+                        if decoder.buffered() > 4:
+                            hand_back = self._deliver_rest(link, waiter)
+                        return values[0]
                     self.held = [frame]
                     hand_back = True
                     return None
@@ -715,13 +732,27 @@ class Connection(Generic[L]):
             return True
         count = 0
         nbytes = 0
+        messages: list = []
         for payload in frames:
-            if not payload or _wire.kind_of(payload) not in _DATA_KINDS:
+            if not payload:
+                break
+            kind = _wire.kind_of(payload)
+            if kind in _DATA_KINDS:
+                messages.append(payload)
+            elif kind == _wire.VALUES:
+                try:
+                    messages += _wire.decode_values(payload)
+                except FrameError as error:
+                    self.held_error = error  # (the frames before it are delivered)
+                    break
+            else:
                 break
             count += 1
             nbytes += len(payload)
-        if count:
-            link.deliver_direct(frames[:count] if count < len(frames) else frames, nbytes, waiter)
+        if messages:
+            link.deliver_direct(messages, nbytes, waiter)
+        if self.held_error is not None:
+            return True
         if count < len(frames):
             self.held = frames[count:]
             return True

@@ -21,7 +21,7 @@ from ._connection import RETRY, SETUP_TIMEOUT
 from ._interrupts import Interrupted
 from ._loop import EventLoop
 from ._waiters import FdWaiter, Waiter, remaining
-from ._wire import Payload
+from ._wire import Payload, Values, small_frame, values_frame
 from .framing import HEADER_SIZE
 
 if TYPE_CHECKING:
@@ -44,6 +44,9 @@ _STREAMING_GAP = 20e-6
 _HOLD_STALL = 1.0
 # The inbox's byte accounting is kept per read of at least this many bytes.
 _BATCH_GRAIN = 64 * 1024
+# Values queued as one values frame (`push_value`) up to this bound of its size: a small
+# frame (under framing's large-frame threshold), written and read whole.
+_VALUES_MAX = 32 * 1024
 
 
 class LinkOwner(Protocol):
@@ -85,6 +88,8 @@ class Link:
         self.out: deque = deque()
         self.out_bytes = 0
         self.written = 0  # bytes the loop ever wrote from `out` (see `push`)
+        self.values_queued = 0  # `Values` in `out`, not yet pickled into a frame (`_seal`)
+        self.values_max = min(_VALUES_MAX, owner.max_frame_size // 2)
         self.holding = 0  # user threads waiting for the kernel to take their buffers
         self.flush_scheduled = False
         self.wconn: Connection[Link] | None = None
@@ -208,6 +213,8 @@ class Link:
             else:
                 out.extend(frame)
                 if any(map(_borrowed, frame)):
+                    if self.values_queued:
+                        self._seal()  # (so that out_bytes counts bytes, not bounds)
                     end = self.written + self.out_bytes + nbytes
                     self.holding += 1  # (until the caller's wait ends: `hold_until`, asend)
             self.out_bytes += nbytes
@@ -225,6 +232,72 @@ class Link:
             self.hold_until(end, deadline)
             return None
         return end
+
+    def push_value(self, value: object, size: int, deadline: float | None, channel: ChannelEnd) -> None:
+        """Send a small immutable value (``size`` is its `_wire.batch_size`): while a
+        flush is due anyway, it joins the `Values` at the tail of the queue, which the
+        loop pickles as one frame when it writes them (a stream of small messages costs
+        the sender an append each, and the receiver no unpickling of its own); else it
+        goes as a frame of its own, as `push` sends it."""
+        if self.out_bytes < self.high_water:
+            with self.out_lock:  # (the common case of a stream, first)
+                out = self.out
+                if out and channel._link is not None and not self.shut and self.death is None:
+                    tail = out[-1]
+                    if type(tail) is Values and tail.size + size <= self.values_max:
+                        tail.append(value)
+                        tail.size += size
+                        self.out_bytes += size
+                        return
+        self._push_value(value, size, deadline, channel)
+
+    def _push_value(self, value: object, size: int, deadline: float | None, channel: ChannelEnd) -> None:
+        if self.out_bytes >= self.high_water:
+            self._wait_tx(deadline, channel)
+        if self.death is not None and not self.shut and channel._link is not None:
+            raise self.death_error()
+        with self.out_lock:
+            if channel._link is None:
+                raise channel._closed_error()
+            if self.shut:
+                raise self.closed_error()
+            if self.death is not None:
+                raise self.death_error()
+            out = self.out
+            if size + Values.OVERHEAD > self.values_max:
+                flush = None  # (a small max_frame_size)
+            elif out or self.flush_scheduled or time.perf_counter() - self.last_direct <= _STREAMING_GAP:
+                tail = out[-1] if out else None
+                if type(tail) is Values and tail.size + size <= self.values_max:
+                    tail.append(value)
+                    tail.size += size
+                    self.out_bytes += size
+                    return
+                values = Values(value, size)
+                out.append(values)
+                self.values_queued += 1
+                self.out_bytes += values.size
+                flush = self.wconn is not None and not self.flush_scheduled
+                if flush:
+                    self.flush_scheduled = True
+            else:
+                flush = None
+        if flush is None:
+            frame = small_frame(value)
+            self.push(frame, len(frame), deadline, channel)
+        elif flush:
+            self.loop.call_soon(self.flush)
+
+    def _seal(self) -> None:
+        """Under out_lock: pickle every `Values` queued into its frame, and count its bytes
+        in `out_bytes` instead of its bound."""
+        out = self.out
+        for index, chunk in enumerate(out):
+            if type(chunk) is Values:
+                frame = values_frame(chunk)
+                out[index] = frame
+                self.out_bytes += len(frame) - chunk.size
+        self.values_queued = 0
 
     def taken(self, end: int) -> bool:
         """Whether the kernel has every queued byte up to ``end`` (see `push`), or they were
@@ -298,6 +371,8 @@ class Link:
         with self.out_lock:
             conn = self.wconn
             out = self.out
+            if self.values_queued and conn is not None:
+                self._seal()
             if conn is None or not out:
                 self.flush_scheduled = False
                 more = False
@@ -335,6 +410,7 @@ class Link:
         with self.out_lock:
             self.out.clear()
             self.out_bytes = 0
+            self.values_queued = 0
             self.flush_scheduled = False
 
     # --- user threads: receiving ------------------------------------------------------------

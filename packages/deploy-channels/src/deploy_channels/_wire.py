@@ -5,6 +5,8 @@ payload straight to ``pickle.loads``, which ignores bytes past the pickle's STOP
 so neither side slices or copies a message to add or strip a kind byte.
 
     data           pickle + b"D"
+    values         pickle of a list of small immutable values + b"V": messages sent in a
+                   stream, pickled as one (see `Values`); each arrives as a message
     data, buffers  b"B", count u32, pickle length u64, buffer lengths u64 each, buffer
                    kinds u8 each, pickle, buffers, b"B"
 
@@ -42,23 +44,30 @@ __all__ = [
     "CLOSE_REQUEST",
     "DATA",
     "DATA_BUFFERS",
+    "VALUES",
     "DUPLICATE",
     "GOODBYE",
     "HELLO",
     "Buffers",
     "MessageAssembly",
     "Payload",
+    "Values",
+    "batch_size",
     "control_frame",
     "decode_goodbye",
     "decode_hello",
     "decode_message",
+    "decode_values",
     "encode_message",
     "goodbye_frame",
     "hello_frame",
+    "small_frame",
+    "values_frame",
 ]
 
 DATA = ord("D")
 DATA_BUFFERS = ord("B")
+VALUES = ord("V")
 HELLO = ord("H")
 DUPLICATE = ord("X")
 GOODBYE = ord("G")
@@ -67,6 +76,8 @@ CLOSE_OK = ord("K")
 CLOSE_NO = ord("N")
 
 _DATA_TAIL = b"D"
+_VALUES_TAIL = b"V"
+_join = b"".join
 _BUFFERS_MARK = b"B"
 _COUNTS = struct.Struct(">IQ")
 _PREFIX = 1 + _COUNTS.size  # the mark, count and pickle length
@@ -119,7 +130,67 @@ def encode_message(value: Any) -> tuple[bytes | list, int]:
     return b"".join((_HEADER_PACK(length), data, _DATA_TAIL)), length + 4
 
 
-def decode_message(payload: Payload) -> Any:
+def small_frame(value: Any) -> bytes:
+    """The framed data message of a value of a plain type (no buffers, no cloudpickle)."""
+    data = pickle.dumps(value, 5)
+    return _join((_HEADER_PACK(len(data) + 1), data, _DATA_TAIL))
+
+
+# What a value of each type adds to a values frame at most (see `batch_size`); None:
+# by its length. Only exact types: a subclass may be mutable or pickle otherwise.
+_BATCH_SIZES: dict[type, int | None] = {int: 11, float: 10, bool: 2, type(None): 2, str: None, bytes: None}
+_BATCH_INT = 2**63
+_BATCH_LEN = 256
+
+
+def batch_size(value: Any) -> int | None:
+    """An upper bound of the bytes ``value`` adds to a values frame, if it may travel in
+    one: small values of immutable plain types, which may be pickled later than they are
+    sent (they cannot change) and unpickle anywhere. None for any other value."""
+    kind = type(value)
+    size = _BATCH_SIZES.get(kind, 0)
+    if size:
+        if kind is int and not -_BATCH_INT <= value < _BATCH_INT:
+            return None
+        return size
+    if size is None and len(value) <= _BATCH_LEN:
+        return 4 * len(value) + 12 if kind is str else len(value) + 12  # (UTF-8, and opcodes)
+    return None
+
+
+class Values(list):
+    """Messages queued to travel as one values frame: the values, and `batch_size`'s
+    bound of their frame's size (``size``)."""
+
+    __slots__ = ("size",)
+    #: What a values frame adds to its values: the frame header, the pickle's and the
+    #: list's opcodes, the kind byte.
+    OVERHEAD = 32
+
+    def __init__(self, value: Any, size: int):
+        super().__init__((value,))
+        self.size = size + self.OVERHEAD
+
+
+def values_frame(values: list) -> bytes:
+    """The framed values frame of queued `Values`."""
+    data = pickle.dumps(list(values), 5)  # (a plain list: the receiver need not know Values)
+    return _join((_HEADER_PACK(len(data) + 1), data, _VALUES_TAIL))
+
+
+def decode_values(payload: bytes) -> list[tuple[Any]]:
+    """The messages of a values frame, each as a 1-tuple (how an inbox holds a message
+    that is decoded already); `FrameError` if it is not a values frame's pickle."""
+    try:
+        values = pickle.loads(payload)
+    except Exception as error:
+        raise FrameError(f"malformed values frame: {type(error).__name__}: {error}") from None
+    if type(values) is not list or not values:
+        raise FrameError("malformed values frame: not a list of messages")
+    return list(zip(values))
+
+
+def decode_message(payload: bytes | bytearray | Buffers) -> Any:
     """Unpickle a data frame's payload (either data kind)."""
     if isinstance(payload, Buffers):
         return pickle.loads(payload.pickle, buffers=payload.buffers)
@@ -145,8 +216,9 @@ class Buffers:
         return f"<Buffers {len(self.buffers)} of {self.nbytes} bytes>"
 
 
-#: A received data frame, as the inbox holds it.
-Payload = bytes | bytearray | Buffers
+#: A received message, as the inbox holds it: a data frame, or one of a values frame's
+#: messages, decoded already, in a 1-tuple (`decode_values`).
+Payload = bytes | bytearray | Buffers | tuple
 
 
 def kind_of(payload: Payload) -> int:
