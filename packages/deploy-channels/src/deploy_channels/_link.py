@@ -239,8 +239,8 @@ class Link:
         loop pickles as one frame when it writes them (a stream of small messages costs
         the sender an append each, and the receiver no unpickling of its own); else it
         goes as a frame of its own, as `push` sends it."""
-        if self.out_bytes < self.high_water:
-            with self.out_lock:  # (the common case of a stream, first)
+        if self.out and self.out_bytes < self.high_water:
+            with self.out_lock:  # (the common case of a stream, first; `out` is read again)
                 out = self.out
                 if out and channel._link is not None and not self.shut and self.death is None:
                     tail = out[-1]
@@ -264,9 +264,24 @@ class Link:
             if self.death is not None:
                 raise self.death_error()
             out = self.out
+            conn = self.wconn
             if size + Values.OVERHEAD > self.values_max:
-                flush = None  # (a small max_frame_size)
-            elif out or self.flush_scheduled or time.perf_counter() - self.last_direct <= _STREAMING_GAP:
+                batch = None  # (a small max_frame_size: `push` checks the frame against it)
+            elif out or self.flush_scheduled or conn is None or conn.pre_out:
+                batch = True
+            else:
+                # Nothing queued: written at once, as `push` would, unless part of a stream.
+                now = time.perf_counter()
+                batch = now - self.last_direct <= _STREAMING_GAP
+                self.last_direct = now
+                if not batch:
+                    frame = small_frame(value)
+                    sent = conn.write_now(frame)
+                    if sent == len(frame):
+                        return
+                    out.append(bytearray(frame[sent:]))
+                    self.out_bytes += len(frame) - sent
+            if batch:
                 tail = out[-1] if out else None
                 if type(tail) is Values and tail.size + size <= self.values_max:
                     tail.append(value)
@@ -277,12 +292,10 @@ class Link:
                 out.append(values)
                 self.values_queued += 1
                 self.out_bytes += values.size
-                flush = self.wconn is not None and not self.flush_scheduled
-                if flush:
-                    self.flush_scheduled = True
-            else:
-                flush = None
-        if flush is None:
+            flush = batch is not None and conn is not None and not self.flush_scheduled
+            if flush:
+                self.flush_scheduled = True
+        if batch is None:
             frame = small_frame(value)
             self.push(frame, len(frame), deadline, channel)
         elif flush:
