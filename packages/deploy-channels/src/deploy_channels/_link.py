@@ -175,18 +175,9 @@ class Link:
                 f"cannot send a message of {nbytes - HEADER_SIZE} bytes to {self.pid}: it exceeds "
                 f"the maximum frame size of {self.max_frame - HEADER_SIZE} bytes (Endpoint max_frame_size)"
             )
-        if self.out_bytes >= self.high_water:
-            self._wait_tx(deadline, channel)
-        if self.death is not None and not self.shut and channel._link is not None:
-            # Outside the lock: death_error may ask the runtime how the peer ended.
-            raise self.death_error()
+        self._admit(deadline, channel)
         with self.out_lock:
-            if channel._link is None:
-                raise channel._closed_error()
-            if self.shut:
-                raise self.closed_error()
-            if self.death is not None:
-                raise self.death_error()
+            self._check_open(channel)
             out = self.out
             if out:
                 # Streaming: a flush is already due, so just append.
@@ -252,17 +243,9 @@ class Link:
         self._push_value(value, size, deadline, channel)
 
     def _push_value(self, value: object, size: int, deadline: float | None, channel: ChannelEnd) -> None:
-        if self.out_bytes >= self.high_water:
-            self._wait_tx(deadline, channel)
-        if self.death is not None and not self.shut and channel._link is not None:
-            raise self.death_error()
+        self._admit(deadline, channel)
         with self.out_lock:
-            if channel._link is None:
-                raise channel._closed_error()
-            if self.shut:
-                raise self.closed_error()
-            if self.death is not None:
-                raise self.death_error()
+            self._check_open(channel)
             out = self.out
             conn = self.wconn
             if size + Values.OVERHEAD > self.values_max:
@@ -300,6 +283,23 @@ class Link:
             self.push(frame, len(frame), deadline, channel)
         elif flush:
             self.loop.call_soon(self.flush)
+
+    def _admit(self, deadline: float | None, channel: ChannelEnd) -> None:
+        """Before a message is queued: wait out back-pressure; raise if the peer is gone."""
+        if self.out_bytes >= self.high_water:
+            self._wait_tx(deadline, channel)
+        if self.death is not None and not self.shut and channel._link is not None:
+            # Outside the lock: death_error may ask the runtime how the peer ended.
+            raise self.death_error()
+
+    def _check_open(self, channel: ChannelEnd) -> None:
+        """Under out_lock: raise unless ``channel`` may still queue a message here."""
+        if channel._link is None:
+            raise channel._closed_error()
+        if self.shut:
+            raise self.closed_error()
+        if self.death is not None:
+            raise self.death_error()
 
     def _seal(self) -> None:
         """Under out_lock: pickle every `Values` queued into its frame, and count its bytes
