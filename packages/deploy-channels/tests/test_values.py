@@ -4,6 +4,7 @@ frame (`_wire.values_frame`), and arrive one by one, in order, as what was sent.
 import asyncio
 import math
 import pickle
+import sys
 import threading
 import time
 
@@ -180,7 +181,8 @@ def test_values_frame_fits_its_bound_and_decodes_back():
         assert int.from_bytes(frame[:4], "big") == len(frame) - 4
         assert frame[-1] == _wire.VALUES
         decoded = _wire.decode_values(frame[4:])
-        assert all(type(message) is tuple and len(message) == 1 for message in decoded)
+        assert all(type(message) is tuple and len(message) == 2 for message in decoded)
+        assert len({message[1] for message in decoded}) == len(decoded)  # (numbered apart)
         assert_same_sequence([message[0] for message in decoded], values)
 
     check()
@@ -213,15 +215,14 @@ def test_values_frame_of_a_values_pickles_as_a_plain_list():
     assert values.size == _wire.Values.OVERHEAD + 11
     frame = _wire.values_frame(values)
     assert type(pickle.loads(frame[4:])) is list
-    assert _wire.decode_values(frame[4:]) == [(7,), ("eight",)]
+    assert [m[0] for m in _wire.decode_values(frame[4:])] == [7, "eight"]
 
 
 def test_decode_values_takes_the_payload_with_or_without_its_kind_byte():
     payload = _wire.values_frame([1, "two", None])[4:]
     assert payload[-1:] == b"V"
-    assert _wire.decode_values(payload) == [(1,), ("two",), (None,)]
-    assert _wire.decode_values(payload[:-1]) == [(1,), ("two",), (None,)]
-    assert _wire.decode_values(bytearray(payload)) == [(1,), ("two",), (None,)]
+    for data in (payload, payload[:-1], bytearray(payload)):
+        assert [m[0] for m in _wire.decode_values(data)] == [1, "two", None]
 
 
 @pytest.mark.parametrize(
@@ -535,3 +536,67 @@ def test_everything_sent_before_closing_arrives(make_endpoint, frames, close):
     else:
         with pytest.raises(TimeoutError):
             rx.recv(timeout=0.1)
+
+
+def test_a_message_taken_by_another_thread_meanwhile_costs_no_equal_one(pair, frames):
+    # A receiving thread decodes the inbox's first message, then takes it out by equality
+    # (`deque.remove`). If another thread took that one meanwhile, no other message may
+    # compare equal to it: True == 1, yet a True received must not remove a 1.
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    connected(tx, rx)
+    for value in ["filler"] * 50 + [True, 1, 2]:
+        tx.send(value)
+    assert [rx.recv(timeout=10) for _ in range(50)] == ["filler"] * 50
+    wait_until(lambda: len(rx._link.inbox) == 3)
+    assert frames["values_frames"] > 0
+    decode, raced = rx._decode, []
+
+    def decode_while_another_thread_takes_it(payload):
+        if not raced:  # (the other thread's recv, run between this one's decode and take)
+            raced.append("racing")
+            raced[0] = rx.recv_nowait()
+        return decode(payload)
+
+    rx._decode = decode_while_another_thread_takes_it
+    first = rx.recv(timeout=10)
+    rx._decode = decode
+    last = rx.recv(timeout=10)
+    assert_same_sequence([*raced, first, last], [True, 1, 2])
+    with pytest.raises(TimeoutError):
+        rx.recv(timeout=0.05)
+
+
+@pytest.fixture
+def fast_switching():
+    """Threads switch every microsecond: races between them happen, for real."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(previous)
+
+
+def test_two_receiving_threads_get_every_message_once(pair, fast_switching):
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    connected(tx, rx)
+    count = 40_000
+
+    def receive():
+        got = {"bool": 0, "int": 0}
+        while (value := rx.recv(timeout=10)) is not None:
+            got[type(value).__name__] += 1
+        return got
+
+    receivers = [in_thread(receive) for _ in range(2)]
+    for i in range(count):
+        tx.send(True if i % 2 else 1)
+    tx.send(None)
+    tx.send(None)
+    totals = {"bool": 0, "int": 0}
+    for thread, outcome in receivers:
+        thread.join(20)
+        assert len(outcome) == 1 and isinstance(outcome[0], dict), outcome
+        for name, n in outcome[0].items():
+            totals[name] += n
+    assert totals == {"bool": count // 2, "int": count // 2}

@@ -356,7 +356,7 @@ class Receiver(_Channel[T]):
     def _decode(self, payload: Payload) -> T:
         try:
             # (A small message's payload is bytes: a pickle with its kind byte behind it;
-            # one of a values frame's is a 1-tuple of the value, decoded already.)
+            # one of a values frame's is a pair of the value, decoded already, and a number.)
             value: T
             if type(payload) is bytes:
                 value = _plain_loads(payload)

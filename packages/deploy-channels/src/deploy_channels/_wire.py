@@ -29,6 +29,7 @@ crosses with no copy beyond the kernel's. The frame arrives as a `Buffers`, not 
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import struct
 from typing import Any
@@ -178,16 +179,23 @@ def values_frame(values: list) -> bytes:
     return _join((_HEADER_PACK(len(data) + 1), data, _VALUES_TAIL))
 
 
-def decode_values(payload: bytes) -> list[tuple[Any]]:
-    """The messages of a values frame, each as a 1-tuple (how an inbox holds a message
-    that is decoded already); `FrameError` if it is not a values frame's pickle."""
+def decode_values(payload: bytes) -> list[tuple[Any, int]]:
+    """The messages of a values frame, each as a pair of the value and a number no other
+    message of this process has (how an inbox holds a message that is decoded already);
+    `FrameError` if it is not a values frame's pickle.
+
+    The number keeps two messages from comparing equal: a receiving thread takes its
+    message out of the inbox by equality (`deque.remove`), and ``(True,) == (1,)``."""
     try:
         values = pickle.loads(payload)
     except Exception as error:
         raise FrameError(f"malformed values frame: {type(error).__name__}: {error}") from None
     if type(values) is not list or not values:
         raise FrameError("malformed values frame: not a list of messages")
-    return list(zip(values))
+    return list(zip(values, _MESSAGE_NUMBERS, strict=False))  # (the numbers never end)
+
+
+_MESSAGE_NUMBERS = itertools.count()
 
 
 def decode_message(payload: bytes | bytearray | Buffers) -> Any:
@@ -217,7 +225,7 @@ class Buffers:
 
 
 #: A received message, as the inbox holds it: a data frame, or one of a values frame's
-#: messages, decoded already, in a 1-tuple (`decode_values`).
+#: messages, decoded already, in a pair with a number (`decode_values`).
 Payload = bytes | bytearray | Buffers | tuple
 
 
