@@ -273,11 +273,12 @@ class Receiver(_Channel[T]):
                     except (KeyboardInterrupt, RuntimeError):
                         continue
                 raise
-        deadline = deadline_after(timeout)
-        deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
+        deadline = None if timeout is None else deadline_after(timeout)
+        waiter = FdWaiter.for_this_thread()
+        deferred = DeferredInterrupt.install(waiter)
         try:
             while deferred is not None:
-                taken = self._recv_deferring(link, deadline, deferred)
+                taken = self._recv_deferring(link, deadline, deferred, waiter)
                 if taken is not None:
                     value, payload, direct = taken
                     # Give SIGINT back and return in one try: a handler that raises
@@ -293,15 +294,15 @@ class Receiver(_Channel[T]):
                     link.put_back(payload, direct=direct)
                     deferred.deliver(pending)
                 # The user's handler returned instead of raising: wait again.
-                deferred = DeferredInterrupt.install(FdWaiter.for_this_thread())
+                deferred = DeferredInterrupt.install(waiter)
             # No signal handler can raise in this thread.
-            return self._decode_taken(link, link.take(deadline, self))
+            return self._decode_taken(link, link.take(deadline, self, None, waiter))
         except (PeerExited, PeerLost, TimeoutError) as error:
             # A user's traceback ends here: the frames below are the link's.
             raise error.with_traceback(None) from None
 
     def _recv_deferring(
-        self, link: Link, deadline: float | None, deferred: DeferredInterrupt
+        self, link: Link, deadline: float | None, deferred: DeferredInterrupt, waiter: FdWaiter
     ) -> tuple[T, Payload, bool] | None:
         # The main thread waits with SIGINT deferred (see _interrupts): a signal ends the
         # wait at a safe point, and a message already in hand goes back to the inbox.
@@ -310,8 +311,11 @@ class Receiver(_Channel[T]):
         # and the user's handler, run, returned instead of raising.
         payload = None
         try:
-            payload = link.take(deadline, self, deferred)
-            value = self._decode_taken(link, payload)
+            payload = link.take(deadline, self, deferred, waiter)
+            try:
+                value = self._decode(payload)
+            finally:
+                link.done_with(payload)
         except Interrupted:
             pass
         except BaseException:

@@ -451,10 +451,11 @@ class Connection(Generic[L]):
             decoder.feed(buf[:count])
         return bool(count)
 
-    def _receive_frame(self) -> Any:
+    def _receive_frame(self, partial: int) -> Any:
         """`_receive` and then the next complete frame: `NEED_DATA` if none is, or `CLOSED`
-        at EOF (which is not fed: the loop reads it again)."""
-        if self.protected or self.decoder.target() is not None:
+        at EOF (which is not fed: the loop reads it again). ``partial``: the decoder
+        holds part of a frame (else it is empty, and no large frame is being read)."""
+        if self.protected or (partial and self.decoder.target() is not None):
             return self.decoder.next_frame() if self._receive() else CLOSED
         buf = getattr(_read_buffers, "buffer", None)
         if buf is None:
@@ -624,9 +625,10 @@ class Connection(Generic[L]):
         # Under mask_lock, from the loop or from the user thread that holds rlock.
         if self.state == "closed":
             return
-        read = self.reading and not self.user_reading
-        write = self.writing or self.pre_out or (self.protected and self.sock.pending_out())
-        self.loop.modify(self.fd, (READ if read else 0) | (WRITE if write else 0))
+        mask = 0 if self.user_reading or not self.reading else READ
+        if self.writing or self.pre_out or (self.protected and self.sock.pending_out()):
+            mask |= WRITE
+        self.loop.modify(self.fd, mask)
 
     # --- reading from a user thread -------------------------------------------------------
 
@@ -662,8 +664,9 @@ class Connection(Generic[L]):
         decoder = self.decoder
         try:
             frame: Any
+            partial = decoder.buffered()  # (bytes of a frame that is not whole yet, once NEED_DATA)
             try:
-                frame = decoder.next_frame() if decoder.buffered() else NEED_DATA
+                frame = decoder.next_frame() if partial else NEED_DATA
             except FrameError:
                 hand_back = True  # the loop meets it again and drops the connection
                 return None
@@ -695,11 +698,12 @@ class Connection(Generic[L]):
                     return None
                 if link.death is not None or link.shut or self.state != "open":
                     return RETRY
-                size = decoder.pending_size()
-                if size is not None and size > _DIRECT_MAX:
-                    # A big message: the loop reads it while this thread still digests
-                    # the previous one, rather than one thread doing both in turn.
-                    return None
+                if partial:
+                    size = decoder.pending_size()
+                    if size is not None and size > _DIRECT_MAX:
+                        # A big message: the loop reads it while this thread still digests
+                        # the previous one, rather than one thread doing both in turn.
+                        return None
                 readable, woken = waiter.poll(
                     self.fd, None if deadline is None else max(0.0, deadline - time.monotonic())
                 )
@@ -710,7 +714,8 @@ class Connection(Generic[L]):
                         return RETRY  # the caller raises TimeoutError
                     continue
                 try:
-                    frame = self._receive_frame()
+                    frame = self._receive_frame(partial)
+                    partial = 1  # (if it is NEED_DATA, part of a frame is in)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except (OSError, FrameError) as error:  # (FrameError: a malformed frame)

@@ -21,6 +21,7 @@ KeyboardInterrupt in the caller of `recv`). Other threads never run signal handl
 from __future__ import annotations
 
 import _signal
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -28,7 +29,15 @@ from typing import Any, Protocol
 __all__ = ["DeferredInterrupt", "Interrupted"]
 
 _SIGINT = _signal.SIGINT
-_main_thread = threading.main_thread
+_main_ident = threading.main_thread().ident  # (the one thread that runs signal handlers)
+
+
+def _forked() -> None:
+    global _main_ident
+    _main_ident = threading.get_ident()  # the thread that forked is the child's main thread
+
+
+os.register_at_fork(after_in_child=_forked)
 
 
 class Interrupted(Exception):
@@ -54,7 +63,7 @@ class DeferredInterrupt:
     def install(cls, waiter: _Waker) -> DeferredInterrupt | None:
         """Defer SIGINT if it could raise here (main thread, a Python handler), else None."""
         handler = _signal.getsignal(_SIGINT)
-        if not callable(handler) or threading.current_thread() is not _main_thread():
+        if threading.get_ident() != _main_ident or not callable(handler):
             return None
         deferred = cls(handler, waiter)
         _signal.signal(_SIGINT, deferred._record)

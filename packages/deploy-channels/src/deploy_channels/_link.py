@@ -13,7 +13,7 @@ import copy
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from deploy_core import ChannelClosed, DeployError, PeerExited, PeerLost, Pid, SerializationError
 
@@ -431,16 +431,22 @@ class Link:
     def rx_ready(self) -> bool:
         return bool(self.inbox) or self.death is not None or self.shut
 
-    def take(self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None = None) -> Payload:
+    def take(
+        self,
+        deadline: float | None,
+        channel: ChannelEnd,
+        deferred: DeferredInterrupt | None = None,
+        waiter: FdWaiter | None = None,
+    ) -> Payload:
         """The next message's payload for ``channel``; blocks until one arrives, the peer
         dies, the deadline passes or the channel is closed (`ChannelClosed`). The caller
-        calls `done_with` once it has decoded the payload."""
+        calls `done_with` once it has decoded the payload. (``waiter``: this thread's.)"""
         inbox = self.inbox
         try:
             # (Checked first: raising IndexError on every blocking recv costs a microsecond.)
-            payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel, deferred)
+            payload = inbox.popleft() if inbox else self._wait_rx(deadline, channel, deferred, waiter)
         except IndexError:  # another thread took it
-            payload = self._wait_rx(deadline, channel, deferred)
+            payload = self._wait_rx(deadline, channel, deferred, waiter)
         size = len(payload)
         if size >= _BATCH_GRAIN:
             # Out of the inbox but not decoded yet: back-pressure counts it until
@@ -500,8 +506,11 @@ class Link:
             self.loop.call_soon(self.owner.resume_reading, self)
         return payload
 
-    def _wait_rx(self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None) -> Payload:
-        waiter = FdWaiter.for_this_thread()
+    def _wait_rx(
+        self, deadline: float | None, channel: ChannelEnd, deferred: DeferredInterrupt | None, waiter: FdWaiter | None
+    ) -> Payload:
+        if waiter is None:
+            waiter = FdWaiter.for_this_thread()
         self.rx_watchers.add(waiter)
         try:
             while True:
@@ -517,7 +526,7 @@ class Link:
                     if payload is not None and payload is not RETRY:
                         if deferred is not None:
                             deferred.direct = True
-                        return cast(Payload, payload)
+                        return payload  # type: ignore[return-value]  # (read_direct: a Payload)
                     if payload is not None:  # woken: look again
                         if channel._link is None:
                             raise channel._closed_error()
