@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 
 import pytest
 from deploy_channels import Endpoint
@@ -28,6 +29,41 @@ def make_endpoint():
         endpoint.close(timeout=2.0)
     for endpoint in made:
         assert not endpoint._loop.is_running()
+
+
+def _in_thread(fn):
+    outcome: list = []
+
+    def run():
+        try:
+            outcome.append(fn())
+        except BaseException as error:  # reported by the test
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
+@pytest.fixture
+def in_thread():
+    """``in_thread(fn)`` runs ``fn`` in a daemon thread and returns (the thread, a list
+    that gets its value or the exception it raised)."""
+    return _in_thread
+
+
+def _wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.002)
+
+
+@pytest.fixture
+def wait_until():
+    """``wait_until(condition, timeout=10.0)`` polls ``condition()`` until it is true, and
+    fails the test if it is not within ``timeout`` seconds."""
+    return _wait_until
 
 
 @pytest.fixture

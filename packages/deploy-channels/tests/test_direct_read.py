@@ -11,34 +11,12 @@ from deploy_core import ChannelClosed, PeerExited
 pytestmark = pytest.mark.timeout(60)
 
 
-def blocked(fn):
-    """Run ``fn`` in a thread; returns (thread, outcome list of value or exception)."""
-    outcome: list = []
-
-    def run():
-        try:
-            outcome.append(fn())
-        except BaseException as error:  # reported by the test
-            outcome.append(error)
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    return thread, outcome
-
-
 def direct_readers(link) -> bool:
     conn = link.conn
     return conn is not None and conn.user_reading
 
 
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.002)
-
-
-def test_ping_pong_is_read_directly_without_waking_the_loop(pair):
+def test_ping_pong_is_read_directly_without_waking_the_loop(pair, in_thread):
     a, b = pair
     tx_ab, rx_ba = Sender[int](b.pid, endpoint=a), Receiver[int](b.pid, endpoint=a)
     tx_ba, rx_ab = Sender[int](a.pid, endpoint=b), Receiver[int](a.pid, endpoint=b)
@@ -47,7 +25,7 @@ def test_ping_pong_is_read_directly_without_waking_the_loop(pair):
         for _ in range(2000):
             tx_ba.send(rx_ab.recv(timeout=10))
 
-    thread, outcome = blocked(echo)
+    thread, outcome = in_thread(echo)
     for i in range(2000):
         tx_ab.send(i)
         assert rx_ba.recv(timeout=10) == i
@@ -61,12 +39,12 @@ def test_ping_pong_is_read_directly_without_waking_the_loop(pair):
     assert a._peers.links[b.pid.hex].total_in + b._peers.links[a.pid.hex].total_in < 2400
 
 
-def test_mixed_sizes_and_bursts_keep_order(pair):
+def test_mixed_sizes_and_bursts_keep_order(pair, in_thread):
     a, b = pair
     tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
     sizes = [0, 10, 70_000, 5, 1 << 20, 3, 200_000, 1]
     expected = [(round_, size, bytes(size)) for round_ in range(30) for size in sizes]
-    thread, outcome = blocked(lambda: [rx.recv(timeout=10) for _ in expected])
+    thread, outcome = in_thread(lambda: [rx.recv(timeout=10) for _ in expected])
     for index, value in enumerate(expected):
         tx.send(value)
         if index % 20 == 0:
@@ -77,7 +55,7 @@ def test_mixed_sizes_and_bursts_keep_order(pair):
         rx.recv(timeout=0.05)
 
 
-def test_two_threads_receiving_on_one_receiver_get_each_message_once(pair):
+def test_two_threads_receiving_on_one_receiver_get_each_message_once(pair, in_thread):
     a, b = pair
     tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
     count = 5000
@@ -92,7 +70,7 @@ def test_two_threads_receiving_on_one_receiver_get_each_message_once(pair):
             with lock:
                 got.append(value)
 
-    threads = [blocked(take) for _ in range(2)]
+    threads = [in_thread(take) for _ in range(2)]
     for i in range(count):
         tx.send(i)
         if i % 500 == 0:
@@ -105,12 +83,12 @@ def test_two_threads_receiving_on_one_receiver_get_each_message_once(pair):
     assert sorted(got) == list(range(count))
 
 
-def test_closing_the_endpoint_wakes_a_direct_reader(pair):
+def test_closing_the_endpoint_wakes_a_direct_reader(pair, in_thread, wait_until):
     a, b = pair
     tx, rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
     tx.send("first")
     assert rx.recv(timeout=5) == "first"
-    thread, outcome = blocked(lambda: rx.recv(timeout=20))
+    thread, outcome = in_thread(lambda: rx.recv(timeout=20))
     wait_until(lambda: direct_readers(a._peers.links[b.pid.hex]))
     start = time.monotonic()
     a.close()
@@ -119,7 +97,7 @@ def test_closing_the_endpoint_wakes_a_direct_reader(pair):
     assert time.monotonic() - start < 2
 
 
-def test_goodbye_reaches_a_direct_reader(pair):
+def test_goodbye_reaches_a_direct_reader(pair, in_thread, wait_until):
     a, b = pair
     tx, rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
     tx.send("first")
@@ -133,7 +111,7 @@ def test_goodbye_reaches_a_direct_reader(pair):
         except PeerExited as error:
             return values, error.code
 
-    thread, outcome = blocked(drain)
+    thread, outcome = in_thread(drain)
     wait_until(lambda: direct_readers(a._peers.links[b.pid.hex]))
     tx.send("last")
     b.close(exit_code=4)

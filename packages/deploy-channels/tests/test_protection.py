@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 
 import pytest
 from deploy_channels import Endpoint, Receiver, Sender
@@ -119,13 +118,6 @@ def attacked(make_endpoint, monkeypatch, request):
     attacker.close()
 
 
-def wait_until(condition, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.005)
-
-
 def established(a: Endpoint, b: Endpoint) -> tuple[Sender, Receiver]:
     tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
     tx.send("zero")
@@ -150,7 +142,7 @@ def test_a_tampered_frame_is_refused_and_the_connection_closed(attacked, caplog)
 
 
 @pytest.mark.parametrize("attacked", ["all"], indirect=True)
-def test_a_replayed_frame_is_refused_and_the_connection_closed(attacked, caplog):
+def test_a_replayed_frame_is_refused_and_the_connection_closed(attacked, caplog, wait_until):
     caplog.set_level(logging.WARNING)
     a, b, attacker = attacked
     tx, rx = established(a, b)
@@ -165,7 +157,7 @@ def test_a_replayed_frame_is_refused_and_the_connection_closed(attacked, caplog)
 
 
 @pytest.mark.parametrize("attacked", ["off"], indirect=True)
-def test_without_protection_a_replayed_frame_goes_through(attacked):
+def test_without_protection_a_replayed_frame_goes_through(attacked, wait_until):
     # What protection is for: on an unprotected connection the same replay works.
     a, b, attacker = attacked
     tx, rx = established(a, b)

@@ -19,19 +19,12 @@ from deploy_core import ChannelClosed, ChannelExists, DeployError, PeerLost, Pid
 pytestmark = pytest.mark.timeout(60)
 
 
-def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.005)
-
-
 def call_in_loop(endpoint, fn, *args):
     """Run ``fn`` on the endpoint's loop thread and wait until it has run."""
-    done = []
-    endpoint._loop.call_soon(lambda: done.append(fn(*args)))
-    wait_until(lambda: done)
-    return done[0]
+    done, result = threading.Event(), []
+    endpoint._loop.call_soon(lambda: (result.append(fn(*args)), done.set()))
+    assert done.wait(10), "the loop thread did not run it"
+    return result[0]
 
 
 # --- 1. a close request that meets a large message in flight ----------------------------
@@ -73,22 +66,8 @@ def test_idle_close_request_during_a_large_message_loses_nothing(make_endpoint, 
 # --- 2. closing a channel wakes every thread and task blocked on it ----------------------
 
 
-def in_thread(fn):
-    outcome: list = []
-
-    def run():
-        try:
-            outcome.append(fn())
-        except BaseException as error:  # reported by the test
-            outcome.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
 @pytest.mark.parametrize("how", ["recv", "select"])
-def test_closing_a_receiver_wakes_a_blocked_thread(pair, how):
+def test_closing_a_receiver_wakes_a_blocked_thread(pair, how, in_thread, wait_until):
     a, b = pair
     tx = Sender(b.pid, endpoint=a)
     rx = Receiver(a.pid, endpoint=b)
@@ -127,7 +106,7 @@ def test_closing_a_receiver_wakes_a_blocked_task(pair, how):
         asyncio.run(main())
 
 
-def test_closing_a_sender_wakes_a_send_blocked_by_backpressure(make_endpoint):
+def test_closing_a_sender_wakes_a_send_blocked_by_backpressure(make_endpoint, in_thread, wait_until):
     a, b = make_endpoint(high_water=1 << 16), make_endpoint(high_water=1 << 16)
     rx = Receiver(a.pid, endpoint=b)  # never read: B stops reading, the kernel buffers fill
     tx = Sender(b.pid, endpoint=a)
@@ -198,7 +177,7 @@ ep.close()
 """
 
 
-def test_keyboard_interrupt_in_recv_loses_no_message_and_no_lock(make_endpoint, children):
+def test_keyboard_interrupt_in_recv_loses_no_message_and_no_lock(make_endpoint, children, in_thread):
     ep = make_endpoint()
     count = 30_000
     proc = children.run(INTERRUPTED_RECEIVER, ep.pid.format(), str(count))
@@ -390,7 +369,7 @@ def test_received_buffers_are_writable_at_every_size(pair, size):
 # --- 9. an endpoint inherited through fork is unusable in the child ------------------------
 
 
-def test_inherited_channels_fail_in_a_forked_child_and_the_parent_keeps_them(pair):
+def test_inherited_channels_fail_in_a_forked_child_and_the_parent_keeps_them(pair, wait_until):
     a, b = pair
     tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
     back = Sender(a.pid, endpoint=b)
@@ -429,7 +408,7 @@ def test_inherited_channels_fail_in_a_forked_child_and_the_parent_keeps_them(pai
 # --- (lead's note) the exit drain waits for a live peer that has not accepted yet ---------
 
 
-def test_close_waits_for_a_peer_whose_kernel_holds_the_connection(make_endpoint):
+def test_close_waits_for_a_peer_whose_kernel_holds_the_connection(make_endpoint, in_thread):
     # The peer's socket listens (its kernel completes our connect and keeps it in the
     # backlog) but its process accepts nothing for longer than the drain's stall bound.
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

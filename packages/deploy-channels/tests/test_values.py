@@ -15,28 +15,6 @@ from deploy_core import FrameError, PeerExited, Pid
 pytestmark = pytest.mark.timeout(30)
 
 
-def in_thread(fn):
-    """Run ``fn`` in a thread; returns (thread, outcome list of its value or exception)."""
-    outcome: list = []
-
-    def run():
-        try:
-            outcome.append(fn())
-        except BaseException as error:  # reported by the test
-            outcome.append(error)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread, outcome
-
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.002)
-
-
 def same(got, sent) -> bool:
     """Equal and of exactly the same type (a bool is not an int; -0.0 is not 0.0)."""
     if type(got) is not type(sent):
@@ -287,7 +265,7 @@ def mixed_values() -> list:
     ]
 
 
-def test_a_mixed_burst_keeps_order_values_and_types(pair, frames):
+def test_a_mixed_burst_keeps_order_values_and_types(pair, frames, in_thread):
     a, b = pair
     tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
     connected(tx, rx)
@@ -356,7 +334,7 @@ def test_the_receiver_unpickles_a_values_frame_once(pair, monkeypatch):
 
 
 @pytest.mark.parametrize("max_frame_size", [4096, 1024, 64])
-def test_a_small_max_frame_size_still_carries_a_stream_in_order(make_endpoint, max_frame_size):
+def test_a_small_max_frame_size_still_carries_a_stream_in_order(make_endpoint, max_frame_size, in_thread):
     a, b = make_endpoint(max_frame_size=max_frame_size), make_endpoint(max_frame_size=max_frame_size)
     tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
     connected(tx, rx)
@@ -422,7 +400,7 @@ def test_a_typed_sender_refuses_a_wrong_value_mid_stream(pair):
         rx.recv(timeout=0.05)
 
 
-def test_a_typed_receiver_refuses_a_wrong_value_from_a_values_frame(pair, frames):
+def test_a_typed_receiver_refuses_a_wrong_value_from_a_values_frame(pair, frames, wait_until):
     a, b = pair
     tx, rx = Sender(b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
     connected(tx, rx)
@@ -456,7 +434,7 @@ def test_asend_stream_arrives_in_order(pair):
     assert asyncio.run(main()) == list(range(count))
 
 
-def test_two_sending_threads_each_keep_their_order(pair):
+def test_two_sending_threads_each_keep_their_order(pair, in_thread):
     a, b = pair
     tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
     connected(tx, rx)
@@ -538,7 +516,7 @@ def test_everything_sent_before_closing_arrives(make_endpoint, frames, close):
             rx.recv(timeout=0.1)
 
 
-def test_a_message_taken_by_another_thread_meanwhile_costs_no_equal_one(pair, frames):
+def test_a_message_taken_by_another_thread_meanwhile_costs_no_equal_one(pair, frames, wait_until):
     # A receiving thread decodes the inbox's first message, then takes it out by equality
     # (`deque.remove`). If another thread took that one meanwhile, no other message may
     # compare equal to it: True == 1, yet a True received must not remove a 1.
@@ -576,7 +554,7 @@ def fast_switching():
     sys.setswitchinterval(previous)
 
 
-def test_two_receiving_threads_get_every_message_once(pair, fast_switching):
+def test_two_receiving_threads_get_every_message_once(pair, fast_switching, in_thread):
     a, b = pair
     tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
     connected(tx, rx)
