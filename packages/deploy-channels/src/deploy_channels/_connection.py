@@ -451,7 +451,7 @@ class Connection(Generic[L]):
             decoder.feed(buf[:count])
         return bool(count)
 
-    def _receive_frame(self, partial: int) -> Any:
+    def _receive_frame(self, partial: bool) -> Any:
         """`_receive` and then the next complete frame: `NEED_DATA` if none is, or `CLOSED`
         at EOF (which is not fed: the loop reads it again). ``partial``: the decoder
         holds part of a frame (else it is empty, and no large frame is being read)."""
@@ -664,7 +664,7 @@ class Connection(Generic[L]):
         decoder = self.decoder
         try:
             frame: Any
-            partial = decoder.buffered()  # (bytes of a frame that is not whole yet, once NEED_DATA)
+            partial = decoder.buffered() > 0  # (part of a frame is in, once NEED_DATA)
             try:
                 frame = decoder.next_frame() if partial else NEED_DATA
             except FrameError:
@@ -715,7 +715,7 @@ class Connection(Generic[L]):
                     continue
                 try:
                     frame = self._receive_frame(partial)
-                    partial = 1  # (if it is NEED_DATA, part of a frame is in)
+                    partial = True  # (if it is NEED_DATA, part of a frame is in)
                 except (BlockingIOError, InterruptedError):
                     continue
                 except (OSError, FrameError) as error:  # (FrameError: a malformed frame)
