@@ -1,11 +1,13 @@
 """A thread blocked in `recv` reads its connection's socket itself (no hand-off from the
 loop thread); it must hand the socket back correctly in every situation."""
 
+import asyncio
 import threading
 import time
 
 import pytest
-from deploy_channels import Receiver, Sender, _wire, select
+from deploy_channels import Receiver, Sender, _connection, _wire, select
+from deploy_channels._loop import READ
 from deploy_core import ChannelClosed, PeerExited
 
 pytestmark = pytest.mark.timeout(60)
@@ -155,3 +157,107 @@ def test_frames_left_behind_are_processed_when_the_loop_finds_the_read_side_take
         assert handed_back.wait(5)
     assert conn.held is not None  # the hand-back found the read side taken
     assert rx.recv(timeout=5) == 42
+
+
+# --- parking: READ stays off between the direct reads of one thread --------------------
+
+
+def _read_once_directly(link, tx, rx, in_thread, wait_until, value=0):
+    # A recv that is waiting on the socket before the message comes reads it directly.
+    thread, outcome = in_thread(lambda: rx.recv(timeout=10))
+    wait_until(lambda: direct_readers(link))
+    tx.send(value)
+    thread.join(10)
+    assert outcome == [value]
+
+
+def _loop_reads(link) -> bool:
+    conn = link.conn
+    return bool(conn.loop.mask(conn.fd) & READ)
+
+
+def test_after_a_direct_read_read_stays_parked_until_the_reader_stays_away(pair, in_thread, wait_until):
+    a, b = pair
+    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
+    tx.send(-1)
+    assert rx.recv(timeout=10) == -1
+    link = b._peers.links[a.pid.hex]
+    _read_once_directly(link, tx, rx, in_thread, wait_until)
+    assert link.conn.parked and not _loop_reads(link)
+    # Nobody receives now: the loop takes the socket back and reads the next message.
+    tx.send(1)
+    wait_until(lambda: len(link.inbox) == 1, timeout=5)
+    assert not link.conn.parked and _loop_reads(link)
+    assert rx.recv_nowait() == 1
+
+
+def _recv_nowait(rx):
+    with pytest.raises(TimeoutError):
+        rx.recv_nowait()
+
+
+def _select(rx):
+    with pytest.raises(TimeoutError):
+        select(rx, timeout=0.01)
+
+
+def _arecv(rx):
+    async def wait():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(rx.arecv(), 0.01)
+
+    asyncio.run(wait())
+
+
+@pytest.mark.parametrize("wait_for_the_loop", [_recv_nowait, _select, _arecv])
+def test_waiting_for_the_loop_takes_read_back_at_once(pair, in_thread, wait_until, monkeypatch, wait_for_the_loop):
+    monkeypatch.setattr(_connection, "_PARK_TIME", 60.0)  # (only the waiter can unpark here)
+    a, b = pair
+    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
+    tx.send(-1)
+    assert rx.recv(timeout=10) == -1
+    link = b._peers.links[a.pid.hex]
+    _read_once_directly(link, tx, rx, in_thread, wait_until)
+    assert link.conn.parked
+    wait_for_the_loop(rx)
+    assert not link.conn.parked and _loop_reads(link)
+    tx.send(2)
+    assert select(rx, timeout=5) is rx
+    assert rx.recv_nowait() == 2
+
+
+def test_no_parking_while_another_waits_for_the_loop(pair, in_thread, wait_until, monkeypatch):
+    monkeypatch.setattr(_connection, "_PARK_TIME", 60.0)
+    a, b = pair
+    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
+    tx.send(-1)
+    assert rx.recv(timeout=10) == -1
+    link = b._peers.links[a.pid.hex]
+
+    class Other:  # a second thread or task waiting on the same link
+        def wake(self) -> None:
+            pass
+
+    other = Other()
+    link.rx_watchers.add(other)
+    try:
+        _read_once_directly(link, tx, rx, in_thread, wait_until)
+        assert not link.conn.parked and _loop_reads(link)
+    finally:
+        link.rx_watchers.discard(other)
+
+
+def test_a_peer_that_leaves_is_noticed_while_read_is_parked(pair, in_thread, wait_until):
+    a, b = pair
+    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
+    tx.send(-1)
+    assert rx.recv(timeout=10) == -1
+    link = b._peers.links[a.pid.hex]
+    _read_once_directly(link, tx, rx, in_thread, wait_until)
+    assert link.conn.parked
+    a.close(exit_code=3)
+    # b receives nothing meanwhile; its loop still reads the goodbye.
+    wait_until(lambda: link.death is not None, timeout=5)
+    with pytest.raises(PeerExited) as exited:
+        rx.recv(timeout=5)
+    assert exited.value.code == 3

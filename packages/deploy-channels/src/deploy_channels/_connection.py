@@ -38,8 +38,11 @@ frame decoder). Normally that is the loop thread for the length of one read. A u
 thread blocked in ``recv`` with nothing buffered takes it instead (`read_direct`): it
 drops READ from the loop's registration, waits on the socket itself and returns the
 first data frame without waking the loop, which saves a thread hand-off per message.
-Anything else it meets (a control frame, EOF, an error, leftover frames) it leaves
-for the loop and restores READ. This is the one deviation from "only the loop thread
+READ then stays off ("parked") for that thread's next recv, as long as nobody else
+waits for the loop to deliver: a thread or task that starts to (`unpark`) and the
+loop's check, a `_PARK_TIME` after the last direct read, give it back. Anything else
+the reader meets (a control frame, EOF, an error, leftover frames) it leaves for the
+loop and restores READ at once. This is the one deviation from "only the loop thread
 touches the selector": a user thread changes its own connection's mask, under
 ``mask_lock``, which also orders it against `close` so a closed fd is never touched.
 """
@@ -88,10 +91,14 @@ _read_buffers = threading.local()
 _SETUP_MAX_FRAME = 4096
 SETUP_TIMEOUT = 10.0
 _DATA_KINDS = (_wire.DATA, _wire.DATA_BUFFERS)
+_Buffers = _wire.Buffers
 #: `read_direct`: the loop should look again (a wake-up, not a message).
 RETRY = object()
 # A user thread reads frames up to this size itself; bigger ones are left to the loop.
 _DIRECT_MAX = 64 * 1024
+# How long READ stays parked after a direct read (see `Connection.parked`): the longest
+# the loop leaves a connection unread while its direct reader is away.
+_PARK_TIME = 0.002
 
 
 class Carried(Protocol):
@@ -112,6 +119,8 @@ class Carried(Protocol):
     def death(self) -> object: ...  # None while the peer lives
     @property
     def shut(self) -> bool: ...
+    @property
+    def rx_watchers(self) -> set: ...  # the threads and tasks waiting for a message
 
     def deliver(self, payloads: list, nbytes: int) -> None:
         """Loop thread: data frames read for the link."""
@@ -221,6 +230,14 @@ class Connection(Generic[L]):
         self.mask_lock = threading.Lock()
         self.user_reading = False
         self.reader: FdWaiter | None = None
+        # After a direct read READ stays off ("parked") for the reader's next recv, so that
+        # neither read nor wait pays for turning it off and on. The loop takes it back
+        # once a `_PARK_TIME` passes without a direct read, or at once when a thread
+        # starts waiting for the loop to deliver (`unpark`).
+        self.parked = False
+        self.park_reads = 0  # direct reads done parked (the loop's check compares them)
+        self._park_seen = 0
+        self._park_timer = False  # the loop's check is scheduled
         self.held: list | None = None  # frames a user thread read, for the loop
         self.held_error: Exception | None = None
         sock.setblocking(False)
@@ -451,21 +468,6 @@ class Connection(Generic[L]):
             decoder.feed(buf[:count])
         return bool(count)
 
-    def _receive_frame(self, partial: bool) -> Any:
-        """`_receive` and then the next complete frame: `NEED_DATA` if none is, or `CLOSED`
-        at EOF (which is not fed: the loop reads it again). ``partial``: the decoder
-        holds part of a frame (else it is empty, and no large frame is being read)."""
-        if self.protected or (partial and self.decoder.target() is not None):
-            return self.decoder.next_frame() if self._receive() else CLOSED
-        buf = getattr(_read_buffers, "buffer", None)
-        if buf is None:
-            buf = _read_buffers.buffer = memoryview(bytearray(_RECV_SIZE))
-        count = self.sock.recv_into(buf, self.read_size)
-        if not count:
-            return CLOSED
-        self.read_size = _RECV_SIZE
-        return self.decoder.feed_next(buf[:count])
-
     def _read_once(self) -> None:
         decoder = self.decoder
         try:
@@ -625,7 +627,7 @@ class Connection(Generic[L]):
         # Under mask_lock, from the loop or from the user thread that holds rlock.
         if self.state == "closed":
             return
-        mask = 0 if self.user_reading or not self.reading else READ
+        mask = 0 if self.user_reading or self.parked or not self.reading else READ
         if self.writing or self.pre_out or (self.protected and self.sock.pending_out()):
             mask |= WRITE
         self.loop.modify(self.fd, mask)
@@ -650,7 +652,8 @@ class Connection(Generic[L]):
             if usable:
                 self.user_reading = True
                 self.reader = waiter
-                self._apply_mask()
+                if not self.parked:
+                    self._apply_mask()  # READ off (parked, it is off already)
         if not usable:
             # Frames a reader left behind wait for the loop. Its `after_user_read` gives up
             # when it finds the read side taken (by us, just now), so ask for it again: if
@@ -661,9 +664,18 @@ class Connection(Generic[L]):
                 self.loop.call_soon(self.after_user_read)
             return None
         hand_back = False
+        park = False  # (set where this thread will likely read again: READ stays off)
         decoder = self.decoder
+        # (Set up before the wait: what follows it is the message's latency.)
+        sock = self.sock
+        fd = self.fd
+        buf = getattr(_read_buffers, "buffer", None)
+        if buf is None:
+            buf = _read_buffers.buffer = memoryview(bytearray(_RECV_SIZE))
         try:
             frame: Any
+            count = 0
+            whole = False  # the last read went into an empty decoder
             partial = decoder.buffered() > 0  # (part of a frame is in, once NEED_DATA)
             try:
                 frame = decoder.next_frame() if partial else NEED_DATA
@@ -676,9 +688,12 @@ class Connection(Generic[L]):
                         hand_back = True  # EOF: the loop reads it again once READ is back
                         return None
                     # (A buffers frame of up to one read comes whole, as a _wire.Buffers.)
-                    kind = frame[-1] if type(frame) is not _wire.Buffers else _wire.DATA_BUFFERS
+                    kind = frame[-1] if type(frame) is not _Buffers else _wire.DATA_BUFFERS
+                    # (A read of exactly one frame into an empty decoder leaves nothing in it.)
+                    rest = not whole or count != len(frame) + 4
+                    park = True
                     if kind in _DATA_KINDS:
-                        if decoder.buffered() > 4:
+                        if rest and decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)
                         return frame
                     if kind == _wire.VALUES:
@@ -690,9 +705,10 @@ class Connection(Generic[L]):
                             return None
                         if len(values) > 1:
                             link.deliver_direct(values[1:], len(frame), waiter)
-                        if decoder.buffered() > 4:
+                        if rest and decoder.buffered() > 4:
                             hand_back = self._deliver_rest(link, waiter)
                         return values[0]
+                    park = False
                     self.held = [frame]
                     hand_back = True
                     return None
@@ -704,17 +720,29 @@ class Connection(Generic[L]):
                         # A big message: the loop reads it while this thread still digests
                         # the previous one, rather than one thread doing both in turn.
                         return None
-                readable, woken = waiter.poll(
-                    self.fd, None if deadline is None else max(0.0, deadline - time.monotonic())
-                )
+                readable, woken = waiter.poll(fd, None if deadline is None else max(0.0, deadline - time.monotonic()))
                 if woken:
+                    park = True
                     return RETRY
                 if not readable:
                     if deadline is not None and time.monotonic() >= deadline:
+                        park = True
                         return RETRY  # the caller raises TimeoutError
                     continue
                 try:
-                    frame = self._receive_frame(partial)
+                    if self.protected or (partial and decoder.target() is not None):
+                        count = 0
+                        frame = decoder.next_frame() if self._receive() else CLOSED
+                    else:
+                        # Into this thread's buffer; a frame that is all of the read is
+                        # copied out of it at once (`feed_next`).
+                        count = sock.recv_into(buf, self.read_size)
+                        whole = not partial
+                        if not count:
+                            frame = CLOSED  # (not fed: the loop reads the EOF again)
+                        else:
+                            self.read_size = _RECV_SIZE
+                            frame = decoder.feed_next(buf[:count])
                     partial = True  # (if it is NEED_DATA, part of a frame is in)
                 except (BlockingIOError, InterruptedError):
                     continue
@@ -723,9 +751,55 @@ class Connection(Generic[L]):
                     hand_back = True
                     return None
         finally:
-            self._release_reader(True)
+            arm = False
+            with self.mask_lock:  # (`_release_reader`, inline: this is the message's latency)
+                self.user_reading = False
+                self.reader = None
+                # Parked only while this thread is the one waiting: another waits for the loop.
+                if park and not hand_back and self.state == "open" and len(link.rx_watchers) <= 1:
+                    self.park_reads += 1
+                    if not self.parked:
+                        self.parked = True
+                    if not self._park_timer:
+                        self._park_timer = arm = True
+                else:
+                    self.parked = False
+                    self._apply_mask()
+                closed = self.state == "closed"
+                self.rlock.release()
+            if closed:
+                sock.close()  # close() left it to us (idempotent otherwise)
             if hand_back:
                 self.loop.call_soon(self.after_user_read)
+            elif arm:
+                self.loop.call_soon(self._watch_park)
+
+    def unpark(self) -> None:
+        """Any thread about to wait for the loop to deliver: give READ back to the loop."""
+        if self.parked:
+            with self.mask_lock:
+                if self.parked and not self.user_reading:
+                    self.parked = False
+                    self._apply_mask()
+
+    def _watch_park(self) -> None:
+        # Loop thread: look again in a `_PARK_TIME` (the direct reader's first park).
+        self._park_seen = self.park_reads
+        self.loop.call_later(_PARK_TIME, self._check_park)
+
+    def _check_park(self) -> None:
+        # Loop thread: keep READ parked while the direct reader keeps coming back.
+        with self.mask_lock:
+            again = self.parked and (self.user_reading or self.park_reads != self._park_seen)
+            if again:
+                self._park_seen = self.park_reads
+            else:
+                self._park_timer = False
+                if self.parked:
+                    self.parked = False
+                    self._apply_mask()
+        if again:
+            self.loop.call_later(_PARK_TIME, self._check_park)
 
     def _deliver_rest(self, link: L, waiter: FdWaiter) -> bool:
         """After a direct read: queue the other complete frames that came with it; True if

@@ -39,6 +39,7 @@ _IOV_MAX = 512
 # A send that follows the previous direct write this closely is part of a stream: queue it
 # and let the loop write the batch, rather than paying a syscall per message.
 _STREAMING_GAP = 20e-6
+_perf_counter = time.perf_counter
 # A send holding for its own buffers gives up waiting (and copies them) after the kernel
 # has taken nothing for this long: the peer is not reading.
 _HOLD_STALL = 1.0
@@ -230,16 +231,37 @@ class Link:
         loop pickles as one frame when it writes them (a stream of small messages costs
         the sender an append each, and the receiver no unpickling of its own); else it
         goes as a frame of its own, as `push` sends it."""
-        if self.out and self.out_bytes < self.high_water:
-            with self.out_lock:  # (the common case of a stream, first; `out` is read again)
+        if self.out_bytes < self.high_water:
+            flush = False
+            with self.out_lock:  # (the two common cases first, checked again under the lock)
                 out = self.out
-                if out and channel._link is not None and not self.shut and self.death is None:
-                    tail = out[-1]
-                    if type(tail) is Values and tail.size + size <= self.values_max:
-                        tail.append(value)
-                        tail.size += size
-                        self.out_bytes += size
-                        return
+                if channel._link is not None and not self.shut and self.death is None:
+                    if out:
+                        # A stream: the value joins the values queued last.
+                        tail = out[-1]
+                        if type(tail) is Values and tail.size + size <= self.values_max:
+                            tail.append(value)
+                            tail.size += size
+                            self.out_bytes += size
+                            return
+                    elif not self.flush_scheduled and size + Values.OVERHEAD <= self.values_max:
+                        # Nothing queued: written at once, as `push` would, unless the
+                        # sends before it came just as fast (then it waits to batch).
+                        conn = self.wconn
+                        now = _perf_counter()
+                        if conn is not None and not conn.pre_out and now - self.last_direct > _STREAMING_GAP:
+                            self.last_direct = now
+                            frame = small_frame(value)
+                            sent = conn.write_now(frame)
+                            if sent == len(frame):
+                                return
+                            out.append(bytearray(frame[sent:]))  # (the loop writes the rest)
+                            self.out_bytes += len(frame) - sent
+                            self.flush_scheduled = True
+                            flush = True
+            if flush:
+                self.loop.call_soon(self.flush)
+                return
         self._push_value(value, size, deadline, channel)
 
     def _push_value(self, value: object, size: int, deadline: float | None, channel: ChannelEnd) -> None:
@@ -250,20 +272,11 @@ class Link:
             conn = self.wconn
             if size + Values.OVERHEAD > self.values_max:
                 batch = None  # (a small max_frame_size: `push` checks the frame against it)
-            elif out or self.flush_scheduled or conn is None or conn.pre_out:
-                batch = True
             else:
-                # Nothing queued: written at once, as `push` would, unless part of a stream.
-                now = time.perf_counter()
-                batch = now - self.last_direct <= _STREAMING_GAP
-                self.last_direct = now
-                if not batch:
-                    frame = small_frame(value)
-                    sent = conn.write_now(frame)
-                    if sent == len(frame):
-                        return
-                    out.append(bytearray(frame[sent:]))
-                    self.out_bytes += len(frame) - sent
+                # (`push_value` wrote it at once unless it is part of a stream, or waited.)
+                batch = True
+                if not out:
+                    self.last_direct = _perf_counter()  # (the stream goes on while this close)
             if batch:
                 tail = out[-1] if out else None
                 if type(tail) is Values and tail.size + size <= self.values_max:
@@ -429,7 +442,15 @@ class Link:
     # --- user threads: receiving ------------------------------------------------------------
 
     def rx_ready(self) -> bool:
-        return bool(self.inbox) or self.death is not None or self.shut
+        if self.inbox or self.death is not None or self.shut:
+            return True
+        self._unpark()  # (the caller waits for the loop to deliver)
+        return False
+
+    def _unpark(self) -> None:
+        conn = self.conn
+        if conn is not None and conn.parked:
+            conn.unpark()
 
     def take(
         self,
@@ -500,6 +521,7 @@ class Link:
                 raise self.closed_error() from None
             if self.death is not None:
                 raise self.death_error() from None
+            self._unpark()  # (the caller waits for the loop to deliver, or polls)
             return None
         if self.paused and len(self.inbox) <= self.resume_at and not self.resume_requested:
             self.resume_requested = True

@@ -567,6 +567,8 @@ class Peers:
             with link.out_lock:
                 link.shut = True
             conn = link.conn
+            if conn is not None:
+                conn.unpark()  # (the peer's goodbye and replies are read at once)
             agreed_idle = conn is not None and conn.agreed_close and not link.out
             if link.death is None and (conn is not None or link.pending is not None or link.out) and not agreed_idle:
                 # (A connection both sides agreed to close is idle: the peer learns of our
