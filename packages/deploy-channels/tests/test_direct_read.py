@@ -171,6 +171,14 @@ def _read_once_directly(link, tx, rx, in_thread, wait_until, value=0):
     assert outcome == [value]
 
 
+def _linked(a, b):
+    # b's Receiver from a, connected (the first message came through), and b's link to a.
+    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
+    tx.send(-1)
+    assert rx.recv(timeout=10) == -1
+    return tx, rx, b._peers.links[a.pid.hex]
+
+
 def _loop_reads(link) -> bool:
     conn = link.conn
     return bool(conn.loop.mask(conn.fd) & READ)
@@ -178,10 +186,7 @@ def _loop_reads(link) -> bool:
 
 def test_after_a_direct_read_read_stays_parked_until_the_reader_stays_away(pair, in_thread, wait_until):
     a, b = pair
-    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
-    tx.send(-1)
-    assert rx.recv(timeout=10) == -1
-    link = b._peers.links[a.pid.hex]
+    tx, rx, link = _linked(a, b)
     _read_once_directly(link, tx, rx, in_thread, wait_until)
     assert link.conn.parked and not _loop_reads(link)
     # Nobody receives now: the loop takes the socket back and reads the next message.
@@ -213,10 +218,7 @@ def _arecv(rx):
 def test_waiting_for_the_loop_takes_read_back_at_once(pair, in_thread, wait_until, monkeypatch, wait_for_the_loop):
     monkeypatch.setattr(_connection, "_PARK_TIME", 60.0)  # (only the waiter can unpark here)
     a, b = pair
-    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
-    tx.send(-1)
-    assert rx.recv(timeout=10) == -1
-    link = b._peers.links[a.pid.hex]
+    tx, rx, link = _linked(a, b)
     _read_once_directly(link, tx, rx, in_thread, wait_until)
     assert link.conn.parked
     wait_for_the_loop(rx)
@@ -229,10 +231,7 @@ def test_waiting_for_the_loop_takes_read_back_at_once(pair, in_thread, wait_unti
 def test_no_parking_while_another_waits_for_the_loop(pair, in_thread, wait_until, monkeypatch):
     monkeypatch.setattr(_connection, "_PARK_TIME", 60.0)
     a, b = pair
-    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
-    tx.send(-1)
-    assert rx.recv(timeout=10) == -1
-    link = b._peers.links[a.pid.hex]
+    tx, rx, link = _linked(a, b)
 
     class Other:  # a second thread or task waiting on the same link
         def wake(self) -> None:
@@ -249,10 +248,7 @@ def test_no_parking_while_another_waits_for_the_loop(pair, in_thread, wait_until
 
 def test_a_peer_that_leaves_is_noticed_while_read_is_parked(pair, in_thread, wait_until):
     a, b = pair
-    tx, rx = Sender[int](b.pid, endpoint=a), Receiver[int](a.pid, endpoint=b)
-    tx.send(-1)
-    assert rx.recv(timeout=10) == -1
-    link = b._peers.links[a.pid.hex]
+    tx, rx, link = _linked(a, b)
     _read_once_directly(link, tx, rx, in_thread, wait_until)
     assert link.conn.parked
     a.close(exit_code=3)
