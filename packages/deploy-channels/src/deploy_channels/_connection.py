@@ -405,7 +405,7 @@ class Connection(Generic[L]):
                     return
             self._read_once()
         finally:
-            self._release_reader(False)
+            self._release_reader()
 
     def _take_over(self) -> None:
         """Process what a user thread left behind (rlock held)."""
@@ -432,7 +432,7 @@ class Connection(Generic[L]):
         try:
             self._take_over()
         finally:
-            self._release_reader(False)
+            self._release_reader()
 
     def _receive(self) -> bool:
         """One read, fed to the decoder (rlock held); False at EOF (then nothing is fed).
@@ -659,7 +659,7 @@ class Connection(Generic[L]):
             # when it finds the read side taken (by us, just now), so ask for it again: if
             # nothing else arrives on the socket, nobody else would.
             leftovers = self.held is not None or self.held_error is not None
-            self._release_reader(False)
+            self._release_reader()
             if leftovers:
                 self.loop.call_soon(self.after_user_read)
             return None
@@ -752,14 +752,13 @@ class Connection(Generic[L]):
                     return None
         finally:
             arm = False
-            with self.mask_lock:  # (`_release_reader`, inline: this is the message's latency)
+            with self.mask_lock:  # (`_release_reader`'s work too, inline: this is the message's latency)
                 self.user_reading = False
                 self.reader = None
                 # Parked only while this thread is the one waiting: another waits for the loop.
                 if park and not hand_back and self.state == "open" and len(link.rx_watchers) <= 1:
                     self.park_reads += 1
-                    if not self.parked:
-                        self.parked = True
+                    self.parked = True
                     if not self._park_timer:
                         self._park_timer = arm = True
                 else:
@@ -837,12 +836,9 @@ class Connection(Generic[L]):
             return True
         return False
 
-    def _release_reader(self, user: bool) -> None:
+    def _release_reader(self) -> None:
+        # (A direct reader lets go in `read_direct` itself: it also parks or restores READ.)
         with self.mask_lock:
-            if user:
-                self.user_reading = False
-                self.reader = None
-                self._apply_mask()
             closed = self.state == "closed"
             self.rlock.release()
         if closed:

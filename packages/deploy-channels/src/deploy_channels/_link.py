@@ -276,7 +276,7 @@ class Link:
                 # (`push_value` wrote it at once unless it is part of a stream, or waited.)
                 batch = True
                 if not out:
-                    self.last_direct = _perf_counter()  # (the stream goes on while this close)
+                    self.last_direct = _perf_counter()  # (sends as close as this one keep batching)
             if batch:
                 tail = out[-1] if out else None
                 if type(tail) is Values and tail.size + size <= self.values_max:
