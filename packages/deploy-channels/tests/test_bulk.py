@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import threading
 import time
 
@@ -45,6 +46,32 @@ def test_a_64_mib_message_arrives_intact_and_of_its_type(pair, kind):
     assert len(got) == len(data) and digest(got) == digest(data)
     if expected is bytearray:
         got[0] ^= 0xFF  # writable for real
+
+
+def test_messages_around_the_large_frame_sizes_cross_one_reply_at_a_time(pair):
+    # The receiver reads the rest of a large frame only once all of it is in (its
+    # socket's SO_RCVLOWAT): here nothing else comes until it answers, so a low mark
+    # asking for more than the frame lacks, or one left up after it, would hang a recv.
+    a, b = pair
+    tx, rx = Sender(b.pid, endpoint=a), Receiver(a.pid, endpoint=b)
+    back_tx, back_rx = Sender(a.pid, endpoint=b), Receiver(b.pid, endpoint=a)
+    sizes = [10, 64 * 1024 - 1, 64 * 1024, 64 * 1024 + 1, MIB - 1, MIB, 10, MIB + 1, 3 * MIB, 256 * 1024, 5]
+    block = filled(4 * MIB)
+
+    def echo():
+        for _ in range(2 * len(sizes)):
+            got = rx.recv(timeout=20)
+            back_tx.send(digest(got if isinstance(got, bytes) else got[0]))
+
+    answering = threading.Thread(target=echo, daemon=True)
+    answering.start()
+    for size in sizes:
+        for value in (block[:size], [block[:size]]):  # out of band, and a pickled list
+            tx.send(value)
+            assert back_rx.recv(timeout=20) == digest(block[:size]), size
+    answering.join(20)
+    conn = b._peers.links[a.pid.hex].conn
+    assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
 
 
 def test_large_bytes_go_out_of_band_and_small_ones_in_band():

@@ -302,6 +302,7 @@ def test_target_is_none_for_small_frames_and_between_frames():
     assert decoder.target() is None
     decoder.feed(encode_frame(b"x" * 1000)[:500])
     assert decoder.next_frame() is NEED_DATA and decoder.target() is None  # small: fed only
+    assert decoder.missing() == 0  # (only a large frame's count)
     decoder.feed(encode_frame(b"x" * 1000)[500:])
     assert decoder.next_frame() == b"x" * 1000 and decoder.target() is None
     decoder.feed(frame_header(len(LARGE))[:3])
@@ -310,9 +311,13 @@ def test_target_is_none_for_small_frames_and_between_frames():
     assert decoder.next_frame() is NEED_DATA
     place = decoder.target()
     assert place is not None and place.nbytes == len(LARGE)
-    place[:] = LARGE
-    decoder.wrote(len(LARGE))
-    assert decoder.target() is None  # complete: nothing more goes into it
+    assert decoder.missing() == len(LARGE)
+    place[:10] = LARGE[:10]
+    decoder.wrote(10)
+    assert decoder.missing() == len(LARGE) - 10
+    place[10:] = LARGE[10:]
+    decoder.wrote(len(LARGE) - 10)
+    assert decoder.target() is None and decoder.missing() == 0  # complete: nothing more goes into it
     frame = decoder.next_frame()
     assert frame == LARGE and type(frame) is bytearray
     assert place.obj is frame  # read in place: the frame is the memory the target was

@@ -96,6 +96,14 @@ _Buffers = _wire.Buffers
 RETRY = object()
 # A user thread reads frames up to this size itself; bigger ones are left to the loop.
 _DIRECT_MAX = 64 * 1024
+# The rest of a large frame up to this size is read in one go once it is all in, rather
+# than woken for as its segments land (`Connection._wake_when_whole`). On loopback the
+# sender's CPU runs the receiving side's TCP processing, waking the reader included, and
+# here the sender is the busy side: with one wake-up a message, 1 MiB messages went from
+# 0.71x-0.94x to 0.84x-1.09x the throughput of multiprocessing's blocking reader (four
+# benchmark runs each). Larger frames are read as they come until then: waiting for the
+# whole remainder of a 64 MiB frame was slower.
+_LOWAT_MAX = 1024 * 1024
 # How long READ stays parked after a direct read (see `Connection.parked`): the longest
 # the loop leaves a connection unread while its direct reader is away.
 _PARK_TIME = 0.002
@@ -216,6 +224,7 @@ class Connection(Generic[L]):
         )
         self.decoder = FrameDecoder(_SETUP_MAX_FRAME, assemble=_wire.MessageAssembly)
         self.read_size = _RECV_SIZE  # the next read into the thread's buffer (see `_receive`)
+        self.lowat = 1  # the socket's SO_RCVLOWAT (0: not available)
         self.setup_in = bytearray()  # the handshake bytes received (at most ~600)
         self.setup_timeout = link.setup_timeout if link is not None else SETUP_TIMEOUT
         self.started = time.monotonic()
@@ -458,6 +467,7 @@ class Connection(Generic[L]):
                 decoder.wrote(count)
                 if decoder.target() is None:
                     self.read_size = _PEEK_SIZE
+            self._wake_when_whole()
             return bool(count)
         buf = getattr(_read_buffers, "buffer", None)
         if buf is None:
@@ -466,7 +476,25 @@ class Connection(Generic[L]):
         if count:
             self.read_size = _RECV_SIZE
             decoder.feed(buf[:count])
+            if decoder.missing():
+                self._wake_when_whole()
         return bool(count)
+
+    def _wake_when_whole(self) -> None:
+        """After a read into or starting a large frame: once the rest of it is at most
+        `_LOWAT_MAX`, the socket turns readable (for the loop's epoll and a direct
+        reader's poll alike) only when all of the rest is in (``SO_RCVLOWAT``); back to
+        any byte once the frame is whole. The low mark never exceeds what the frame still
+        lacks: the bytes after it may not come before a reply."""
+        missing = self.decoder.missing()
+        want = missing if 0 < missing <= _LOWAT_MAX else 1
+        if want != self.lowat and self.lowat:
+            try:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, want)
+            except OSError:
+                self.lowat = 0  # (not supported: never again; a closed socket fails its read)
+                return
+            self.lowat = want
 
     def _read_once(self) -> None:
         decoder = self.decoder

@@ -191,6 +191,10 @@ class FrameDecoder:
             return None
         return self._unpack_from(self._buf, self._pos)[0]
 
+    def missing(self) -> int:
+        """How many bytes of the large frame being assembled are still to come (0: none is)."""
+        return self._length - self._filled if self._large is not None else 0
+
     def target(self) -> memoryview | None:
         """Where to read the next bytes to: part of a large frame's own memory, while one
         is incomplete (at most its missing bytes); else None (read into a buffer and
