@@ -101,8 +101,8 @@ _DIRECT_MAX = 64 * 1024
 # sender's CPU runs the receiving side's TCP processing, waking the reader included, and
 # here the sender is the busy side: with one wake-up a message, 1 MiB messages went from
 # 0.71x-0.94x to 0.84x-1.09x the throughput of multiprocessing's blocking reader (four
-# benchmark runs each). Larger frames are read as they come until then: waiting for the
-# whole remainder of a 64 MiB frame was slower.
+# benchmark runs each). Larger frames are read as they come until then: through a 64 MiB
+# frame, a mark of 1 MiB at a time was slower.
 _LOWAT_MAX = 1024 * 1024
 # How long READ stays parked after a direct read (see `Connection.parked`): the longest
 # the loop leaves a connection unread while its direct reader is away.
