@@ -6,9 +6,10 @@ bytes first: for a 64 MiB message that is 64 MiB made resident (and cleared) bef
 first byte comes, while the previous message may still be in use. These take the C API's
 own way to build an object whose "contents are uninitialized" (``PyBytes_FromStringAndSize``
 and ``PyByteArray_FromStringAndSize`` with NULL): a large one, unless it reuses memory
-freed before, becomes resident only as the reads fill it. A new ``bytes`` may be written until it is shared,
-which ``PyBytes_AsString`` documents as the one time that is allowed. Without ctypes
-(another interpreter), plain ``bytearray(n)``, and bytes are copied out of one.
+freed before, becomes resident only as the reads fill it. A new ``bytes`` may be written
+until it is shared, which ``PyBytes_AsString`` documents as the one time that is
+allowed. Without ctypes (another interpreter), plain ``bytearray(n)``, and bytes are
+copied out of one.
 
 Received messages are allocated by the loop thread and freed by the user's, usually a
 few behind: the loop reads ahead while the user digests. glibc returns the top of an
@@ -21,8 +22,9 @@ malloc what it would learn by itself once the program freed a bigger block: the 
 message of each larger size frees one mmap'd block of eight times its size (at most
 glibc's 32 MiB ceiling). That raises the mmap threshold to the block's size (smaller
 messages come from the heap, not from an mmap of their own each) and the trim threshold
-to twice it (16 messages' worth of freed memory stays in the process to be reused, which
-is also what a process holds on to at most). Nothing is done with another C library.
+to twice it: up to 16 messages' worth of freed memory stays in each arena to be reused,
+the most a process now keeps that it would otherwise give back. Nothing is done with
+another C library.
 """
 
 from __future__ import annotations
