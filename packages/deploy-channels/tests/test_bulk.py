@@ -70,6 +70,7 @@ def test_messages_around_the_large_frame_sizes_cross_one_reply_at_a_time(pair):
             tx.send(value)
             assert back_rx.recv(timeout=20) == digest(block[:size]), size
     answering.join(20)
+    assert not answering.is_alive()
     conn = b._peers.links[a.pid.hex].conn
     assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT) == 1
 
